@@ -1,0 +1,151 @@
+//! Server signing keys (ed25519): generation, the on-disk PKCS#8 PEM form, and the textual
+//! public key that other servers and clients pin (`ed25519:` + unpadded base64url).
+
+use std::path::Path;
+
+use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+/// Why a key could not be loaded or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write key file {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("key file {path} is not an ed25519 PKCS#8 PEM private key: {reason}")]
+    Format { path: String, reason: String },
+    #[error("public key {0:?} is not of the form ed25519:<43 characters of base64url>")]
+    PublicKey(String),
+}
+
+/// A server's ed25519 signing key.
+pub struct ServerKey {
+    signing: SigningKey,
+}
+
+impl ServerKey {
+    pub fn generate() -> ServerKey {
+        ServerKey { signing: SigningKey::generate(&mut rand::rngs::OsRng) }
+    }
+
+    pub fn from_signing_key(signing: SigningKey) -> ServerKey {
+        ServerKey { signing }
+    }
+
+    pub fn load(path: &Path) -> Result<ServerKey, KeyError> {
+        let p = path.display().to_string();
+        let pem = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: p.clone(), source })?;
+        let signing = SigningKey::from_pkcs8_pem(&pem)
+            .map_err(|e| KeyError::Format { path: p, reason: e.to_string() })?;
+        Ok(ServerKey { signing })
+    }
+
+    /// Writes the key as PKCS#8 PEM, readable only by its owner, refusing to overwrite.
+    pub fn save_new(&self, path: &Path) -> Result<(), KeyError> {
+        use std::io::Write;
+        let p = path.display().to_string();
+        let pem = self
+            .signing
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| KeyError::Format { path: p.clone(), reason: e.to_string() })?;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(path).map_err(|source| KeyError::Write { path: p.clone(), source })?;
+        f.write_all(pem.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|source| KeyError::Write { path: p, source })
+    }
+
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.signing.verifying_key())
+    }
+
+    /// PKCS#8 DER of the private key, for building the TLS certificate.
+    pub fn pkcs8_der(&self) -> Vec<u8> {
+        // Encoding a valid in-memory ed25519 key cannot fail.
+        self.signing.to_pkcs8_der().expect("PKCS#8 encoding").as_bytes().to_vec()
+    }
+}
+
+/// A server's public key, as pinned by peers and clients.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PublicKey(pub VerifyingKey);
+
+/// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): the 32 key bytes follow.
+pub const ED25519_SPKI_PREFIX: [u8; 12] =
+    [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+
+impl PublicKey {
+    pub fn parse(s: &str) -> Result<PublicKey, KeyError> {
+        let err = || KeyError::PublicKey(s.to_owned());
+        let b64 = s.strip_prefix("ed25519:").ok_or_else(err)?;
+        let bytes = URL_SAFE_NO_PAD.decode(b64).map_err(|_| err())?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| err())?;
+        VerifyingKey::from_bytes(&arr).map(PublicKey).map_err(|_| err())
+    }
+
+    pub fn to_text(&self) -> String {
+        format!("ed25519:{}", URL_SAFE_NO_PAD.encode(self.0.as_bytes()))
+    }
+
+    /// `SHA256:` + base64 of the SHA-256 of the key bytes, for people to compare.
+    pub fn fingerprint(&self) -> String {
+        format!("SHA256:{}", STANDARD_NO_PAD.encode(Sha256::digest(self.0.as_bytes())))
+    }
+
+    /// The DER SubjectPublicKeyInfo a certificate over this key carries.
+    pub fn spki_der(&self) -> Vec<u8> {
+        let mut out = ED25519_SPKI_PREFIX.to_vec();
+        out.extend_from_slice(self.0.as_bytes());
+        out
+    }
+
+    /// The key inside a DER SubjectPublicKeyInfo, if it is an ed25519 one.
+    pub fn from_spki_der(spki: &[u8]) -> Option<PublicKey> {
+        let key = spki.strip_prefix(&ED25519_SPKI_PREFIX[..])?;
+        let arr: [u8; 32] = key.try_into().ok()?;
+        VerifyingKey::from_bytes(&arr).ok().map(PublicKey)
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_and_text_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let k = ServerKey::generate();
+        k.save_new(&path).unwrap();
+        assert!(k.save_new(&path).is_err(), "must not overwrite an existing key");
+        let again = ServerKey::load(&path).unwrap();
+        assert_eq!(k.public(), again.public());
+        let text = k.public().to_text();
+        assert_eq!(PublicKey::parse(&text).unwrap(), k.public());
+        assert!(PublicKey::parse("ed25519:short").is_err());
+        assert_eq!(PublicKey::from_spki_der(&k.public().spki_der()), Some(k.public()));
+    }
+}

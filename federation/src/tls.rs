@@ -1,0 +1,231 @@
+//! TLS identity for Missive's QUIC links.
+//!
+//! A homeserver presents a self-signed X.509 certificate over its ed25519 server key. The
+//! other end does not consult any certificate authority: it checks that the certificate
+//! carries exactly the key it expects for that server (SPKI pinning) and still verifies
+//! the TLS 1.3 handshake signature with the certificate's key. Clients that have not met a
+//! server yet record the key they saw (trust on first use) and pin it from then on.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName as TlsName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::keys::{PublicKey, ServerKey};
+
+/// Why a TLS or QUIC configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot build certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// The one crypto provider Missive uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs ring as the process-wide rustls provider; harmless if already installed.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A self-signed certificate over the server key, naming the server.
+pub fn self_signed_cert(
+    key: &ServerKey,
+    server_name: &str,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsSetupError> {
+    let der = PrivatePkcs8KeyDer::from(key.pkcs8_der());
+    let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ED25519)?;
+    let params = rcgen::CertificateParams::new(vec![server_name.to_owned()])?;
+    let cert = params.self_signed(&kp)?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(der)))
+}
+
+/// The ed25519 key a certificate carries, if it is a well-formed certificate over one.
+pub fn cert_public_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    PublicKey::from_spki_der(ee.subject_public_key_info().as_ref())
+}
+
+/// What a client accepts from the server it connects to.
+#[derive(Debug, Clone)]
+pub enum Pin {
+    /// Exactly this key.
+    Key(PublicKey),
+    /// Any ed25519 key (first contact): the caller reads the seen key afterwards and pins it.
+    FirstUse,
+}
+
+/// Verifies a server certificate against a pinned key, and remembers the key it was shown.
+#[derive(Debug)]
+pub struct PinnedServerVerifier {
+    pin: Pin,
+    seen: Mutex<Option<PublicKey>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedServerVerifier {
+    pub fn new(pin: Pin) -> Arc<PinnedServerVerifier> {
+        Arc::new(PinnedServerVerifier { pin, seen: Mutex::new(None), provider: provider() })
+    }
+    /// The key the server presented in the last handshake, matching the pin or not.
+    pub fn seen(&self) -> Option<PublicKey> {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &TlsName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let key = cert_public_key(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        match &self.pin {
+            Pin::Key(pinned) if *pinned != key => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+fn transport(idle: Duration, keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // The idle timeout is well within quinn's VarInt range.
+    t.max_idle_timeout(Some(idle.try_into().expect("idle timeout in range")));
+    t.keep_alive_interval(keep_alive);
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    Arc::new(t)
+}
+
+/// QUIC server configuration presenting the server's certificate under `alpn`.
+pub fn server_config(
+    key: &ServerKey,
+    server_name: &str,
+    alpn: &[u8],
+    idle: Duration,
+) -> Result<quinn::ServerConfig, TlsSetupError> {
+    let (cert, der) = self_signed_cert(key, server_name)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], der)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport(idle, None));
+    Ok(cfg)
+}
+
+/// QUIC client configuration that checks the server against `verifier`.
+pub fn client_config(
+    verifier: Arc<PinnedServerVerifier>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(Duration::from_secs(30), Some(Duration::from_secs(5))));
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_carries_the_server_key() {
+        let k = ServerKey::generate();
+        let (cert, _) = self_signed_cert(&k, "alpha.test").unwrap();
+        assert_eq!(cert_public_key(&cert), Some(k.public()));
+    }
+
+    async fn handshake(server_key: &ServerKey, pin: Pin) -> (Result<(), String>, Option<PublicKey>) {
+        let alpn = b"missive-test";
+        let sc = server_config(server_key, "alpha.test", alpn, Duration::from_secs(5)).unwrap();
+        let server = quinn::Endpoint::server(sc, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            if let Some(inc) = server.accept().await {
+                let _ = inc.await;
+            }
+        });
+        let verifier = PinnedServerVerifier::new(pin);
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(verifier.clone(), alpn).unwrap());
+        let res = match client.connect(addr, "alpha.test").unwrap().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        accept.abort();
+        (res, verifier.seen())
+    }
+
+    #[tokio::test]
+    async fn pinned_key_accepted_other_key_refused() {
+        install_provider();
+        let k = ServerKey::generate();
+        let (ok, seen) = handshake(&k, Pin::Key(k.public())).await;
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(seen, Some(k.public()));
+
+        let other = ServerKey::generate();
+        let (refused, seen) = handshake(&k, Pin::Key(other.public())).await;
+        assert!(refused.is_err(), "a server with another key must be refused");
+        assert_eq!(seen, Some(k.public()));
+
+        let (first, seen) = handshake(&k, Pin::FirstUse).await;
+        assert!(first.is_ok(), "{first:?}");
+        assert_eq!(seen, Some(k.public()));
+    }
+}

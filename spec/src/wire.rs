@@ -1,0 +1,233 @@
+//! Client protocol frames (spec §5, §6): every request, response and event, once.
+//!
+//! Struct fields are declared in deterministic-CBOR key order (shorter key first, then
+//! bytewise; RFC 8949 §4.2.1) so that serde's declaration-order encoding is canonical.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, ServerName, UserId};
+use crate::ordering::{Deps, OrderKey};
+
+/// Version carried in every frame's `v` field (§5.3).
+pub const PROTOCOL_VERSION: u16 = 0;
+/// ALPN of the client protocol (§5.1).
+pub const CLIENT_ALPN: &[u8] = b"missive-client/0";
+
+/// A request: the only frame a client writes on a request stream (§5.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub v: u16,
+    pub req: Request,
+    /// The device's access token; absent for `info`, `register` and `login`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+}
+
+/// A response or subscription frame written by the server (§5.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    pub v: u16,
+    pub res: Response,
+}
+
+/// Every request of the client protocol (§6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// §6.1: the server's name, protocol version and registration policy.
+    Info {},
+    /// §6.2: create an account (if the server's policy allows) and a first device.
+    Register {
+        user: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+        password: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_name: Option<String>,
+    },
+    /// §6.2: a new device with its own access token.
+    Login {
+        user: UserId,
+        password: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_name: Option<String>,
+    },
+    /// §6.3: revoke the calling device's token.
+    Logout {},
+    /// §6.4: send a message; idempotent on (device, `client_msg_id`).
+    Send { to: UserId, content: Content, client_msg_id: ClientMsgId },
+    /// §6.6: one page of a conversation's history, newest first.
+    History {
+        with: UserId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Cursor>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<Cursor>,
+    },
+    /// §6.5: the caller's events after position `since`.
+    Sync {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        since: u64,
+    },
+    /// §6.5: like `sync`, then keep the stream open and push new events as they happen.
+    Subscribe { since: u64 },
+}
+
+/// Every response of the client protocol (§6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Info { version: u16, server_name: ServerName, registration: RegistrationPolicy },
+    Session { user: UserId, token: String, device: DeviceId },
+    Ok {},
+    /// The stored message; a retried send returns the same one (§6.4).
+    Sent { message: Message },
+    Page {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        newer: Option<Cursor>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        older: Option<Cursor>,
+        messages: Vec<Message>,
+    },
+    /// `next` is the position to ask for next time (§6.5).
+    Events { next: u64, events: Vec<Event> },
+    Error { code: ErrorCode, message: String },
+}
+
+/// How a server lets new users in (§6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistrationPolicy {
+    Closed,
+    Open,
+    Token,
+}
+
+/// Error codes (§7). Each names a cause the client can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid CBOR of a known request.
+    BadFrame,
+    /// The frame's length prefix exceeds the limit.
+    FrameTooLarge,
+    /// The frame's `v` is not a version this server speaks.
+    UnsupportedVersion,
+    /// Missing, unknown or revoked access token.
+    Unauthorized,
+    /// Wrong user or password.
+    BadCredentials,
+    /// The request is well formed but a field is out of range.
+    InvalidRequest,
+    /// The named user does not exist (or is not visible to the caller).
+    UnknownUser,
+    /// A user cannot send a message to themself.
+    SelfMessage,
+    /// The content body or type is over its limit.
+    ContentTooLarge,
+    /// Registration is closed, or the registration token is wrong.
+    RegistrationClosed,
+    /// The user id is taken.
+    UserExists,
+    /// The user lives on another server and this server cannot reach it.
+    RemoteUnavailable,
+    /// Too many attempts; try later.
+    RateLimited,
+    /// The server is shutting down; retry on a new connection.
+    ShuttingDown,
+    /// A server fault; nothing was changed.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::BadCredentials => "bad_credentials",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::SelfMessage => "self_message",
+            ErrorCode::ContentTooLarge => "content_too_large",
+            ErrorCode::RegistrationClosed => "registration_closed",
+            ErrorCode::UserExists => "user_exists",
+            ErrorCode::RemoteUnavailable => "remote_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A history position. Opaque to clients: they pass back what the server gave (§6.6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cursor(pub String);
+
+/// A typed payload (§4.4). The server treats `body` as bytes and only checks its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Content {
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// Content type of plain UTF-8 text.
+pub const CONTENT_TEXT: &str = "text";
+
+impl Content {
+    pub fn text(s: &str) -> Content {
+        Content { body: s.as_bytes().to_vec(), kind: CONTENT_TEXT.to_owned() }
+    }
+    /// The body as text, if it is a `text` payload of valid UTF-8.
+    pub fn as_text(&self) -> Option<&str> {
+        (self.kind == CONTENT_TEXT).then(|| std::str::from_utf8(&self.body).ok()).flatten()
+    }
+}
+
+/// A message as created by its origin (§4.1). Identity: (`conv`, `origin`, `seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub to: UserId,
+    /// Origin's clock at acceptance, milliseconds since the Unix epoch (informational).
+    pub ts: u64,
+    /// `origin_seq`: 1, 2, 3, … per (conversation, origin), without gaps.
+    pub seq: u64,
+    pub conv: ConversationId,
+    pub deps: Deps,
+    pub from: UserId,
+    pub origin: ServerName,
+    pub content: Content,
+}
+
+impl Message {
+    pub fn order_key(&self) -> OrderKey {
+        OrderKey { rank: self.deps.rank(), origin: self.origin.clone(), seq: self.seq }
+    }
+}
+
+/// One entry of a user's event stream (§6.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub pos: u64,
+    pub event: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A message the user sent (from any of their devices) or received.
+    Message(Message),
+}
