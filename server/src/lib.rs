@@ -1,0 +1,20 @@
+//! The Missive homeserver, `missived`.
+//!
+//! A request arrives on the QUIC client API ([`api::Api`]), is answered by the
+//! [`service::Service`], and every change goes through the single writer
+//! ([`sequencer::Sequencer`]), which numbers messages and stream events and commits them
+//! in grouped, synced writes to the [`store::Store`] (RocksDB: [`store::rocks::RocksStore`]).
+//! Subscribers are woken through the [`hub::Hub`] only after a write is durable.
+//! [`config::Config`] is `missived.toml`; [`admin`] is the operator's socket.
+
+pub mod accounts;
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod records;
+pub mod sequencer;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,1 +1,188 @@
-fn main() {}
+//! `missived`: the Missive homeserver binary.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use missive_federation::ServerKey;
+use missive_server::admin::{self, AdminRequest, AdminResponse};
+use missive_server::config::{self, Config};
+use missive_spec::{RegistrationPolicy, ServerName, UserId};
+
+#[derive(Parser)]
+#[command(name = "missived", version, about = "Missive homeserver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Policy {
+    Closed,
+    Open,
+    Token,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data directory with a commented config and a new server key.
+    Init {
+        /// This server's DNS name, e.g. alpha.example.
+        #[arg(long)]
+        server_name: String,
+        /// Directory for the config, the key and the database (created if missing).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// UDP address of the client API.
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], config::DEFAULT_CLIENT_PORT)))]
+        client_listen: SocketAddr,
+        /// Who may register accounts.
+        #[arg(long, value_enum, default_value_t = Policy::Closed)]
+        registration: Policy,
+    },
+    /// Serve until SIGTERM or Ctrl-C.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage accounts (works whether or not the server is running).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user; the password is read from the first line of standard input.
+    Add {
+        #[arg(long)]
+        config: PathBuf,
+        /// Localpart (alice) or full user id (@alice:alpha.example).
+        name: String,
+        /// Read the password from standard input (required: passwords never go in arguments).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("missived: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(real_main(cli)) {
+        eprintln!("missived: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { server_name, data_dir, client_listen, registration } => {
+            init(&server_name, &data_dir, client_listen, registration)
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            init_logging(&config.log.level);
+            missive_server::server::run(config, stop_signal()).await
+        }
+        Command::User { command: UserCommand::Add { config, name, password_stdin: _ } } => {
+            let config = Config::load(&config)?;
+            user_add(&config, &name).await
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init(name: &str, dir: &Path, listen: SocketAddr, policy: Policy) -> anyhow::Result<()> {
+    let name = ServerName::parse(name)?;
+    let policy = match policy {
+        Policy::Closed => RegistrationPolicy::Closed,
+        Policy::Open => RegistrationPolicy::Open,
+        Policy::Token => RegistrationPolicy::Token,
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = dir.join(config::CONFIG_FILE);
+    let key_path = dir.join(config::KEY_FILE);
+    if config_path.exists() || key_path.exists() {
+        bail!("{} already holds a Missive server; refusing to overwrite it", dir.display());
+    }
+    let key = ServerKey::generate();
+    key.save_new(&key_path)?;
+    let mut text = config::template(&name, listen, policy);
+    if policy == RegistrationPolicy::Token {
+        let token = missive_server::accounts::new_token();
+        text = text.replace("# token = \"a long random string\"", &format!("token = \"{token}\""));
+    }
+    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    println!("Created Missive server {name} in {}", dir.display());
+    println!("  config:      {}", config_path.display());
+    println!("  server key:  {}", key.public());
+    println!("  fingerprint: {}", key.public().fingerprint());
+    println!("Start it with: missived run --config {}", config_path.display());
+    Ok(())
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("cannot read the password from standard input")?;
+    let pw = line.trim_end_matches(['\n', '\r']).to_owned();
+    if pw.is_empty() {
+        bail!("no password on standard input");
+    }
+    Ok(pw)
+}
+
+async fn user_add(config: &Config, name: &str) -> anyhow::Result<()> {
+    let user = if name.starts_with('@') {
+        UserId::parse(name)?
+    } else {
+        UserId::new(name, &config.server_name)?
+    };
+    if !user.is_on(&config.server_name) {
+        bail!("{user} does not belong to {}", config.server_name);
+    }
+    let password = read_password()?;
+    missive_server::accounts::check_password(&password).map_err(|e| anyhow::anyhow!(e.message))?;
+    let hash = tokio::task::spawn_blocking(move || missive_server::accounts::hash_password(&password)).await?;
+    let req = AdminRequest::AddUser { user: user.clone(), password_hash: hash.clone() };
+    match admin::call(&config.admin_socket(), &req).await? {
+        Some(AdminResponse::Ok {}) => {}
+        Some(AdminResponse::Error { message }) => bail!("{message}"),
+        None => missive_server::accounts::add_user_offline(config, user.clone(), hash).await?,
+    }
+    println!("added {user}");
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! A client of the Missive client protocol (spec §5, §6) over QUIC.
+
+use std::net::SocketAddr;
+
+use missive_federation::framing::{read_frame, write_frame, FrameError};
+use missive_federation::tls::{self, Pin, PinnedServerVerifier};
+use missive_federation::PublicKey;
+use missive_spec::wire::CLIENT_ALPN;
+use missive_spec::{
+    codec, limits, ClientMsgId, Content, Cursor, ErrorCode, Event, Message, Request, RequestFrame, Response,
+    ResponseFrame, ServerName, UserId, PROTOCOL_VERSION,
+};
+use rand::RngCore;
+
+/// Why a request did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("server key changed: pinned {pinned}, server presented {presented}")]
+    KeyMismatch { pinned: PublicKey, presented: PublicKey },
+    #[error("{code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("connection lost: {0}")]
+    Connection(String),
+    #[error("protocol violation by the server: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// True when the server was not reached at all (nothing could have been sent).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Connect { .. })
+    }
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> ClientError {
+        match e {
+            FrameError::Read(r) => ClientError::Connection(r.to_string()),
+            other => ClientError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// A QUIC connection to one homeserver, optionally logged in as a device.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    token: Option<String>,
+    server_key: PublicKey,
+}
+
+/// A live event subscription (spec §6.5).
+pub struct Subscription {
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Subscription {
+    /// The next frame of events; `Ok(None)` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<(u64, Vec<Event>)>, ClientError> {
+        let Some(body) = read_frame(&mut self.recv, limits::MAX_RESPONSE_FRAME).await? else {
+            return Ok(None);
+        };
+        match decode_response(&body)? {
+            Response::Events { next, events } => Ok(Some((next, events))),
+            Response::Error { code, message } => Err(ClientError::Server { code, message }),
+            other => Err(ClientError::Protocol(format!("unexpected frame on subscription: {other:?}"))),
+        }
+    }
+}
+
+fn decode_response(body: &[u8]) -> Result<Response, ClientError> {
+    let f: ResponseFrame = codec::decode(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if f.v != PROTOCOL_VERSION {
+        return Err(ClientError::Protocol(format!("response version {}", f.v)));
+    }
+    Ok(f.res)
+}
+
+fn unexpected(r: Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {r:?}"))
+}
+
+/// A fresh random client message id.
+pub fn new_client_msg_id() -> ClientMsgId {
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    ClientMsgId(b)
+}
+
+/// A page of history, newest first, with cursors to move on.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub messages: Vec<Message>,
+    pub older: Option<Cursor>,
+    pub newer: Option<Cursor>,
+}
+
+impl Client {
+    /// Connects and checks the server's key against `pin`.
+    pub async fn connect(addr: SocketAddr, server: &ServerName, pin: Pin) -> Result<Client, ClientError> {
+        tls::install_provider();
+        let cerr = |reason: String| ClientError::Connect { addr, reason };
+        let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| cerr(e.to_string()))?;
+        let verifier = PinnedServerVerifier::new(pin.clone());
+        endpoint.set_default_client_config(tls::client_config(verifier.clone(), CLIENT_ALPN).map_err(|e| cerr(e.to_string()))?);
+        let connecting = endpoint.connect(addr, server.as_str()).map_err(|e| cerr(e.to_string()))?;
+        match connecting.await {
+            Ok(conn) => {
+                let server_key = verifier.seen().ok_or_else(|| cerr("server presented no key".into()))?;
+                Ok(Client { endpoint, conn, token: None, server_key })
+            }
+            Err(e) => match (pin, verifier.seen()) {
+                (Pin::Key(pinned), Some(presented)) if pinned != presented => {
+                    Err(ClientError::KeyMismatch { pinned, presented })
+                }
+                _ => Err(cerr(e.to_string())),
+            },
+        }
+    }
+
+    /// The key the server presented (pinned or first seen).
+    pub fn server_key(&self) -> PublicKey {
+        self.server_key
+    }
+
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+    }
+
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Sends one request on its own stream and returns the response; error frames become
+    /// [`ClientError::Server`].
+    pub async fn request(&self, req: Request) -> Result<Response, ClientError> {
+        let frame = RequestFrame { v: PROTOCOL_VERSION, req, auth: self.token.clone() };
+        let body = self.raw(&codec::frame(&codec::encode(&frame))).await?;
+        match decode_response(&body)? {
+            Response::Error { code, message } => Err(ClientError::Server { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// Writes `bytes` as-is on a new stream and returns the body of the response frame.
+    pub async fn raw(&self, bytes: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let lost = |e: String| ClientError::Connection(e);
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        send.write_all(bytes).await.map_err(|e| lost(e.to_string()))?;
+        let _ = send.finish();
+        read_frame(&mut recv, limits::MAX_RESPONSE_FRAME)
+            .await?
+            .ok_or_else(|| ClientError::Protocol("stream ended without a response".into()))
+    }
+
+    pub async fn info(&self) -> Result<Response, ClientError> {
+        self.request(Request::Info {}).await
+    }
+
+    /// Logs in; on success the client uses the new device's token.
+    pub async fn login(&mut self, user: &UserId, password: &str, device_name: Option<String>) -> Result<Session, ClientError> {
+        let r = self.request(Request::Login { user: user.clone(), password: password.into(), device_name }).await?;
+        self.take_session(r)
+    }
+
+    pub async fn register(
+        &mut self,
+        user: &UserId,
+        password: &str,
+        token: Option<String>,
+        device_name: Option<String>,
+    ) -> Result<Session, ClientError> {
+        let r = self
+            .request(Request::Register { user: user.clone(), token, password: password.into(), device_name })
+            .await?;
+        self.take_session(r)
+    }
+
+    fn take_session(&mut self, r: Response) -> Result<Session, ClientError> {
+        match r {
+            Response::Session { user, token, device } => {
+                self.token = Some(token.clone());
+                Ok(Session { user, token, device: device.to_string() })
+            }
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn logout(&self) -> Result<(), ClientError> {
+        match self.request(Request::Logout {}).await? {
+            Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn send(&self, to: &UserId, content: Content, client_msg_id: ClientMsgId) -> Result<Message, ClientError> {
+        match self.request(Request::Send { to: to.clone(), content, client_msg_id }).await? {
+            Response::Sent { message } => Ok(message),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn send_text(&self, to: &UserId, text: &str) -> Result<Message, ClientError> {
+        self.send(to, Content::text(text), new_client_msg_id()).await
+    }
+
+    pub async fn history(
+        &self,
+        with: &UserId,
+        limit: Option<u32>,
+        before: Option<Cursor>,
+        after: Option<Cursor>,
+    ) -> Result<Page, ClientError> {
+        match self.request(Request::History { with: with.clone(), after, limit, before }).await? {
+            Response::Page { newer, older, messages } => Ok(Page { messages, older, newer }),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn sync(&self, since: u64, limit: Option<u32>) -> Result<(u64, Vec<Event>), ClientError> {
+        match self.request(Request::Sync { limit, since }).await? {
+            Response::Events { next, events } => Ok((next, events)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Opens a subscription; the first frame (backlog, possibly empty) is already read.
+    pub async fn subscribe(&self, since: u64) -> Result<(Subscription, u64, Vec<Event>), ClientError> {
+        let frame = RequestFrame { v: PROTOCOL_VERSION, req: Request::Subscribe { since }, auth: self.token.clone() };
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        write_frame(&mut send, &codec::encode(&frame)).await.map_err(|e| ClientError::Connection(e.to_string()))?;
+        let mut sub = Subscription { _send: send, recv };
+        match sub.next().await? {
+            Some((next, events)) => Ok((sub, next, events)),
+            None => Err(ClientError::Protocol("subscription ended at once".into())),
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// A logged-in device.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user: UserId,
+    pub token: String,
+    pub device: String,
+}

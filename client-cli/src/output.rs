@@ -1,0 +1,76 @@
+//! How the CLI prints things: one readable line per item, or with `--json` one JSON object
+//! per line. Every JSON object has a `type`: `message`, `sent`, `page`, `session`, `synced`.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use missive_spec::{Cursor, Message};
+use serde_json::{json, Map, Value};
+
+/// Fields describing a message, shared by every JSON object that carries one.
+pub fn message_fields(m: &Message) -> Map<String, Value> {
+    let mut o = Map::new();
+    o.insert("conv".into(), json!(m.conv.to_hex()));
+    o.insert("origin".into(), json!(m.origin.as_str()));
+    o.insert("seq".into(), json!(m.seq));
+    o.insert("rank".into(), json!(m.deps.rank()));
+    o.insert("from".into(), json!(m.from.as_str()));
+    o.insert("to".into(), json!(m.to.as_str()));
+    o.insert("ts".into(), json!(m.ts));
+    o.insert("content_type".into(), json!(m.content.kind));
+    match m.content.as_text() {
+        Some(t) => o.insert("text".into(), json!(t)),
+        None => o.insert("body_base64".into(), json!(STANDARD.encode(&m.content.body))),
+    };
+    o
+}
+
+pub fn message_json(kind: &str, m: &Message, pos: Option<u64>) -> String {
+    let mut o = Map::new();
+    o.insert("type".into(), json!(kind));
+    if let Some(p) = pos {
+        o.insert("pos".into(), json!(p));
+    }
+    o.extend(message_fields(m));
+    Value::Object(o).to_string()
+}
+
+pub fn page_json(older: &Option<Cursor>, newer: &Option<Cursor>, count: usize) -> String {
+    json!({"type": "page", "count": count, "older": older.as_ref().map(|c| &c.0), "newer": newer.as_ref().map(|c| &c.0)})
+        .to_string()
+}
+
+/// `2026-11-22 17:05:09 @alice:alpha.test: hello`
+pub fn message_line(m: &Message) -> String {
+    let body = match m.content.as_text() {
+        Some(t) => t.replace('\n', "\n    "),
+        None => format!("[{} payload, {} bytes]", m.content.kind, m.content.body.len()),
+    };
+    format!("{} {}: {}", utc(m.ts), m.from, body)
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_795_366_800_000), "2026-11-22 17:00:00");
+    }
+}

@@ -1,0 +1,113 @@
+//! Passwords (argon2id, PHC strings), access tokens (random, stored as SHA-256) and
+//! device ids.
+
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use missive_spec::{limits, DeviceId};
+use rand::{Rng, RngCore};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+
+/// Checks a new password against the limits of spec §6.2.
+pub fn check_password(password: &str) -> Result<(), ApiError> {
+    let n = password.len();
+    if !(limits::MIN_PASSWORD_LEN..=limits::MAX_PASSWORD_LEN).contains(&n) {
+        return Err(ApiError::invalid(format!(
+            "password must be {} to {} bytes long",
+            limits::MIN_PASSWORD_LEN,
+            limits::MAX_PASSWORD_LEN
+        )));
+    }
+    Ok(())
+}
+
+/// argon2id PHC string of `password` with a fresh salt. Slow on purpose: call off the
+/// async runtime.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        // Hashing with default parameters and a generated salt cannot fail.
+        .expect("argon2id hashing")
+        .to_string()
+}
+
+/// Verifies `password` against a stored PHC string. Slow on purpose.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(h) => Argon2::default().verify_password(password.as_bytes(), &h).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Spends the same time as a real check, for logins to unknown users.
+pub fn verify_dummy(password: &str) {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    let phc = DUMMY.get_or_init(|| hash_password("missive-dummy-password"));
+    let _ = verify_password(password, phc);
+}
+
+/// A new access token: 32 random bytes, base64url.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("mt_{}", URL_SAFE_NO_PAD.encode(b))
+}
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new device id: 12 characters of A-Z and 0-9.
+pub fn new_device_id() -> DeviceId {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::thread_rng();
+    let s: String = (0..12).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    // Built from the device-id alphabet, so always valid.
+    DeviceId::parse(&s).expect("generated device id")
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_verify_only_themselves() {
+        let h = hash_password("correct horse");
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("correct horsf", &h));
+        assert!(!verify_password("x", "not a phc string"));
+    }
+
+    #[test]
+    fn tokens_are_unique_and_hashed() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert_ne!(token_hash(&a), token_hash(&b));
+    }
+}
+
+/// Adds a user straight to the database of a server that is not running.
+pub async fn add_user_offline(config: &crate::config::Config, user: missive_spec::UserId, hash: String) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::rocks::RocksStore::open(&config.db_dir())?);
+    let hub = Arc::new(crate::hub::Hub::default());
+    let (seq, writer) = crate::sequencer::Sequencer::start(store, config.server_name.clone(), hub);
+    let result = seq.create_user(user, hash, None).await;
+    seq.stop().await;
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    result.map_err(|e| anyhow::anyhow!(e.message))
+}

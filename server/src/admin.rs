@@ -1,0 +1,97 @@
+//! The operator's channel into a running server: a Unix socket in the data directory,
+//! reachable only by the account that owns the data (mode 0600). `missived user add` uses
+//! it while the server runs, and opens the database directly when it does not.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use missive_spec::{codec, limits, UserId};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::sequencer::Sequencer;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRequest {
+    AddUser { user: UserId, password_hash: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminResponse {
+    Ok {},
+    Error { message: String },
+}
+
+async fn read_msg(s: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
+    let mut h = [0u8; 4];
+    s.read_exact(&mut h).await?;
+    let len = codec::frame_len(h, limits::MAX_REQUEST_FRAME)?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// Serves admin requests until shutdown.
+pub async fn serve(path: &Path, sequencer: Sequencer, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    // We hold the database lock, so no other server owns a socket here: a leftover is stale.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind admin socket {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let sequencer = Arc::new(sequencer);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
+                };
+                let seq = sequencer.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &seq).await {
+                        tracing::warn!(error = %e, "admin request failed");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+async fn handle(mut stream: UnixStream, seq: &Sequencer) -> anyhow::Result<()> {
+    let req: AdminRequest = codec::decode(&read_msg(&mut stream).await?)?;
+    let res = match req {
+        AdminRequest::AddUser { user, password_hash } => match seq.create_user(user.clone(), password_hash, None).await {
+            Ok(()) => {
+                tracing::info!(%user, "user added by operator");
+                AdminResponse::Ok {}
+            }
+            Err(e) => AdminResponse::Error { message: e.to_string() },
+        },
+    };
+    stream.write_all(&codec::frame(&codec::encode(&res))).await?;
+    Ok(())
+}
+
+/// Sends one request to a running server. `Ok(None)` when no server listens on `path`.
+pub async fn call(path: &Path, req: &AdminRequest) -> anyhow::Result<Option<AdminResponse>> {
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            return Ok(None)
+        }
+        Err(e) => bail!("cannot reach the running server at {}: {e}", path.display()),
+    };
+    stream.write_all(&codec::frame(&codec::encode(req))).await?;
+    Ok(Some(codec::decode(&read_msg(&mut stream).await?)?))
+}

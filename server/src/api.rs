@@ -1,0 +1,185 @@
+//! The client API over QUIC (spec §5): one request per bidirectional stream, answered with
+//! one response frame; `subscribe` streams event frames until either side stops. A bad
+//! frame gets a typed error on its own stream; the connection and the server go on.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use missive_federation::framing::{read_frame, write_frame, FrameError};
+use missive_spec::codec::{self, DecodeError};
+use missive_spec::{limits, ErrorCode, Request, Response, ResponseFrame, PROTOCOL_VERSION};
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::service::Service;
+
+/// Counts requests in flight so shutdown can let them finish.
+#[derive(Default)]
+pub struct Inflight {
+    n: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct InflightGuard(Arc<Inflight>);
+
+impl Inflight {
+    pub fn enter(self: &Arc<Self>) -> InflightGuard {
+        self.n.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(self.clone())
+    }
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.n.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+pub struct Api {
+    pub service: Arc<Service>,
+    pub shutdown: watch::Receiver<bool>,
+    pub inflight: Arc<Inflight>,
+}
+
+fn response(res: Response) -> Vec<u8> {
+    codec::encode(&ResponseFrame { v: PROTOCOL_VERSION, res })
+}
+
+fn error_frame(code: ErrorCode, message: impl Into<String>) -> Vec<u8> {
+    response(Response::Error { code, message: message.into() })
+}
+
+impl Api {
+    /// Accepts connections until shutdown.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let api = self.clone();
+                        let peer = incoming.remote_address();
+                        tokio::spawn(async move { api.connection(incoming).await }
+                            .instrument(tracing::info_span!("client", %peer)));
+                    }
+                    None => break,
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake failed");
+                return;
+            }
+        };
+        tracing::debug!("connected");
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let api = self.clone();
+                    tokio::spawn(async move { api.stream(send, recv).await }.in_current_span());
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection closed");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let _guard = self.inflight.enter();
+        if *self.shutdown.borrow() {
+            let _ = write_frame(&mut send, &error_frame(ErrorCode::ShuttingDown, "server is shutting down")).await;
+            let _ = send.finish();
+            return;
+        }
+        let frame = match read_frame(&mut recv, limits::MAX_REQUEST_FRAME).await {
+            Ok(Some(body)) => codec::decode_request(&body).map_err(FrameError::Decode),
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                let (code, msg) = match &e {
+                    FrameError::Decode(d @ DecodeError::TooLarge { .. }) => {
+                        // Do not read the rest of an oversized frame.
+                        let _ = recv.stop(0u32.into());
+                        (d.code(), d.to_string())
+                    }
+                    FrameError::Decode(d) => (d.code(), d.to_string()),
+                    FrameError::Truncated => (ErrorCode::BadFrame, e.to_string()),
+                    FrameError::Read(_) => return,
+                };
+                tracing::debug!(%code, error = %msg, "rejected frame");
+                let _ = write_frame(&mut send, &error_frame(code, msg)).await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        if let Request::Subscribe { since } = frame.req {
+            if let Err(e) = self.subscribe(&mut send, frame.auth.as_deref(), since).await {
+                let _ = write_frame(&mut send, &error_frame(e.code, e.message)).await;
+            }
+            let _ = send.finish();
+            return;
+        }
+        let res = self.service.handle(frame).await;
+        if write_frame(&mut send, &response(res)).await.is_ok() {
+            let _ = send.finish();
+        }
+    }
+
+    /// Streams the caller's events after `since`: first one frame with the backlog (empty
+    /// when there is none, so the client knows it is subscribed), then a frame whenever
+    /// more are durable.
+    async fn subscribe(&self, send: &mut quinn::SendStream, auth: Option<&str>, since: u64) -> Result<(), ApiError> {
+        let caller = self.service.authenticate(auth)?;
+        let mut wake = self.service.hub.subscribe(caller.user.localpart());
+        let mut shutdown = self.shutdown.clone();
+        let mut pos = since;
+        let mut first = true;
+        loop {
+            wake.borrow_and_update();
+            // A logged-out device stops receiving at once.
+            self.service.authenticate(auth)?;
+            let (next, events) = self.service.events(&caller.user, pos, limits::SYNC_MAX_EVENTS).await?;
+            if first || !events.is_empty() {
+                first = false;
+                let full = events.len() as u32 == limits::SYNC_MAX_EVENTS;
+                pos = next;
+                if write_frame(send, &response(Response::Events { next, events })).await.is_err() {
+                    return Ok(());
+                }
+                if full {
+                    continue;
+                }
+            }
+            tokio::select! {
+                changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                _ = send.stopped() => return Ok(()),
+                _ = shutdown.changed() => {
+                    return Err(ApiError::new(ErrorCode::ShuttingDown, "server is shutting down"));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! `missived.toml`: loading, validation and the commented template `missived init` writes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use missive_spec::{RegistrationPolicy, ServerName};
+use serde::Deserialize;
+
+pub const CONFIG_FILE: &str = "missived.toml";
+pub const KEY_FILE: &str = "server.key";
+pub const DEFAULT_CLIENT_PORT: u16 = 7450;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server_name: ServerName,
+    #[serde(default = "dot")]
+    pub data_dir: PathBuf,
+    #[serde(default = "key_file")]
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub client: ClientSection,
+    #[serde(default)]
+    pub registration: RegistrationSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    #[serde(default = "default_client_listen")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationSection {
+    #[serde(default = "closed")]
+    pub policy: RegistrationPolicy,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default = "info")]
+    pub level: String,
+}
+
+fn dot() -> PathBuf {
+    PathBuf::from(".")
+}
+fn key_file() -> PathBuf {
+    PathBuf::from(KEY_FILE)
+}
+fn default_client_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT))
+}
+fn closed() -> RegistrationPolicy {
+    RegistrationPolicy::Closed
+}
+fn info() -> String {
+    "info".into()
+}
+
+impl Default for ClientSection {
+    fn default() -> Self {
+        ClientSection { listen: default_client_listen() }
+    }
+}
+impl Default for RegistrationSection {
+    fn default() -> Self {
+        RegistrationSection { policy: closed(), token: None }
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { level: info() }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths are taken from the file's folder.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut c: Config = toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.data_dir = base.join(&c.data_dir);
+        c.key_file = c.data_dir.join(&c.key_file);
+        if c.registration.policy == RegistrationPolicy::Token
+            && c.registration.token.as_deref().is_none_or(|t| t.len() < 8)
+        {
+            bail!("registration policy \"token\" needs registration.token of at least 8 characters");
+        }
+        Ok(c)
+    }
+
+    pub fn db_dir(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+}
+
+/// The commented configuration `missived init` writes.
+pub fn template(server_name: &ServerName, listen: SocketAddr, policy: RegistrationPolicy) -> String {
+    let policy = match policy {
+        RegistrationPolicy::Closed => "closed",
+        RegistrationPolicy::Open => "open",
+        RegistrationPolicy::Token => "token",
+    };
+    format!(
+        r#"# Missive homeserver configuration (missived).
+
+# This server's name. User ids on this server end in ":{server_name}".
+# It is part of every id and message: never change it once users exist.
+server_name = "{server_name}"
+
+# Where the database (db/), the server key and the admin socket live.
+# Relative paths are taken from this file's folder.
+data_dir = "."
+
+# The server's ed25519 signing key (PKCS#8 PEM), relative to data_dir. Keep it secret
+# and backed up: clients and peer servers pin its public key.
+key_file = "{KEY_FILE}"
+
+[client]
+# UDP address of the client API (QUIC). The default serves this machine only; use
+# 0.0.0.0:{DEFAULT_CLIENT_PORT} to serve the network.
+listen = "{listen}"
+
+[registration]
+# Who may create an account with `missive register`:
+#   "closed" - nobody; the operator adds users with `missived user add` (default)
+#   "open"   - anyone who can reach the client API
+#   "token"  - whoever presents the token below
+policy = "{policy}"
+# token = "a long random string"
+
+[log]
+# tracing filter: error, warn, info, debug, trace (RUST_LOG overrides it).
+level = "info"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_loads_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(CONFIG_FILE);
+        let name = ServerName::parse("alpha.test").unwrap();
+        std::fs::write(&p, template(&name, default_client_listen(), RegistrationPolicy::Closed)).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.server_name, name);
+        assert_eq!(c.client.listen, default_client_listen());
+        assert_eq!(c.registration.policy, RegistrationPolicy::Closed);
+        assert_eq!(c.key_file, dir.path().join(".").join(KEY_FILE));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_weak_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(CONFIG_FILE);
+        std::fs::write(&p, "server_name = \"a.test\"\nlisten = \"x\"\n").unwrap();
+        assert!(Config::load(&p).is_err());
+        std::fs::write(&p, "server_name = \"a.test\"\n[registration]\npolicy = \"token\"\n").unwrap();
+        assert!(Config::load(&p).is_err());
+        std::fs::write(&p, "server_name = \"A.test\"\n").unwrap();
+        assert!(Config::load(&p).is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! Stored records (CBOR), one type per column family value.
+
+use missive_spec::{codec, ConversationId, Deps, DeviceId, OrderKey, UserId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// PHC string of the argon2id hash.
+    pub password_hash: String,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub name: Option<String>,
+    pub created_ms: u64,
+    #[serde(with = "serde_bytes_array")]
+    pub token_hash: [u8; 32],
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub user: UserId,
+    pub device: DeviceId,
+}
+
+/// Per-conversation state kept by this server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConvRecord {
+    pub members: Vec<UserId>,
+    /// Per origin, the highest `origin_seq` stored with no gap below it.
+    pub heads: Deps,
+}
+
+/// Where an idempotent send's message lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendIdRecord {
+    pub conv: ConversationId,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+}
+
+impl SendIdRecord {
+    pub fn new(conv: ConversationId, key: &OrderKey) -> Self {
+        SendIdRecord { conv, key: key.to_bytes() }
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    codec::encode(v)
+}
+
+pub fn decode<T: DeserializeOwned>(cf: &'static str, b: &[u8]) -> Result<T, StoreError> {
+    codec::decode(b).map_err(|e| StoreError::Corrupt { cf, reason: e.to_string() })
+}
+
+mod serde_bytes_array {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let v: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        v.into_vec().try_into().map_err(|_| serde::de::Error::custom("expected 32 bytes"))
+    }
+}

@@ -1,0 +1,297 @@
+//! What each client request does (spec §6), independent of the transport that carried it.
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use missive_spec::{
+    limits, ConversationId, Cursor, DeviceId, ErrorCode, Event, Message, OrderKey, RegistrationPolicy, Request,
+    RequestFrame, Response, ServerName, UserId, PROTOCOL_VERSION,
+};
+
+use crate::accounts;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::records::{self, TokenRecord, UserRecord};
+use crate::sequencer::{NewDevice, Sequencer};
+use crate::store::{keys, Cf, Direction, Store};
+
+/// Who may register, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub policy: RegistrationPolicy,
+    pub token: Option<String>,
+}
+
+pub struct Service {
+    pub store: Arc<dyn Store>,
+    pub sequencer: Sequencer,
+    pub hub: Arc<Hub>,
+    pub server: ServerName,
+    pub registration: Registration,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: UserId,
+    pub device: DeviceId,
+}
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+pub fn encode_cursor(key: &OrderKey) -> Cursor {
+    Cursor(URL_SAFE_NO_PAD.encode(key.to_bytes()))
+}
+
+fn decode_cursor(c: &Cursor) -> Result<OrderKey, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(&c.0)
+        .ok()
+        .and_then(|b| OrderKey::from_bytes(&b))
+        .ok_or_else(|| ApiError::invalid("cursor was not issued by this server"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal())
+}
+
+impl Service {
+    /// Answers every request but `subscribe`, which the transport streams itself.
+    pub async fn handle(&self, frame: RequestFrame) -> Response {
+        match self.dispatch(frame).await {
+            Ok(r) => r,
+            Err(e) => Response::Error { code: e.code, message: e.message },
+        }
+    }
+
+    async fn dispatch(&self, frame: RequestFrame) -> Result<Response, ApiError> {
+        let auth = frame.auth.as_deref();
+        match frame.req {
+            Request::Info {} => Ok(Response::Info {
+                version: PROTOCOL_VERSION,
+                server_name: self.server.clone(),
+                registration: self.registration.policy,
+            }),
+            Request::Register { user, token, password, device_name } => {
+                self.register(user, token, password, device_name).await
+            }
+            Request::Login { user, password, device_name } => self.login(user, password, device_name).await,
+            Request::Logout {} => {
+                let c = self.authenticate(auth)?;
+                self.sequencer.remove_device(c.user, c.device).await?;
+                Ok(Response::Ok {})
+            }
+            Request::Send { to, content, client_msg_id } => {
+                let c = self.authenticate(auth)?;
+                self.check_send(&c, &to, &content)?;
+                let message = self.sequencer.send(c.user, c.device, to, client_msg_id, content).await?;
+                Ok(Response::Sent { message })
+            }
+            Request::History { with, after, limit, before } => {
+                let c = self.authenticate(auth)?;
+                self.history(&c, with, after, limit, before).await
+            }
+            Request::Sync { limit, since } => {
+                let c = self.authenticate(auth)?;
+                let limit = limit.unwrap_or(limits::SYNC_MAX_EVENTS);
+                if limit == 0 || limit > limits::SYNC_MAX_EVENTS {
+                    return Err(ApiError::invalid(format!("limit must be 1 to {}", limits::SYNC_MAX_EVENTS)));
+                }
+                let (next, events) = self.events(&c.user, since, limit).await?;
+                Ok(Response::Events { next, events })
+            }
+            Request::Subscribe { .. } => Err(ApiError::invalid("subscribe is answered on its own stream")),
+        }
+    }
+
+    /// Resolves an access token to its device.
+    pub fn authenticate(&self, auth: Option<&str>) -> Result<Caller, ApiError> {
+        let token = auth.ok_or_else(ApiError::unauthorized)?;
+        let v = self.store.get(Cf::Tokens, &keys::token(&accounts::token_hash(token)))?;
+        let rec: TokenRecord = records::decode("tokens", &v.ok_or_else(ApiError::unauthorized)?)?;
+        Ok(Caller { user: rec.user, device: rec.device })
+    }
+
+    fn check_device_name(name: &Option<String>) -> Result<(), ApiError> {
+        match name {
+            Some(n) if n.len() > limits::MAX_DEVICE_NAME_LEN => Err(ApiError::invalid(format!(
+                "device name is over {} bytes",
+                limits::MAX_DEVICE_NAME_LEN
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn new_session(&self, name: Option<String>) -> (NewDevice, String) {
+        let token = accounts::new_token();
+        let d = NewDevice { id: accounts::new_device_id(), name, token_hash: accounts::token_hash(&token) };
+        (d, token)
+    }
+
+    async fn register(
+        &self,
+        user: UserId,
+        token: Option<String>,
+        password: String,
+        device_name: Option<String>,
+    ) -> Result<Response, ApiError> {
+        match (self.registration.policy, &self.registration.token, token) {
+            (RegistrationPolicy::Open, _, _) => {}
+            (RegistrationPolicy::Token, Some(want), Some(got)) if accounts::token_hash(want) == accounts::token_hash(&got) => {}
+            (RegistrationPolicy::Token, _, _) => {
+                return Err(err(ErrorCode::RegistrationClosed, "registration needs a valid registration token"))
+            }
+            (RegistrationPolicy::Closed, _, _) => {
+                return Err(err(ErrorCode::RegistrationClosed, "registration is closed on this server"))
+            }
+        }
+        if !user.is_on(&self.server) {
+            return Err(ApiError::invalid(format!("{user} does not belong to {}", self.server)));
+        }
+        accounts::check_password(&password)?;
+        Self::check_device_name(&device_name)?;
+        let hash = blocking(move || accounts::hash_password(&password)).await?;
+        let (device, token) = self.new_session(device_name);
+        let id = device.id.clone();
+        self.sequencer.create_user(user.clone(), hash, Some(device)).await?;
+        tracing::info!(%user, device = %id, "registered");
+        Ok(Response::Session { user, token, device: id })
+    }
+
+    async fn login(&self, user: UserId, password: String, device_name: Option<String>) -> Result<Response, ApiError> {
+        Self::check_device_name(&device_name)?;
+        if password.len() > limits::MAX_PASSWORD_LEN {
+            return Err(ApiError::invalid("password too long"));
+        }
+        let rec = if user.is_on(&self.server) {
+            match self.store.get(Cf::Users, &keys::user(user.localpart()))? {
+                Some(v) => Some(records::decode::<UserRecord>("users", &v)?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let ok = blocking(move || match rec {
+            Some(r) => accounts::verify_password(&password, &r.password_hash),
+            None => {
+                accounts::verify_dummy(&password);
+                false
+            }
+        })
+        .await?;
+        if !ok {
+            return Err(err(ErrorCode::BadCredentials, "wrong user or password"));
+        }
+        let (device, token) = self.new_session(device_name);
+        let id = device.id.clone();
+        self.sequencer.add_device(user.clone(), device).await?;
+        tracing::info!(%user, device = %id, "logged in");
+        Ok(Response::Session { user, token, device: id })
+    }
+
+    fn local_user_exists(&self, user: &UserId) -> Result<bool, ApiError> {
+        Ok(self.store.get(Cf::Users, &keys::user(user.localpart()))?.is_some())
+    }
+
+    fn check_send(&self, c: &Caller, to: &UserId, content: &missive_spec::Content) -> Result<(), ApiError> {
+        if *to == c.user {
+            return Err(err(ErrorCode::SelfMessage, "a user cannot message themself"));
+        }
+        if content.kind.is_empty() || content.kind.len() > limits::MAX_CONTENT_TYPE_LEN {
+            return Err(err(ErrorCode::ContentTooLarge, format!("content type must be 1 to {} bytes", limits::MAX_CONTENT_TYPE_LEN)));
+        }
+        if content.body.len() > limits::MAX_CONTENT_BODY {
+            return Err(err(
+                ErrorCode::ContentTooLarge,
+                format!("body of {} bytes exceeds {} bytes", content.body.len(), limits::MAX_CONTENT_BODY),
+            ));
+        }
+        if !to.is_on(&self.server) {
+            return Err(err(ErrorCode::RemoteUnavailable, format!("{} cannot reach {} yet", self.server, to.server_name())));
+        }
+        if !self.local_user_exists(to)? {
+            return Err(err(ErrorCode::UnknownUser, format!("no such user {to}")));
+        }
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        c: &Caller,
+        with: UserId,
+        after: Option<Cursor>,
+        limit: Option<u32>,
+        before: Option<Cursor>,
+    ) -> Result<Response, ApiError> {
+        if with == c.user {
+            return Err(err(ErrorCode::SelfMessage, "there is no conversation with oneself"));
+        }
+        if with.is_on(&self.server) && !self.local_user_exists(&with)? {
+            return Err(err(ErrorCode::UnknownUser, format!("no such user {with}")));
+        }
+        let limit = limit.unwrap_or(limits::HISTORY_DEFAULT_LIMIT);
+        if limit == 0 || limit > limits::HISTORY_MAX_LIMIT {
+            return Err(ApiError::invalid(format!("limit must be 1 to {}", limits::HISTORY_MAX_LIMIT)));
+        }
+        let limit = limit as usize;
+        let (anchor, dir) = match (&before, &after) {
+            (Some(_), Some(_)) => return Err(ApiError::invalid("give before or after, not both")),
+            (Some(b), None) => (Some(decode_cursor(b)?), Direction::Reverse),
+            (None, Some(a)) => (Some(decode_cursor(a)?), Direction::Forward),
+            (None, None) => (None, Direction::Reverse),
+        };
+        let conv = ConversationId::one_to_one(&c.user, &with);
+        let store = self.store.clone();
+        blocking(move || -> Result<Response, ApiError> {
+            let prefix = keys::messages_of(&conv);
+            let anchor_key = anchor.as_ref().map(|k| keys::message(&conv, k));
+            let mut rows = store.scan(Cf::Messages, &prefix, anchor_key.as_deref(), dir, limit + 1)?;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            if dir == Direction::Forward {
+                rows.reverse();
+            }
+            let messages = rows
+                .iter()
+                .map(|(_, v)| records::decode::<Message>("messages", v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (newest, oldest) = match (messages.first(), messages.last()) {
+                (Some(n), Some(o)) => (n.order_key(), o.order_key()),
+                _ => return Ok(Response::Page { newer: None, older: None, messages }),
+            };
+            let exists = |from: &OrderKey, d: Direction| -> Result<bool, ApiError> {
+                Ok(!store.scan(Cf::Messages, &prefix, Some(&keys::message(&conv, from)), d, 1)?.is_empty())
+            };
+            let (has_older, has_newer) = match dir {
+                Direction::Reverse => (more, exists(&newest, Direction::Forward)?),
+                Direction::Forward => (exists(&oldest, Direction::Reverse)?, more),
+            };
+            Ok(Response::Page {
+                newer: has_newer.then(|| encode_cursor(&newest)),
+                older: has_older.then(|| encode_cursor(&oldest)),
+                messages,
+            })
+        })
+        .await?
+    }
+
+    /// Events of `user` after position `since`, and the position to ask for next.
+    pub async fn events(&self, user: &UserId, since: u64, limit: u32) -> Result<(u64, Vec<Event>), ApiError> {
+        let store = self.store.clone();
+        let local = user.localpart().to_owned();
+        blocking(move || -> Result<(u64, Vec<Event>), ApiError> {
+            let from = keys::event(&local, since);
+            let rows = store.scan(Cf::Events, &keys::events_of(&local), Some(&from), Direction::Forward, limit as usize)?;
+            let events = rows
+                .iter()
+                .map(|(_, v)| records::decode::<Event>("events", v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let next = events.last().map(|e| e.pos).unwrap_or(since);
+            Ok((next, events))
+        })
+        .await?
+    }
+}

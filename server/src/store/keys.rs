@@ -1,0 +1,150 @@
+//! Key layouts, one section per column family: built and parsed here only.
+//!
+//! Keys are big-endian composites. Variable-length text parts (localparts, server names)
+//! are followed by a zero byte, which no identifier contains, so a shorter part sorts
+//! before any longer one that extends it and prefixes never overlap.
+
+use missive_spec::{ClientMsgId, ConversationId, DeviceId, OrderKey, ServerName};
+
+fn text_part(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+fn split_text(b: &[u8]) -> Option<(&str, &[u8])> {
+    let z = b.iter().position(|c| *c == 0)?;
+    Some((std::str::from_utf8(&b[..z]).ok()?, &b[z + 1..]))
+}
+
+// users: localpart
+pub fn user(localpart: &str) -> Vec<u8> {
+    localpart.as_bytes().to_vec()
+}
+
+// devices: localpart 0 device
+pub fn devices_of(localpart: &str) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    k
+}
+pub fn device(localpart: &str, device: &DeviceId) -> Vec<u8> {
+    let mut k = devices_of(localpart);
+    k.extend_from_slice(device.as_str().as_bytes());
+    k
+}
+pub fn parse_device(k: &[u8]) -> Option<(String, DeviceId)> {
+    let (local, rest) = split_text(k)?;
+    Some((local.to_owned(), DeviceId::parse(std::str::from_utf8(rest).ok()?).ok()?))
+}
+
+// tokens: SHA-256 of the token
+pub fn token(hash: &[u8; 32]) -> Vec<u8> {
+    hash.to_vec()
+}
+
+// convs: conversation id
+pub fn conv(conv: &ConversationId) -> Vec<u8> {
+    conv.as_bytes().to_vec()
+}
+
+// messages: conversation id, order key bytes (rank BE, origin 0, seq BE)
+pub fn messages_of(conv: &ConversationId) -> Vec<u8> {
+    conv.as_bytes().to_vec()
+}
+pub fn message(conv: &ConversationId, key: &OrderKey) -> Vec<u8> {
+    let mut k = messages_of(conv);
+    k.extend_from_slice(&key.to_bytes());
+    k
+}
+pub fn parse_message(k: &[u8]) -> Option<(ConversationId, OrderKey)> {
+    if k.len() < ConversationId::LEN {
+        return None;
+    }
+    let (c, rest) = k.split_at(ConversationId::LEN);
+    Some((ConversationId::from_slice(c).ok()?, OrderKey::from_bytes(rest)?))
+}
+
+// msg_ids: conversation id, origin 0, origin_seq BE
+pub fn msg_id(conv: &ConversationId, origin: &ServerName, seq: u64) -> Vec<u8> {
+    let mut k = conv.as_bytes().to_vec();
+    text_part(&mut k, origin.as_str());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+pub fn parse_msg_id(k: &[u8]) -> Option<(ConversationId, ServerName, u64)> {
+    if k.len() < ConversationId::LEN {
+        return None;
+    }
+    let (c, rest) = k.split_at(ConversationId::LEN);
+    let (origin, seq) = split_text(rest)?;
+    Some((
+        ConversationId::from_slice(c).ok()?,
+        ServerName::parse(origin).ok()?,
+        u64::from_be_bytes(seq.try_into().ok()?),
+    ))
+}
+
+// send_ids: localpart 0 device 0 client_msg_id
+pub fn send_id(localpart: &str, device: &DeviceId, id: &ClientMsgId) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    text_part(&mut k, device.as_str());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+// events: localpart 0 position BE
+pub fn events_of(localpart: &str) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    k
+}
+pub fn event(localpart: &str, pos: u64) -> Vec<u8> {
+    let mut k = events_of(localpart);
+    k.extend_from_slice(&pos.to_be_bytes());
+    k
+}
+pub fn parse_event(k: &[u8]) -> Option<(String, u64)> {
+    let (local, rest) = split_text(k)?;
+    Some((local.to_owned(), u64::from_be_bytes(rest.try_into().ok()?)))
+}
+
+// user_convs: localpart 0 conversation id
+pub fn user_conv(localpart: &str, conv: &ConversationId) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    k.extend_from_slice(conv.as_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn roundtrips(local in "[a-z0-9._=-]{1,16}", dev in "[A-Z0-9]{1,12}", origin in "[a-z]{1,8}(\\.[a-z]{1,5})?",
+                      rank in any::<u64>(), seq in any::<u64>(), pos in any::<u64>(), c in any::<[u8; 32]>()) {
+            let conv = ConversationId(c);
+            let dev = DeviceId::parse(&dev).unwrap();
+            let origin = ServerName::parse(&origin).unwrap();
+            prop_assert_eq!(parse_device(&device(&local, &dev)), Some((local.clone(), dev)));
+            let ok = OrderKey { rank, origin: origin.clone(), seq };
+            prop_assert_eq!(parse_message(&message(&conv, &ok)), Some((conv, ok)));
+            prop_assert_eq!(parse_msg_id(&msg_id(&conv, &origin, seq)), Some((conv, origin, seq)));
+            prop_assert_eq!(parse_event(&event(&local, pos)), Some((local.clone(), pos)));
+        }
+
+        #[test]
+        fn event_keys_sort_by_position(local in "[a-z]{1,8}", a in any::<u64>(), b in any::<u64>()) {
+            prop_assert_eq!(a.cmp(&b), event(&local, a).cmp(&event(&local, b)));
+        }
+    }
+
+    #[test]
+    fn one_users_prefix_never_covers_another() {
+        // "al" must not see "alice"'s events.
+        assert!(!event("alice", 1).starts_with(&events_of("al")));
+    }
+}

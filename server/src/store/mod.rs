@@ -1,0 +1,126 @@
+//! The server's storage interface and its RocksDB engine.
+//!
+//! Protocol code sees only [`Store`]: point reads, ordered range scans within one column
+//! family, and [`Batch`]es that land atomically and durably (WAL synced) or not at all.
+//! A second engine implements the same trait without touching protocol code.
+
+pub mod keys;
+pub mod rocks;
+
+use thiserror::Error;
+
+/// One kind of record; each is a column family in RocksDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// localpart → `UserRecord`
+    Users,
+    /// localpart, device → `DeviceRecord`
+    Devices,
+    /// SHA-256(access token) → `TokenRecord`
+    Tokens,
+    /// conversation → `ConvRecord` (members, sequence heads)
+    Convs,
+    /// conversation, order key → encoded `Message` (canonical order)
+    Messages,
+    /// conversation, origin, origin_seq → order key (message identity index)
+    MsgIds,
+    /// localpart, device, client_msg_id → conversation and order key (idempotent send)
+    SendIds,
+    /// localpart, position → encoded `Event` (per-user event stream)
+    Events,
+    /// localpart, conversation → peer user id (a user's conversations)
+    UserConvs,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 9] = [
+        Cf::Users,
+        Cf::Devices,
+        Cf::Tokens,
+        Cf::Convs,
+        Cf::Messages,
+        Cf::MsgIds,
+        Cf::SendIds,
+        Cf::Events,
+        Cf::UserConvs,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Users => "users",
+            Cf::Devices => "devices",
+            Cf::Tokens => "tokens",
+            Cf::Convs => "convs",
+            Cf::Messages => "messages",
+            Cf::MsgIds => "msg_ids",
+            Cf::SendIds => "send_ids",
+            Cf::Events => "events",
+            Cf::UserConvs => "user_convs",
+        }
+    }
+}
+
+/// Storage failures. Any of them means the operation did not happen.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("the database at {0} is in use by another process (is missived running?)")]
+    Locked(String),
+    #[error("corrupt record in {cf}: {reason}")]
+    Corrupt { cf: &'static str, reason: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Writes that must land together: one logical change.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+impl Batch {
+    pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(cf, key, value));
+    }
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(Op::Delete(cf, key));
+    }
+    pub fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Direction of a range scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Reverse,
+}
+
+/// The storage engine behind the homeserver.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Up to `limit` entries whose keys start with `prefix`, strictly after `from` in
+    /// `dir` order (from the first or last key of the prefix when `from` is `None`).
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        dir: Direction,
+        limit: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Applies every op of the batch atomically; returns once it is durable.
+    fn write(&self, batch: Batch) -> StoreResult<()>;
+}
