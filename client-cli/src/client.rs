@@ -133,6 +133,11 @@ impl Client {
         self.server_key
     }
 
+    /// The access token requests carry, if logged in.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     pub fn set_token(&mut self, token: Option<String>) {
         self.token = token;
     }
@@ -156,8 +161,13 @@ impl Client {
     pub async fn raw(&self, bytes: &[u8]) -> Result<Vec<u8>, ClientError> {
         let lost = |e: String| ClientError::Connection(e);
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        send.write_all(bytes).await.map_err(|e| lost(e.to_string()))?;
+        // The server may stop reading early (an oversized frame) and still answer: read
+        // the response whatever became of the write.
+        let written = send.write_all(bytes).await;
         let _ = send.finish();
+        if let Err(quinn::WriteError::ConnectionLost(e)) = written {
+            return Err(lost(e.to_string()));
+        }
         read_frame(&mut recv, limits::MAX_RESPONSE_FRAME)
             .await?
             .ok_or_else(|| ClientError::Protocol("stream ended without a response".into()))

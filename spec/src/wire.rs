@@ -176,7 +176,7 @@ impl std::fmt::Display for ErrorCode {
 pub struct Cursor(pub String);
 
 /// A typed payload (§4.4). The server treats `body` as bytes and only checks its size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Content {
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,

@@ -1,0 +1,85 @@
+//! Helpers shared by the integration tests: real `missived` processes on loopback.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use missive_cli::client::{Client, Subscription};
+use missive_conformance::harness::ServerProcess;
+use missive_federation::tls::Pin;
+use missive_spec::{Event, EventKind, Message, ServerName, UserId};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn missived() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_missived"))
+}
+
+/// A fresh server in its own temporary data directory.
+pub async fn server(name: &str, registration: &str) -> (tempfile::TempDir, ServerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = ServerProcess::create(missived(), &dir.path().join("data"), name, registration).await.unwrap();
+    (dir, srv)
+}
+
+pub fn uid(local: &str, srv: &ServerProcess) -> UserId {
+    UserId::parse(&format!("@{local}:{}", srv.name)).unwrap()
+}
+
+pub fn password(local: &str) -> String {
+    format!("pw-{local}-secret")
+}
+
+pub async fn connect(srv: &ServerProcess) -> Client {
+    Client::connect(srv.addr, &ServerName::parse(&srv.name).unwrap(), Pin::FirstUse).await.unwrap()
+}
+
+/// Registers `local` (the server must allow open registration) and returns its first device.
+pub async fn register(srv: &ServerProcess, local: &str) -> Client {
+    let mut c = connect(srv).await;
+    c.register(&uid(local, srv), &password(local), None, None).await.unwrap();
+    c
+}
+
+/// Logs `local` in as a new device.
+pub async fn login(srv: &ServerProcess, local: &str) -> Client {
+    let mut c = connect(srv).await;
+    c.login(&uid(local, srv), &password(local), None).await.unwrap();
+    c
+}
+
+pub fn messages(events: &[Event]) -> Vec<Message> {
+    events.iter().map(|e| match &e.event { EventKind::Message(m) => m.clone() }).collect()
+}
+
+/// Reads the subscription until `n` messages arrived (failing after the deadline).
+pub async fn collect(sub: &mut Subscription, mut got: Vec<Event>, n: usize) -> Vec<Event> {
+    let wait = async {
+        while got.len() < n {
+            match sub.next().await.unwrap() {
+                Some((_, evs)) => got.extend(evs),
+                None => panic!("subscription ended after {} events", got.len()),
+            }
+        }
+        got
+    };
+    tokio::time::timeout(DEADLINE, wait).await.expect("events did not arrive in time")
+}
+
+pub fn texts(ms: &[Message]) -> Vec<String> {
+    ms.iter().map(|m| m.content.as_text().unwrap().to_owned()).collect()
+}
+
+/// Every message of the conversation with `with`, newest first, paging by `limit`.
+pub async fn full_history(c: &Client, with: &UserId, limit: u32) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let page = c.history(with, Some(limit), before, None).await.unwrap();
+        out.extend(page.messages);
+        match page.older {
+            Some(o) => before = Some(o),
+            None => return out,
+        }
+    }
+}
