@@ -1,0 +1,213 @@
+//! The `missive` binary against a real `missived`: every command, `--json` output,
+//! key pinning, interactive chat over pipes, and errors on standard error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use missive_conformance::harness::{workspace_bin, ServerProcess};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{ChildStdout, Command};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn missive() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_missive"));
+    c.env_remove("MISSIVE_PROFILE").kill_on_drop(true);
+    c
+}
+
+async fn run(profile: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = missive()
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        pipe.write_all(s.as_bytes()).await.unwrap();
+    }
+    drop(pipe);
+    tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap()
+}
+
+/// Runs a command that must succeed; returns its standard output.
+async fn ok(profile: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let out = run(profile, args, stdin).await;
+    assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
+}
+
+fn texts(v: &[Value]) -> Vec<String> {
+    v.iter().filter(|o| o["type"] == "message").map(|o| o["text"].as_str().unwrap().to_owned()).collect()
+}
+
+async fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
+    let line = tokio::time::timeout(DEADLINE, lines.next_line()).await.expect("no output in time").unwrap();
+    serde_json::from_str(&line.expect("output ended")).unwrap()
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    srv: ServerProcess,
+    alice: PathBuf,
+    bob: PathBuf,
+}
+
+async fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = ServerProcess::create(&workspace_bin("missived"), &tmp.path().join("srv"), "alpha.test", "closed")
+        .await
+        .unwrap();
+    srv.add_user("alice", "alice-password").await.unwrap();
+    srv.add_user("bob", "bob-password").await.unwrap();
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    let addr = srv.addr.to_string();
+    let out = ok(&alice, &["--json", "login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
+    assert_eq!(json_lines(&out)[0]["type"], "session");
+    ok(&bob, &["login", "@bob:alpha.test", "--server", &addr, "--password-stdin"], Some("bob-password\n")).await;
+    Setup { _tmp: tmp, srv, alice, bob }
+}
+
+#[tokio::test]
+async fn send_listen_sync_and_paged_history() {
+    let s = setup().await;
+    let mut listen = missive()
+        .arg("--profile")
+        .arg(&s.bob)
+        .args(["--json", "listen"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+
+    for i in 0..5 {
+        let out = ok(&s.alice, &["--json", "send", "@bob:alpha.test", &format!("hello {i}")], None).await;
+        let sent = &json_lines(&out)[0];
+        assert_eq!(sent["type"], "sent");
+        assert_eq!(sent["seq"], i + 1);
+    }
+    for i in 0..5 {
+        let m = next_json(&mut lines).await;
+        assert_eq!(m["type"], "message");
+        assert_eq!(m["text"], format!("hello {i}"));
+        assert_eq!(m["from"], "@alice:alpha.test");
+    }
+    listen.kill().await.unwrap();
+    listen.wait().await.unwrap();
+
+    // listen advanced the sync position: sync has nothing new until alice writes again.
+    let out = json_lines(&ok(&s.bob, &["--json", "sync"], None).await);
+    assert_eq!(out.last().unwrap()["type"], "synced");
+    assert_eq!(out.last().unwrap()["count"], 0);
+    ok(&s.alice, &["send", "@bob:alpha.test", "one more"], None).await;
+    let out = json_lines(&ok(&s.bob, &["--json", "sync"], None).await);
+    assert_eq!(texts(&out), vec!["one more"]);
+    let human = ok(&s.bob, &["sync"], None).await;
+    assert!(human.is_empty(), "a second sync prints nothing: {human:?}");
+
+    // History pages newest first with cursors.
+    let p1 = json_lines(&ok(&s.bob, &["--json", "history", "@alice:alpha.test", "--limit", "4"], None).await);
+    assert_eq!(texts(&p1), vec!["one more", "hello 4", "hello 3", "hello 2"]);
+    let cursor = p1.last().unwrap()["older"].as_str().unwrap().to_owned();
+    let p2 = json_lines(&ok(&s.bob, &["--json", "history", "@alice:alpha.test", "--limit", "4", "--before", &cursor], None).await);
+    assert_eq!(texts(&p2), vec!["hello 1", "hello 0"]);
+    assert!(p2.last().unwrap()["older"].is_null());
+    let human = ok(&s.alice, &["history", "@bob:alpha.test", "--limit", "1"], None).await;
+    assert!(human.contains("@alice:alpha.test: one more") && human.contains("--before"), "{human}");
+}
+
+#[tokio::test]
+async fn chat_sends_typed_lines_and_shows_incoming_ones() {
+    let s = setup().await;
+    ok(&s.alice, &["send", "@bob:alpha.test", "earlier"], None).await;
+    let mut chat = missive()
+        .arg("--profile")
+        .arg(&s.bob)
+        .args(["--json", "chat", "@alice:alpha.test"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    let mut lines = BufReader::new(chat.stdout.take().unwrap()).lines();
+    // Recent history first.
+    assert_eq!(next_json(&mut lines).await["text"], "earlier");
+
+    stdin.write_all(b"hi alice, typed in chat\n").await.unwrap();
+    let sent = next_json(&mut lines).await;
+    assert_eq!((sent["type"].as_str(), sent["text"].as_str()), (Some("sent"), Some("hi alice, typed in chat")));
+    let out = json_lines(&ok(&s.alice, &["--json", "sync"], None).await);
+    assert!(texts(&out).contains(&"hi alice, typed in chat".to_owned()));
+
+    ok(&s.alice, &["send", "@bob:alpha.test", "incoming while typing"], None).await;
+    let incoming = next_json(&mut lines).await;
+    assert_eq!((incoming["type"].as_str(), incoming["text"].as_str()), (Some("message"), Some("incoming while typing")));
+
+    // Ctrl-D: end of input quits cleanly.
+    drop(stdin);
+    let status = tokio::time::timeout(DEADLINE, chat.wait()).await.expect("chat did not quit").unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn changed_server_key_is_refused_loudly_and_errors_go_to_stderr() {
+    let mut s = setup().await;
+    // Errors: stderr, non-zero exit, nothing on stdout.
+    let out = run(&s.alice, &["send", "@nobody:alpha.test", "x"], None).await;
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_user"));
+    let out = run(&s.alice, &["send", "not-a-user", "x"], None).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("@localpart:server.name"));
+
+    // Replace the server with another key on the same address.
+    let addr = s.srv.addr;
+    s.srv.kill9().await;
+    let other = s._tmp.path().join("impostor");
+    ServerProcess::init(&workspace_bin("missived"), &other, "alpha.test", "open").await.unwrap();
+    let cfg = other.join("missived.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("127.0.0.1:0", &addr.to_string());
+    std::fs::write(&cfg, text).unwrap();
+    let _impostor = ServerProcess::start(&workspace_bin("missived"), &other, "alpha.test").await.unwrap();
+
+    let out = run(&s.alice, &["send", "@bob:alpha.test", "secret"], None).await;
+    assert!(!out.status.success(), "a changed key must be refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HAS CHANGED") && err.contains("known_servers.json"), "{err}");
+    let out = run(&s.alice, &["login", "@alice:alpha.test", "--server", &addr.to_string(), "--password-stdin"], Some("alice-password\n")).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("HAS CHANGED"));
+}
+
+#[tokio::test]
+async fn logout_revokes_the_token_and_forgets_the_session() {
+    let s = setup().await;
+    let session: Value = serde_json::from_slice(&std::fs::read(s.alice.join("session.json")).unwrap()).unwrap();
+    let token = session["token"].as_str().unwrap().to_owned();
+    assert_eq!(json_lines(&ok(&s.alice, &["--json", "logout"], None).await)[0]["type"], "ok");
+    let out = run(&s.alice, &["send", "@bob:alpha.test", "x"], None).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not logged in"));
+    let mut c = missive_cli::Client::connect(
+        s.srv.addr,
+        &missive_spec::ServerName::parse("alpha.test").unwrap(),
+        missive_federation::tls::Pin::FirstUse,
+    )
+    .await
+    .unwrap();
+    c.set_token(Some(token));
+    let e = c.sync(0, None).await.unwrap_err();
+    assert_eq!(e.code(), Some(missive_spec::ErrorCode::Unauthorized));
+    // bob's device is untouched.
+    ok(&s.bob, &["sync"], None).await;
+}
