@@ -103,6 +103,11 @@ impl PublicKey {
         format!("SHA256:{}", STANDARD_NO_PAD.encode(Sha256::digest(self.0.as_bytes())))
     }
 
+    /// The key id units name (F§2): the first 8 bytes of SHA-256 of the key, base64url.
+    pub fn key_id(&self) -> String {
+        URL_SAFE_NO_PAD.encode(&Sha256::digest(self.0.as_bytes())[..8])
+    }
+
     /// The DER SubjectPublicKeyInfo a certificate over this key carries.
     pub fn spki_der(&self) -> Vec<u8> {
         let mut out = ED25519_SPKI_PREFIX.to_vec();

@@ -1,14 +1,18 @@
-//! Missive's server identity and QUIC transport layer.
+//! Missive's server identity and federation layer.
 //!
-//! - [`keys`]: ed25519 server keys ([`ServerKey`]), their PEM files and the textual
-//!   public key ([`PublicKey`]) that peers and clients pin.
-//! - [`tls`]: self-signed certificates over the server key and the SPKI-pinning verifier
-//!   ([`tls::PinnedServerVerifier`]) used by clients today and by federation links.
+//! - [`keys`]: ed25519 server keys ([`ServerKey`]), their PEM files, key ids and the
+//!   textual public key ([`PublicKey`]) that peers and clients pin.
+//! - [`tls`]: self-signed certificates over the server key; SPKI-pinning verifiers for
+//!   clients and, with client certificates, for federation links both ways.
 //! - [`framing`]: length-prefixed CBOR frames on QUIC streams.
-//!
-//! Server-to-server federation (discovery, signed transactions, outbound queues, gap fill)
-//! grows here on top of these pieces.
+//! - [`envelope`]: signing units and verifying them before decoding.
+//! - [`discovery`]: static peers, `.well-known` over HTTPS, DNS SRV, default port; cached.
+//! - [`backoff`] and [`admission`]: the I/O-free retry timing and gap logic.
 
+pub mod admission;
+pub mod backoff;
+pub mod discovery;
+pub mod envelope;
 pub mod framing;
 pub mod keys;
 pub mod tls;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName as TlsName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -60,8 +61,20 @@ pub fn cert_public_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {
 pub enum Pin {
     /// Exactly this key.
     Key(PublicKey),
+    /// Any one of these keys (a server during key rotation).
+    AnyOf(Vec<PublicKey>),
     /// Any ed25519 key (first contact): the caller reads the seen key afterwards and pins it.
     FirstUse,
+}
+
+impl Pin {
+    fn accepts(&self, key: &PublicKey) -> bool {
+        match self {
+            Pin::Key(k) => k == key,
+            Pin::AnyOf(ks) => ks.contains(key),
+            Pin::FirstUse => true,
+        }
+    }
 }
 
 /// Verifies a server certificate against a pinned key, and remembers the key it was shown.
@@ -95,11 +108,10 @@ impl ServerCertVerifier for PinnedServerVerifier {
             rustls::CertificateError::BadEncoding,
         ))?;
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
-        match &self.pin {
-            Pin::Key(pinned) if *pinned != key => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            )),
-            _ => Ok(ServerCertVerified::assertion()),
+        if self.pin.accepts(&key) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }
 
@@ -131,6 +143,65 @@ impl ServerCertVerifier for PinnedServerVerifier {
     }
 }
 
+/// Requires a client certificate over an ed25519 key and verifies the handshake signature
+/// with it. Which keys are acceptable depends on the server name the peer claims, which
+/// needs discovery: the federation endpoint checks that after the handshake
+/// ([`peer_identity`]) and closes the connection before reading any request.
+#[derive(Debug)]
+pub struct Ed25519ClientVerifier {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for Ed25519ClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        cert_public_key(end_entity)
+            .map(|_| ClientCertVerified::assertion())
+            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// The key and the DNS names of the certificate a QUIC peer presented.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<(PublicKey, Vec<String>)> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let cert = certs.first()?;
+    let key = cert_public_key(cert)?;
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    let names = ee.valid_dns_names().map(str::to_owned).collect();
+    Some((key, names))
+}
+
 fn transport(idle: Duration, keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // The idle timeout is well within quinn's VarInt range.
@@ -158,6 +229,50 @@ pub fn server_config(
         .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport(idle, None));
+    Ok(cfg)
+}
+
+/// QUIC server configuration for federation: presents the server's certificate and
+/// requires one from the peer.
+pub fn federation_server_config(
+    key: &ServerKey,
+    server_name: &str,
+    alpn: &[u8],
+    idle: Duration,
+) -> Result<quinn::ServerConfig, TlsSetupError> {
+    let (cert, der) = self_signed_cert(key, server_name)?;
+    let verifier = Arc::new(Ed25519ClientVerifier { provider: provider() });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], der)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport(idle, Some(Duration::from_secs(10))));
+    Ok(cfg)
+}
+
+/// QUIC client configuration for federation: checks the peer against `verifier` and
+/// presents this server's own certificate.
+pub fn federation_client_config(
+    verifier: Arc<PinnedServerVerifier>,
+    key: &ServerKey,
+    server_name: &str,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let (cert, der) = self_signed_cert(key, server_name)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![cert], der)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(Duration::from_secs(60), Some(Duration::from_secs(10))));
     Ok(cfg)
 }
 
@@ -227,5 +342,23 @@ mod tests {
         let (first, seen) = handshake(&k, Pin::FirstUse).await;
         assert!(first.is_ok(), "{first:?}");
         assert_eq!(seen, Some(k.public()));
+    }
+
+    #[tokio::test]
+    async fn federation_links_authenticate_both_ends() {
+        install_provider();
+        let (a, b) = (ServerKey::generate(), ServerKey::generate());
+        let alpn = b"missive-test-fed";
+        let sc = federation_server_config(&b, "beta.test", alpn, Duration::from_secs(5)).unwrap();
+        let server = quinn::Endpoint::server(sc, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let v = PinnedServerVerifier::new(Pin::AnyOf(vec![ServerKey::generate().public(), b.public()]));
+        client.set_default_client_config(federation_client_config(v, &a, "alpha.test", alpn).unwrap());
+        let conn = client.connect(addr, "beta.test").unwrap().await.unwrap();
+        let server_side = accept.await.unwrap();
+        assert_eq!(peer_identity(&server_side), Some((a.public(), vec!["alpha.test".to_owned()])));
+        assert_eq!(peer_identity(&conn).map(|p| p.0), Some(b.public()));
     }
 }

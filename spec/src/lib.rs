@@ -7,12 +7,15 @@
 //!   [`Message`], [`Event`]) — §5, §6, with error codes ([`ErrorCode`]) — §7.
 //! - [`codec`]: deterministic CBOR and length-prefixed framing with bounded decoding — §5.2.
 //! - [`limits`]: every size limit — §8.
+//! - [`federation`]: server-to-server frames: signed units, transactions, backfill —
+//!   `federation.md`.
 //!
 //! The normative text is `spec/*.md` beside this crate; `spec/vectors/` holds test vectors
 //! that this crate's tests check byte for byte. Nothing here does I/O.
 
 pub mod codec;
 pub mod diag;
+pub mod federation;
 pub mod ids;
 pub mod limits;
 pub mod ordering;

@@ -1,0 +1,165 @@
+//! Server-to-server frames (spec `federation.md`): signed units, transactions, per-unit
+//! results and gap-fill requests.
+//!
+//! Field declaration order is deterministic-CBOR key order, as in `wire`.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ids::ConversationId;
+use crate::wire::Message;
+
+/// ALPN of federation links (F§3).
+pub const FEDERATION_ALPN: &[u8] = b"missive-federation/0";
+/// Prefix of the bytes a unit signature covers (F§4).
+pub const UNIT_SIGNATURE_DOMAIN: &[u8] = b"missive/unit/v1\0";
+/// Prefix of the bytes a transaction id hashes (F§5).
+pub const TXN_ID_DOMAIN: &[u8] = b"missive/txn/v1\0";
+/// Most units in one transaction (F§8).
+pub const MAX_TXN_UNITS: usize = 100;
+/// Largest federation frame body, in bytes (F§8).
+pub const MAX_FEDERATION_FRAME: usize = 4 * 1024 * 1024;
+/// Most messages one backfill request may ask for (F§7).
+pub const MAX_BACKFILL: u64 = 100;
+
+/// A unit as signed by its origin: the signature covers `UNIT_SIGNATURE_DOMAIN || unit`,
+/// where `unit` is exactly the bytes carried here (F§4). Receivers verify before decoding
+/// and store these bytes unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SignedUnit {
+    /// Id of the origin's signing key (F§2).
+    pub key: String,
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub unit: Vec<u8>,
+}
+
+impl SignedUnit {
+    /// SHA-256 of the envelope's deterministic encoding: the unit's content hash.
+    pub fn hash(&self) -> [u8; 32] {
+        Sha256::digest(crate::codec::encode(self)).into()
+    }
+    /// The bytes the signature covers.
+    pub fn signed_bytes(unit: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(UNIT_SIGNATURE_DOMAIN.len() + unit.len());
+        b.extend_from_slice(UNIT_SIGNATURE_DOMAIN);
+        b.extend_from_slice(unit);
+        b
+    }
+}
+
+/// What a unit carries (F§4). Receipts join later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    Message(Message),
+}
+
+/// A transaction id: SHA-256 over the domain prefix and the content hash of each unit in
+/// order, so a retry of the same units has the same id (F§5).
+pub fn txn_id(units: &[SignedUnit]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(TXN_ID_DOMAIN);
+    for u in units {
+        h.update(u.hash());
+    }
+    h.finalize().into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FedRequestFrame {
+    pub v: u16,
+    pub req: FedRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FedResponseFrame {
+    pub v: u16,
+    pub res: FedResponse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FedRequest {
+    /// F§5: deliver units; answered per unit.
+    Txn {
+        #[serde(with = "serde_bytes")]
+        id: Vec<u8>,
+        units: Vec<SignedUnit>,
+    },
+    /// F§7: send again the asked server's own messages `first..=last` of `conv`.
+    Backfill { conv: ConversationId, last: u64, first: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FedResponse {
+    /// One result per unit, in the order of the transaction.
+    TxnResult {
+        #[serde(with = "serde_bytes")]
+        id: Vec<u8>,
+        results: Vec<UnitResult>,
+    },
+    /// The units a backfill asked for, in `origin_seq` order.
+    Units { units: Vec<SignedUnit> },
+    Error { code: FedErrorCode, message: String },
+}
+
+/// The receiver's answer for one unit (F§6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitResult {
+    /// Stored now.
+    Accepted,
+    /// Already stored with the same content; nothing changed.
+    Duplicate,
+    /// Stored durably but held behind a gap; the receiver asks for the missing range.
+    Held,
+    /// The envelope's key id is not a key of the sending server.
+    UnknownKey,
+    /// The signature does not verify.
+    BadSignature,
+    /// Not a well-formed unit.
+    BadUnit,
+    /// The unit's origin or sender is not the authenticated peer's.
+    WrongOrigin,
+    /// The recipient is not a user of this server.
+    UnknownRecipient,
+    /// The conversation id does not match the two users.
+    ConvMismatch,
+    /// The same identity was seen with different content.
+    Equivocation,
+    /// A field is out of range (content size, vector entries).
+    InvalidUnit,
+    /// A transient fault at the receiver: keep the unit and retry.
+    Retry,
+}
+
+impl UnitResult {
+    /// True when the sender may drop the unit from its queue: it is delivered.
+    pub fn delivered(self) -> bool {
+        matches!(self, UnitResult::Accepted | UnitResult::Duplicate | UnitResult::Held)
+    }
+    /// True when retrying can never succeed.
+    pub fn permanent(self) -> bool {
+        !self.delivered() && self != UnitResult::Retry
+    }
+}
+
+/// Errors of a whole federation request (F§6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FedErrorCode {
+    BadFrame,
+    FrameTooLarge,
+    UnsupportedVersion,
+    /// The transaction id does not match its units.
+    BadTxnId,
+    /// Too many units, or a backfill range too long.
+    TooMany,
+    /// The peer is not part of the conversation it asks about.
+    Forbidden,
+    ShuttingDown,
+    Internal,
+}
