@@ -178,7 +178,11 @@ async fn changed_server_key_is_refused_loudly_and_errors_go_to_stderr() {
     let other = s._tmp.path().join("impostor");
     ServerProcess::init(&workspace_bin("missived"), &other, "alpha.test", "open").await.unwrap();
     let cfg = other.join("missived.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("127.0.0.1:0", &addr.to_string());
+    // The client API is the first `listen` of the file: move it to the old address.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let start = text.find("listen = \"").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!("{}listen = \"{addr}\"{}", &text[..start], &text[end..]);
     std::fs::write(&cfg, text).unwrap();
     let _impostor = ServerProcess::start(&workspace_bin("missived"), &other, "alpha.test").await.unwrap();
 

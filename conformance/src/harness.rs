@@ -2,7 +2,7 @@
 //! for the ready line (with a deadline, never a fixed sleep), kill -9, stop with SIGTERM,
 //! and restart on the same address.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,30 +29,53 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A free UDP port on `ip` right now (the OS picks it; a server binds it moments later).
+pub fn free_udp_port(ip: IpAddr) -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
+}
+
 /// A `missived` process under test.
 pub struct ServerProcess {
     pub name: String,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// Client API address.
     pub addr: SocketAddr,
+    /// Federation endpoint address.
+    pub federation: SocketAddr,
+    /// Public key, `ed25519:...`.
+    pub key: String,
     bin: PathBuf,
     child: Option<Child>,
 }
 
 impl ServerProcess {
-    /// `missived init` into `dir` with the client API on an ephemeral loopback port.
-    pub async fn init(bin: &Path, dir: &Path, name: &str, registration: &str) -> anyhow::Result<()> {
+    /// `missived init` into `dir` with both endpoints on free ports of `ip`; returns the
+    /// server's public key.
+    pub async fn init_on(bin: &Path, dir: &Path, name: &str, registration: &str, ip: IpAddr) -> anyhow::Result<String> {
+        let client = SocketAddr::new(ip, free_udp_port(ip)?);
+        let federation = SocketAddr::new(ip, free_udp_port(ip)?);
         let out = Command::new(bin)
             .args(["init", "--server-name", name, "--data-dir"])
             .arg(dir)
-            .args(["--client-listen", "127.0.0.1:0", "--registration", registration])
+            .args(["--client-listen", &client.to_string(), "--federation-listen", &federation.to_string()])
+            .args(["--registration", registration])
             .output()
             .await
             .with_context(|| format!("cannot run {}", bin.display()))?;
         if !out.status.success() {
             bail!("missived init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(())
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server key:").map(|k| k.trim().to_owned()))
+            .ok_or_else(|| anyhow!("missived init printed no server key:\n{stdout}"))
+    }
+
+    /// `missived init` on 127.0.0.1.
+    pub async fn init(bin: &Path, dir: &Path, name: &str, registration: &str) -> anyhow::Result<String> {
+        Self::init_on(bin, dir, name, registration, [127, 0, 0, 1].into()).await
     }
 
     /// Initialises `dir` and starts a server there.
@@ -64,8 +87,49 @@ impl ServerProcess {
     /// Starts the server of an initialised `dir` and waits until it is ready.
     pub async fn start(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<ServerProcess> {
         let config = dir.join("missived.toml");
-        let (child, addr) = spawn(bin, &config, dir).await?;
-        Ok(ServerProcess { name: name.to_owned(), dir: dir.to_owned(), config, addr, bin: bin.to_owned(), child: Some(child) })
+        let (child, addr, federation, key) = spawn(bin, &config, dir).await?;
+        Ok(ServerProcess {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            config,
+            addr,
+            federation,
+            key,
+            bin: bin.to_owned(),
+            child: Some(child),
+        })
+    }
+
+    /// Pins `other` in this server's config (the running server picks it up at once).
+    pub async fn pin_peer(&self, other: &ServerProcess) -> anyhow::Result<()> {
+        self.missived(&["peer", "add", "--config", &self.config.display().to_string(), &other.name, &other.federation.to_string(), &other.key], None)
+            .await
+            .map(|_| ())
+    }
+
+    /// `missived peers --json` of the running server, one JSON document per peer.
+    pub async fn peers_json(&self) -> anyhow::Result<Vec<String>> {
+        let out = self.missived(&["peers", "--json", "--config", &self.config.display().to_string()], None).await?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+
+    async fn missived(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut pipe) = child.stdin.take() {
+            if let Some(s) = stdin {
+                pipe.write_all(s.as_bytes()).await?;
+            }
+        }
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            bail!("missived {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -91,44 +155,26 @@ impl ServerProcess {
         Ok(status.code())
     }
 
-    /// Starts again after a kill or stop, on the same client address.
+    /// Starts again after a kill or stop, on the same addresses (fixed at init).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9().await;
-        let text = std::fs::read_to_string(&self.config)?;
-        let mut out = String::new();
-        for line in text.lines() {
-            if line.trim_start().starts_with("listen =") {
-                out.push_str(&format!("listen = \"{}\"\n", self.addr));
-            } else {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        std::fs::write(&self.config, out)?;
-        let (child, addr) = spawn(&self.bin, &self.config, &self.dir).await?;
+        let (child, addr, federation, _) = spawn(&self.bin, &self.config, &self.dir).await?;
         self.child = Some(child);
         self.addr = addr;
+        self.federation = federation;
         Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// `missived user add` (works whether or not the server runs).
     pub async fn add_user(&self, localpart: &str, password: &str) -> anyhow::Result<()> {
-        let mut child = Command::new(&self.bin)
-            .args(["user", "add", "--config"])
-            .arg(&self.config)
-            .args([localpart, "--password-stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(format!("{password}\n").as_bytes()).await?;
-        }
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
-            bail!("missived user add failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        let config = self.config.display().to_string();
+        self.missived(&["user", "add", "--config", &config, localpart, "--password-stdin"], Some(&format!("{password}\n")))
+            .await
+            .map(|_| ())
     }
 
     /// The server's log so far (standard error), for failure messages.
@@ -145,7 +191,9 @@ impl Drop for ServerProcess {
     }
 }
 
-async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+/// Starts `missived run` and waits for its ready line:
+/// `missived: NAME ready, key KEY, client API on ADDR, federation on ADDR`.
+async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, SocketAddr, SocketAddr, String)> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("missived.log"))?;
     let mut child = Command::new(bin)
         .arg("run")
@@ -161,13 +209,20 @@ async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, 
     let mut lines = BufReader::new(stdout).lines();
     let ready = async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(addr) = line.split("client API on ").nth(1) {
-                return Ok::<_, anyhow::Error>(addr.trim().parse::<SocketAddr>()?);
+            if !line.contains(" ready, ") {
+                continue;
             }
+            let field = |label: &str| {
+                line.split(label).nth(1).map(|r| r.split(',').next().unwrap_or_default().trim().to_owned())
+            };
+            let (Some(k), Some(c), Some(f)) = (field("key "), field("client API on "), field("federation on ")) else {
+                bail!("unexpected ready line {line:?}");
+            };
+            return Ok::<_, anyhow::Error>((c.parse::<SocketAddr>()?, f.parse::<SocketAddr>()?, k));
         }
         bail!("missived exited before it was ready")
     };
-    let addr = match tokio::time::timeout(START_DEADLINE, ready).await {
+    let (addr, federation, key) = match tokio::time::timeout(START_DEADLINE, ready).await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             let log = std::fs::read_to_string(dir.join("missived.log")).unwrap_or_default();
@@ -177,5 +232,5 @@ async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, 
     };
     // Keep draining stdout so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, addr))
+    Ok((child, addr, federation, key))
 }

@@ -18,13 +18,25 @@ use crate::sequencer::Sequencer;
 #[serde(rename_all = "snake_case")]
 pub enum AdminRequest {
     AddUser { user: UserId, password_hash: String },
+    /// Re-read `[[peers]]` from the config file.
+    ReloadPeers {},
+    /// Federation link state per peer.
+    Peers {},
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminResponse {
     Ok {},
+    Peers { peers: Vec<crate::federation::PeerStatus> },
     Error { message: String },
+}
+
+/// What the admin socket needs from the running server.
+pub struct AdminContext {
+    pub sequencer: Sequencer,
+    pub federation: Arc<crate::federation::Federation>,
+    pub config_path: std::path::PathBuf,
 }
 
 async fn read_msg(s: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
@@ -37,7 +49,7 @@ async fn read_msg(s: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Serves admin requests until shutdown.
-pub async fn serve(path: &Path, sequencer: Sequencer, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn serve(path: &Path, ctx: AdminContext, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     // We hold the database lock, so no other server owns a socket here: a leftover is stale.
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).with_context(|| format!("cannot bind admin socket {}", path.display()))?;
@@ -46,7 +58,7 @@ pub async fn serve(path: &Path, sequencer: Sequencer, mut shutdown: watch::Recei
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
-    let sequencer = Arc::new(sequencer);
+    let ctx = Arc::new(ctx);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -54,9 +66,9 @@ pub async fn serve(path: &Path, sequencer: Sequencer, mut shutdown: watch::Recei
                     Ok(s) => s,
                     Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
                 };
-                let seq = sequencer.clone();
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &seq).await {
+                    if let Err(e) = handle(stream, &ctx).await {
                         tracing::warn!(error = %e, "admin request failed");
                     }
                 });
@@ -68,10 +80,22 @@ pub async fn serve(path: &Path, sequencer: Sequencer, mut shutdown: watch::Recei
     Ok(())
 }
 
-async fn handle(mut stream: UnixStream, seq: &Sequencer) -> anyhow::Result<()> {
+async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()> {
     let req: AdminRequest = codec::decode(&read_msg(&mut stream).await?)?;
     let res = match req {
-        AdminRequest::AddUser { user, password_hash } => match seq.create_user(user.clone(), password_hash, None).await {
+        AdminRequest::ReloadPeers {} => match crate::config::Config::load(&ctx.config_path).and_then(|c| c.discovery()) {
+            Ok(d) => {
+                ctx.federation.discovery().set_statics(d.statics);
+                tracing::info!("peers reloaded");
+                AdminResponse::Ok {}
+            }
+            Err(e) => AdminResponse::Error { message: format!("{e:#}") },
+        },
+        AdminRequest::Peers {} => match ctx.federation.status() {
+            Ok(peers) => AdminResponse::Peers { peers },
+            Err(e) => AdminResponse::Error { message: format!("{e:#}") },
+        },
+        AdminRequest::AddUser { user, password_hash } => match ctx.sequencer.create_user(user.clone(), password_hash, None).await {
             Ok(()) => {
                 tracing::info!(%user, "user added by operator");
                 AdminResponse::Ok {}

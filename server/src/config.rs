@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub const CONFIG_FILE: &str = "missived.toml";
 pub const KEY_FILE: &str = "server.key";
 pub const DEFAULT_CLIENT_PORT: u16 = 7450;
+pub use missive_federation::discovery::DEFAULT_FEDERATION_PORT;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +26,39 @@ pub struct Config {
     pub registration: RegistrationSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub federation: FederationSection,
+    /// Peers pinned by hand (`missived peer add`).
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSection {
+    #[serde(default = "default_federation_listen")]
+    pub listen: SocketAddr,
+    /// Port of other servers' HTTPS key documents (`/.well-known/missive/server`).
+    #[serde(default = "https_port")]
+    pub https_port: u16,
+    /// DNS server for SRV and address lookups; absent: the system resolver.
+    pub dns_server: Option<SocketAddr>,
+    /// Extra CA certificates (PEM) trusted for key documents, besides the WebPKI roots.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "retry_base_ms")]
+    pub retry_base_ms: u64,
+    #[serde(default = "retry_cap_ms")]
+    pub retry_cap_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    pub name: ServerName,
+    /// `HOST:PORT` of its federation endpoint; absent: `.well-known`, SRV, default port.
+    pub address: Option<String>,
+    /// Its public key (`ed25519:...`); absent: from its `.well-known` document.
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +92,18 @@ fn key_file() -> PathBuf {
 fn default_client_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT))
 }
+fn default_federation_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_FEDERATION_PORT))
+}
+fn https_port() -> u16 {
+    443
+}
+fn retry_base_ms() -> u64 {
+    200
+}
+fn retry_cap_ms() -> u64 {
+    60_000
+}
 fn closed() -> RegistrationPolicy {
     RegistrationPolicy::Closed
 }
@@ -73,6 +119,18 @@ impl Default for ClientSection {
 impl Default for RegistrationSection {
     fn default() -> Self {
         RegistrationSection { policy: closed(), token: None }
+    }
+}
+impl Default for FederationSection {
+    fn default() -> Self {
+        FederationSection {
+            listen: default_federation_listen(),
+            https_port: https_port(),
+            dns_server: None,
+            ca_file: None,
+            retry_base_ms: retry_base_ms(),
+            retry_cap_ms: retry_cap_ms(),
+        }
     }
 }
 impl Default for LogSection {
@@ -94,7 +152,42 @@ impl Config {
         {
             bail!("registration policy \"token\" needs registration.token of at least 8 characters");
         }
+        c.federation.ca_file = c.federation.ca_file.map(|f| base.join(f));
+        for p in &c.peers {
+            if let Some(k) = &p.key {
+                missive_federation::PublicKey::parse(k).with_context(|| format!("peer {}", p.name))?;
+            }
+            if p.key.is_none() && p.address.is_none() {
+                bail!("peer {} needs an address or a key", p.name);
+            }
+        }
         Ok(c)
+    }
+
+    /// Discovery settings: static peers from `[[peers]]`, the rest from `[federation]`.
+    pub fn discovery(&self) -> anyhow::Result<missive_federation::discovery::DiscoveryConfig> {
+        use missive_federation::discovery::{DiscoveryConfig, StaticPeer};
+        let mut statics = std::collections::HashMap::new();
+        for p in &self.peers {
+            let e: &mut StaticPeer = statics.entry(p.name.clone()).or_default();
+            if let Some(a) = &p.address {
+                e.address = Some(a.clone());
+            }
+            if let Some(k) = &p.key {
+                e.keys.push(missive_federation::PublicKey::parse(k)?);
+            }
+        }
+        let extra_ca_pem = match &self.federation.ca_file {
+            Some(f) => Some(std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?),
+            None => None,
+        };
+        Ok(DiscoveryConfig {
+            statics,
+            https_port: self.federation.https_port,
+            extra_ca_pem,
+            dns_server: self.federation.dns_server,
+            ..Default::default()
+        })
     }
 
     pub fn db_dir(&self) -> PathBuf {
@@ -107,7 +200,7 @@ impl Config {
 }
 
 /// The commented configuration `missived init` writes.
-pub fn template(server_name: &ServerName, listen: SocketAddr, policy: RegistrationPolicy) -> String {
+pub fn template(server_name: &ServerName, listen: SocketAddr, federation: SocketAddr, policy: RegistrationPolicy) -> String {
     let policy = match policy {
         RegistrationPolicy::Closed => "closed",
         RegistrationPolicy::Open => "open",
@@ -144,6 +237,29 @@ policy = "{policy}"
 [log]
 # tracing filter: error, warn, info, debug, trace (RUST_LOG overrides it).
 level = "info"
+
+[federation]
+# UDP address of the federation endpoint (QUIC, mutual TLS with server keys). Other
+# servers find it through their [[peers]] entry for this server, this server's
+# https://{server_name}/.well-known/missive/server document, DNS SRV
+# _missive._udp.{server_name}, or port {DEFAULT_FEDERATION_PORT}.
+listen = "{federation}"
+# Port of other servers' HTTPS key documents.
+https_port = 443
+# DNS server for SRV and address lookups (default: the system resolver).
+# dns_server = "127.0.0.1:53"
+# Extra CA certificates (PEM) trusted for key documents, besides the WebPKI roots.
+# ca_file = "extra-ca.pem"
+# Retry delays toward an unreachable peer: exponential from retry_base_ms, with
+# jitter, never above retry_cap_ms. Nothing queued is ever dropped.
+retry_base_ms = 200
+retry_cap_ms = 60000
+
+# Peers pinned by hand: `missived peer add` appends entries like this one.
+# [[peers]]
+# name = "beta.example"
+# address = "beta.example:{DEFAULT_FEDERATION_PORT}"
+# key = "ed25519:..."
 "#
     )
 }
@@ -157,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(CONFIG_FILE);
         let name = ServerName::parse("alpha.test").unwrap();
-        std::fs::write(&p, template(&name, default_client_listen(), RegistrationPolicy::Closed)).unwrap();
+        std::fs::write(&p, template(&name, default_client_listen(), default_federation_listen(), RegistrationPolicy::Closed)).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.server_name, name);
         assert_eq!(c.client.listen, default_client_listen());

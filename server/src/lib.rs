@@ -5,13 +5,16 @@
 //! ([`sequencer::Sequencer`]), which numbers messages and stream events and commits them
 //! in grouped, synced writes to the [`store::Store`] (RocksDB: [`store::rocks::RocksStore`]).
 //! Subscribers are woken through the [`hub::Hub`] only after a write is durable.
-//! [`config::Config`] is `missived.toml`; [`admin`] is the operator's socket.
+//! Messages for other servers leave through [`federation::Federation`], which also
+//! receives, checks and stores theirs. [`config::Config`] is `missived.toml`; [`admin`] is
+//! the operator's socket.
 
 pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod federation;
 pub mod hub;
 pub mod records;
 pub mod sequencer;

@@ -38,6 +38,9 @@ enum Command {
         /// UDP address of the client API.
         #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], config::DEFAULT_CLIENT_PORT)))]
         client_listen: SocketAddr,
+        /// UDP address of the federation endpoint.
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], config::DEFAULT_FEDERATION_PORT)))]
+        federation_listen: SocketAddr,
         /// Who may register accounts.
         #[arg(long, value_enum, default_value_t = Policy::Closed)]
         registration: Policy,
@@ -51,6 +54,32 @@ enum Command {
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// Manage pinned peer servers.
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
+    /// List federation peers of the running server: queue depth, link state, next retry.
+    Peers {
+        #[arg(long)]
+        config: PathBuf,
+        /// One JSON object per peer and line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Pin a peer: its federation address (HOST:PORT) and public key (ed25519:...).
+    /// The running server picks the entry up at once.
+    Add {
+        #[arg(long)]
+        config: PathBuf,
+        name: String,
+        address: String,
+        key: String,
     },
 }
 
@@ -85,14 +114,16 @@ fn main() {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { server_name, data_dir, client_listen, registration } => {
-            init(&server_name, &data_dir, client_listen, registration)
+        Command::Init { server_name, data_dir, client_listen, federation_listen, registration } => {
+            init(&server_name, &data_dir, client_listen, federation_listen, registration)
         }
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config: path } => {
+            let config = Config::load(&path)?;
             init_logging(&config.log.level);
-            missive_server::server::run(config, stop_signal()).await
+            missive_server::server::run(&path, config, stop_signal()).await
         }
+        Command::Peer { command: PeerCommand::Add { config, name, address, key } } => peer_add(&config, &name, &address, &key).await,
+        Command::Peers { config, json } => peers(&Config::load(&config)?, json).await,
         Command::User { command: UserCommand::Add { config, name, password_stdin: _ } } => {
             let config = Config::load(&config)?;
             user_add(&config, &name).await
@@ -126,7 +157,7 @@ async fn stop_signal() {
     }
 }
 
-fn init(name: &str, dir: &Path, listen: SocketAddr, policy: Policy) -> anyhow::Result<()> {
+fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, policy: Policy) -> anyhow::Result<()> {
     let name = ServerName::parse(name)?;
     let policy = match policy {
         Policy::Closed => RegistrationPolicy::Closed,
@@ -141,7 +172,7 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, policy: Policy) -> anyhow::R
     }
     let key = ServerKey::generate();
     key.save_new(&key_path)?;
-    let mut text = config::template(&name, listen, policy);
+    let mut text = config::template(&name, listen, federation, policy);
     if policy == RegistrationPolicy::Token {
         let token = missive_server::accounts::new_token();
         text = text.replace("# token = \"a long random string\"", &format!("token = \"{token}\""));
@@ -152,6 +183,70 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, policy: Policy) -> anyhow::R
     println!("  server key:  {}", key.public());
     println!("  fingerprint: {}", key.public().fingerprint());
     println!("Start it with: missived run --config {}", config_path.display());
+    println!("Another server pins this one with:");
+    println!("  missived peer add --config THEIR_CONFIG {name} {federation} {}", key.public());
+    Ok(())
+}
+
+async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::Result<()> {
+    let name = ServerName::parse(name)?;
+    let key = missive_federation::PublicKey::parse(key)?;
+    if !address.contains(':') || address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+        bail!("address {address:?} is not HOST:PORT");
+    }
+    let config = Config::load(path)?;
+    if config.server_name == name {
+        bail!("{name} is this server");
+    }
+    if config.peers.iter().any(|p| p.name == name) {
+        bail!("{name} is already a peer in {}; edit the file to change it", path.display());
+    }
+    let mut text = std::fs::read_to_string(path)?;
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!("\n[[peers]]\nname = \"{name}\"\naddress = \"{address}\"\nkey = \"{key}\"\n"));
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, &text)?;
+    Config::load(&tmp).context("the new peer entry does not load")?;
+    std::fs::rename(&tmp, path)?;
+    match admin::call(&config.admin_socket(), &AdminRequest::ReloadPeers {}).await? {
+        Some(AdminResponse::Error { message }) => bail!("peer saved, but the running server did not reload: {message}"),
+        Some(_) => println!("pinned {name} at {address}; the running server uses it now"),
+        None => println!("pinned {name} at {address}"),
+    }
+    Ok(())
+}
+
+async fn peers(config: &Config, json: bool) -> anyhow::Result<()> {
+    let peers = match admin::call(&config.admin_socket(), &AdminRequest::Peers {}).await? {
+        Some(AdminResponse::Peers { peers }) => peers,
+        Some(AdminResponse::Error { message }) => bail!("{message}"),
+        Some(other) => bail!("unexpected answer {other:?}"),
+        None => bail!("the server is not running (no {})", config.admin_socket().display()),
+    };
+    if json {
+        for p in &peers {
+            println!("{}", serde_json::to_string(p)?);
+        }
+        return Ok(());
+    }
+    println!("{:<30} {:>7} {:<5} {:>8} {:>14} {:>14}  last error", "peer", "queued", "link", "failures", "last success", "next retry");
+    let now = missive_server::accounts::now_ms();
+    for p in peers {
+        let ago = p.last_success_ms.map(|t| format!("{}s ago", now.saturating_sub(t) / 1000)).unwrap_or_else(|| "never".into());
+        let next = p.next_retry_in_ms.map(|ms| format!("in {:.1}s", ms as f64 / 1000.0)).unwrap_or_else(|| "now".into());
+        println!(
+            "{:<30} {:>7} {:<5} {:>8} {:>14} {:>14}  {}",
+            p.name.as_str(),
+            p.queue_depth,
+            if p.up { "up" } else { "down" },
+            p.failures,
+            ago,
+            next,
+            p.last_error.unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
@@ -181,6 +276,7 @@ async fn user_add(config: &Config, name: &str) -> anyhow::Result<()> {
     match admin::call(&config.admin_socket(), &req).await? {
         Some(AdminResponse::Ok {}) => {}
         Some(AdminResponse::Error { message }) => bail!("{message}"),
+        Some(other) => bail!("unexpected answer {other:?}"),
         None => missive_server::accounts::add_user_offline(config, user.clone(), hash).await?,
     }
     println!("added {user}");

@@ -1,6 +1,6 @@
 //! Stored records (CBOR), one type per column family value.
 
-use missive_spec::{codec, ConversationId, Deps, DeviceId, OrderKey, UserId};
+use missive_spec::{codec, ConversationId, Deps, DeviceId, Message, OrderKey, UserId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,31 @@ pub struct SendIdRecord {
 impl SendIdRecord {
     pub fn new(conv: ConversationId, key: &OrderKey) -> Self {
         SendIdRecord { conv, key: key.to_bytes() }
+    }
+}
+
+/// Identity index entry: where the message sits and what its content hash is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MsgIdRecord {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes_array")]
+    pub hash: [u8; 32],
+}
+
+/// A unit the destination refused for good.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub unit: missive_spec::federation::SignedUnit,
+}
+
+/// The message inside a stored envelope (stored envelopes were verified on the way in).
+pub fn stored_message(bytes: &[u8]) -> Result<Message, StoreError> {
+    let env: missive_spec::federation::SignedUnit = decode("messages", bytes)?;
+    match missive_federation::envelope::open_trusted(&env) {
+        Ok(missive_spec::federation::Unit::Message(m)) => Ok(m),
+        Err(e) => Err(StoreError::Corrupt { cf: "messages", reason: e.to_string() }),
     }
 }
 

@@ -1,21 +1,24 @@
-//! The single writer. Every change to conversations, streams and accounts passes through
-//! one thread that assigns `origin_seq` and stream positions, builds one batch per logical
-//! change, and commits all changes waiting at that moment in one synced write (group
-//! commit). Replies go out, and subscribers are woken, only after the write is durable.
+//! The single writer. Every change to conversations, streams, queues and accounts passes
+//! through one thread that assigns `origin_seq` and stream positions, builds one batch per
+//! logical change, and commits all changes waiting at that moment in one synced write
+//! (group commit). Replies go out, subscribers are woken and outbound senders nudged only
+//! after the write is durable.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use missive_federation::admission::{self, Decision};
+use missive_federation::{envelope, ServerKey};
+use missive_spec::federation::{SignedUnit, Unit, UnitResult};
 use missive_spec::{
-    ClientMsgId, Content, ConversationId, Deps, DeviceId, ErrorCode, Event, EventKind, Message, ServerName,
-    UserId,
+    ClientMsgId, Content, ConversationId, Deps, DeviceId, ErrorCode, Event, EventKind, Message, ServerName, UserId,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::accounts::now_ms;
 use crate::error::ApiError;
 use crate::hub::Hub;
-use crate::records::{self, ConvRecord, DeviceRecord, SendIdRecord, TokenRecord, UserRecord};
+use crate::records::{self, ConvRecord, DeviceRecord, MsgIdRecord, SendIdRecord, TokenRecord, UserRecord};
 use crate::store::{keys, Batch, Cf, Direction, Store, StoreResult};
 
 /// Most commands folded into one synced write.
@@ -27,10 +30,33 @@ pub struct NewDevice {
     pub token_hash: [u8; 32],
 }
 
+/// A unit from a peer whose signature and structure were already checked.
+pub struct InboundUnit {
+    pub env: SignedUnit,
+    pub msg: Message,
+    pub hash: [u8; 32],
+}
+
+/// What became of an inbound unit, and which range to ask its origin for, if any.
+#[derive(Debug, Clone)]
+pub struct InboundOutcome {
+    pub result: UnitResult,
+    pub backfill: Option<Backfill>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backfill {
+    pub conv: ConversationId,
+    pub origin: ServerName,
+    pub first: u64,
+    pub last: u64,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 pub enum Cmd {
     Send { from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content, reply: Reply<Message> },
+    Inbound { units: Vec<InboundUnit>, reply: Reply<Vec<InboundOutcome>> },
     CreateUser { user: UserId, password_hash: String, device: Option<NewDevice>, reply: Reply<()> },
     AddDevice { user: UserId, device: NewDevice, reply: Reply<()> },
     RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
@@ -44,11 +70,20 @@ pub struct Sequencer {
     tx: mpsc::Sender<Cmd>,
 }
 
+/// What the writer needs besides the store.
+pub struct WriterContext {
+    pub server: ServerName,
+    pub key: Arc<ServerKey>,
+    pub hub: Arc<Hub>,
+    /// Told, after each durable write, which destinations have new queued units.
+    pub outbound: Option<mpsc::UnboundedSender<ServerName>>,
+}
+
 impl Sequencer {
     /// Starts the writer thread; it ends on [`Sequencer::stop`] or when every handle is gone.
-    pub fn start(store: Arc<dyn Store>, server: ServerName, hub: Arc<Hub>) -> (Sequencer, std::thread::JoinHandle<()>) {
+    pub fn start(store: Arc<dyn Store>, ctx: WriterContext) -> (Sequencer, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
-        let mut w = Writer { store, server, hub, convs: HashMap::new(), heads: HashMap::new() };
+        let mut w = Writer { store, ctx, convs: HashMap::new(), heads: HashMap::new(), queues: HashMap::new() };
         let join = std::thread::Builder::new()
             .name("missive-writer".into())
             .spawn(move || w.run(rx))
@@ -73,6 +108,9 @@ impl Sequencer {
     pub async fn send(&self, from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content) -> Result<Message, ApiError> {
         self.call(|reply| Cmd::Send { from, device, to, client_msg_id, content, reply }).await
     }
+    pub async fn inbound(&self, units: Vec<InboundUnit>) -> Result<Vec<InboundOutcome>, ApiError> {
+        self.call(|reply| Cmd::Inbound { units, reply }).await
+    }
     pub async fn create_user(&self, user: UserId, password_hash: String, device: Option<NewDevice>) -> Result<(), ApiError> {
         self.call(|reply| Cmd::CreateUser { user, password_hash, device, reply }).await
     }
@@ -84,46 +122,39 @@ impl Sequencer {
     }
 }
 
-/// A reply held until the group's write is durable.
-enum Done {
-    Message(Reply<Message>, Result<Message, ApiError>),
-    Unit(Reply<()>, Result<(), ApiError>),
+/// A reply held until the group's write is durable: called with `true` once committed.
+type Completion = Box<dyn FnOnce(bool) + Send>;
+
+fn completion<T: Send + 'static>(reply: Reply<T>, r: Result<T, ApiError>) -> Completion {
+    Box::new(move |committed| {
+        let _ = reply.send(if committed { r } else { Err(ApiError::internal()) });
+    })
 }
 
-impl Done {
-    fn fail(self, e: ApiError) {
-        match self {
-            Done::Message(r, _) => drop(r.send(Err(e))),
-            Done::Unit(r, _) => drop(r.send(Err(e))),
-        }
-    }
-    fn complete(self) {
-        match self {
-            Done::Message(r, v) => drop(r.send(v)),
-            Done::Unit(r, v) => drop(r.send(v)),
-        }
-    }
-}
+type Identity = (ConversationId, ServerName, u64);
 
 /// Changes made by the commands of one group, visible to later commands of the same group.
 #[derive(Default)]
 struct Group {
     batch: Batch,
-    done: Vec<Done>,
+    done: Vec<Completion>,
     sends: HashMap<Vec<u8>, Message>,
+    stored: HashMap<Identity, [u8; 32]>,
+    held: HashMap<Identity, Option<SignedUnit>>,
     users: HashSet<String>,
     devices: HashMap<(String, DeviceId), [u8; 32]>,
     removed: HashSet<(String, DeviceId)>,
     wake: HashMap<String, u64>,
+    outbound: HashSet<ServerName>,
 }
 
 struct Writer {
     store: Arc<dyn Store>,
-    server: ServerName,
-    hub: Arc<Hub>,
+    ctx: WriterContext,
     /// Write-through caches, valid because this thread is the only writer.
     convs: HashMap<ConversationId, ConvRecord>,
     heads: HashMap<String, u64>,
+    queues: HashMap<ServerName, u64>,
 }
 
 impl Writer {
@@ -147,22 +178,27 @@ impl Writer {
 
     fn commit(&mut self, group: Group) {
         let result = if group.batch.is_empty() { Ok(()) } else { self.store.write(group.batch) };
-        match result {
-            Ok(()) => {
-                for d in group.done {
-                    d.complete();
-                }
-                for (user, head) in group.wake {
-                    self.hub.notify(&user, head);
-                }
-            }
+        let committed = match result {
+            Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "group write failed; replying with errors");
                 // The caches may hold counters that never reached disk.
                 self.convs.clear();
                 self.heads.clear();
-                for d in group.done {
-                    d.fail(ApiError::internal());
+                self.queues.clear();
+                false
+            }
+        };
+        for d in group.done {
+            d(committed);
+        }
+        if committed {
+            for (user, head) in group.wake {
+                self.ctx.hub.notify(&user, head);
+            }
+            if let Some(tx) = &self.ctx.outbound {
+                for dest in group.outbound {
+                    let _ = tx.send(dest);
                 }
             }
         }
@@ -174,19 +210,23 @@ impl Writer {
             Cmd::Stop => return true,
             Cmd::Send { from, device, to, client_msg_id, content, reply } => {
                 let r = self.send(g, from, device, to, client_msg_id, content);
-                g.done.push(Done::Message(reply, r));
+                g.done.push(completion(reply, r));
+            }
+            Cmd::Inbound { units, reply } => {
+                let r = units.into_iter().map(|u| self.inbound(g, u)).collect::<Result<Vec<_>, _>>();
+                g.done.push(completion(reply, r));
             }
             Cmd::CreateUser { user, password_hash, device, reply } => {
                 let r = self.create_user(g, user, password_hash, device);
-                g.done.push(Done::Unit(reply, r));
+                g.done.push(completion(reply, r));
             }
             Cmd::AddDevice { user, device, reply } => {
                 let r = self.add_device(g, &user, device);
-                g.done.push(Done::Unit(reply, r));
+                g.done.push(completion(reply, r));
             }
             Cmd::RemoveDevice { user, device, reply } => {
                 let r = self.remove_device(g, &user, device);
-                g.done.push(Done::Unit(reply, r));
+                g.done.push(completion(reply, r));
             }
         }
         false
@@ -210,15 +250,20 @@ impl Writer {
         }
     }
 
+    fn save_conv(&mut self, g: &mut Group, id: ConversationId, conv: ConvRecord) {
+        g.batch.put(Cf::Convs, keys::conv(&id), records::encode(&conv));
+        self.convs.insert(id, conv);
+    }
+
+    fn last_key(&self, cf: Cf, prefix: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.store.scan(cf, prefix, None, Direction::Reverse, 1)?.into_iter().next().map(|(k, _)| k))
+    }
+
     fn head(&mut self, localpart: &str) -> StoreResult<u64> {
         if let Some(h) = self.heads.get(localpart) {
             return Ok(*h);
         }
-        let last = self.store.scan(Cf::Events, &keys::events_of(localpart), None, Direction::Reverse, 1)?;
-        let head = match last.first() {
-            Some((k, _)) => keys::parse_event(k).map(|(_, p)| p).unwrap_or(0),
-            None => 0,
-        };
+        let head = self.last_key(Cf::Events, &keys::events_of(localpart))?.and_then(|k| keys::parse_event(&k)).map(|(_, p)| p).unwrap_or(0);
         self.heads.insert(localpart.to_owned(), head);
         Ok(head)
     }
@@ -230,6 +275,37 @@ impl Writer {
         g.batch.put(Cf::Events, keys::event(localpart, pos), records::encode(&ev));
         self.heads.insert(localpart.to_owned(), pos);
         g.wake.insert(localpart.to_owned(), pos);
+        Ok(())
+    }
+
+    /// Queues a unit for a peer, in the same batch as the change that made it.
+    fn enqueue(&mut self, g: &mut Group, dest: &ServerName, env: &SignedUnit) -> StoreResult<()> {
+        let pos = match self.queues.get(dest) {
+            Some(p) => *p,
+            None => self.last_key(Cf::OutQueue, &keys::queue_of(dest))?.and_then(|k| keys::parse_queue(&k)).map(|(_, p)| p).unwrap_or(0),
+        } + 1;
+        g.batch.put(Cf::OutQueue, keys::queue(dest, pos), records::encode(env));
+        self.queues.insert(dest.clone(), pos);
+        g.outbound.insert(dest.clone());
+        Ok(())
+    }
+
+    /// Stores a message (local or remote) with its index entries and events.
+    fn store_message(&mut self, g: &mut Group, conv: &mut ConvRecord, new_conv: bool, env: &SignedUnit, msg: &Message, hash: [u8; 32]) -> StoreResult<()> {
+        let key = msg.order_key();
+        g.batch.put(Cf::Messages, keys::message(&msg.conv, &key), records::encode(env));
+        let id = MsgIdRecord { key: key.to_bytes(), hash };
+        g.batch.put(Cf::MsgIds, keys::msg_id(&msg.conv, &msg.origin, msg.seq), records::encode(&id));
+        g.stored.insert((msg.conv, msg.origin.clone(), msg.seq), hash);
+        conv.heads.set(msg.origin.clone(), msg.seq);
+        for (user, peer) in [(&msg.from, &msg.to), (&msg.to, &msg.from)] {
+            if user.is_on(&self.ctx.server) {
+                if new_conv {
+                    g.batch.put(Cf::UserConvs, keys::user_conv(user.localpart(), &msg.conv), peer.as_str().as_bytes().to_vec());
+                }
+                self.push_event(g, user.localpart(), EventKind::Message(msg.clone()))?;
+            }
+        }
         Ok(())
     }
 
@@ -254,38 +330,105 @@ impl Writer {
                 tracing::error!(conv = %rec.conv, "send id points at a missing message");
                 ApiError::internal()
             })?;
-            return Ok(records::decode("messages", &bytes)?);
+            return Ok(records::stored_message(&bytes)?);
         }
         let conv_id = ConversationId::one_to_one(&from, &to);
         let (mut conv, new) = self.conv(&conv_id, &from, &to)?;
-        let seq = conv.heads.get(&self.server) + 1;
-        conv.heads.set(self.server.clone(), seq);
-        let msg = Message {
-            to: to.clone(),
-            ts: now_ms(),
-            seq,
-            conv: conv_id,
-            deps: conv.heads.clone(),
-            from: from.clone(),
-            origin: self.server.clone(),
-            content,
-        };
-        let key = msg.order_key();
-        g.batch.put(Cf::Messages, keys::message(&conv_id, &key), records::encode(&msg));
-        g.batch.put(Cf::MsgIds, keys::msg_id(&conv_id, &self.server, seq), key.to_bytes());
-        g.batch.put(Cf::SendIds, send_key.clone(), records::encode(&SendIdRecord::new(conv_id, &key)));
-        g.batch.put(Cf::Convs, keys::conv(&conv_id), records::encode(&conv));
-        self.convs.insert(conv_id, conv);
-        for (user, peer) in [(&from, &to), (&to, &from)] {
-            if user.is_on(&self.server) {
-                if new {
-                    g.batch.put(Cf::UserConvs, keys::user_conv(user.localpart(), &conv_id), peer.as_str().as_bytes().to_vec());
-                }
-                self.push_event(g, user.localpart(), EventKind::Message(msg.clone()))?;
-            }
+        let me = self.ctx.server.clone();
+        let seq = conv.heads.get(&me) + 1;
+        let mut deps = conv.heads.clone();
+        deps.set(me.clone(), seq);
+        let msg = Message { to: to.clone(), ts: now_ms(), seq, conv: conv_id, deps, from, origin: me, content };
+        let env = envelope::sign(&self.ctx.key, &Unit::Message(msg.clone()));
+        self.store_message(g, &mut conv, new, &env, &msg, env.hash())?;
+        g.batch.put(Cf::SendIds, send_key.clone(), records::encode(&SendIdRecord::new(conv_id, &msg.order_key())));
+        if !to.is_on(&self.ctx.server) {
+            self.enqueue(g, &to.server_name(), &env)?;
         }
+        self.save_conv(g, conv_id, conv);
         g.sends.insert(send_key, msg.clone());
         Ok(msg)
+    }
+
+    /// The content hash already stored or held under an identity, if any.
+    fn known(&self, g: &Group, id: &Identity) -> StoreResult<Option<[u8; 32]>> {
+        if let Some(h) = g.stored.get(id) {
+            return Ok(Some(*h));
+        }
+        if let Some(held) = g.held.get(id) {
+            return Ok(held.as_ref().map(|e| e.hash()));
+        }
+        if let Some(v) = self.store.get(Cf::MsgIds, &keys::msg_id(&id.0, &id.1, id.2))? {
+            return Ok(Some(records::decode::<MsgIdRecord>("msg_ids", &v)?.hash));
+        }
+        match self.store.get(Cf::Held, &keys::held(&id.0, &id.1, id.2))? {
+            Some(v) => Ok(Some(records::decode::<SignedUnit>("held", &v)?.hash())),
+            None => Ok(None),
+        }
+    }
+
+    fn take_held(&self, g: &mut Group, id: &Identity) -> StoreResult<Option<SignedUnit>> {
+        let env = match g.held.get(id) {
+            Some(e) => e.clone(),
+            None => match self.store.get(Cf::Held, &keys::held(&id.0, &id.1, id.2))? {
+                Some(v) => Some(records::decode::<SignedUnit>("held", &v)?),
+                None => None,
+            },
+        };
+        if env.is_some() {
+            g.batch.delete(Cf::Held, keys::held(&id.0, &id.1, id.2));
+            g.held.insert(id.clone(), None);
+        }
+        Ok(env)
+    }
+
+    fn inbound(&mut self, g: &mut Group, u: InboundUnit) -> Result<InboundOutcome, ApiError> {
+        let outcome = |result| InboundOutcome { result, backfill: None };
+        let m = &u.msg;
+        let (mut conv, new) = self.conv(&m.conv, &m.from, &m.to)?;
+        // The origin cannot have seen more of our messages than we have sent.
+        if m.deps.get(&self.ctx.server) > conv.heads.get(&self.ctx.server) {
+            tracing::warn!(conv = %m.conv, origin = %m.origin, seq = m.seq, "unit claims messages of ours that do not exist");
+            return Ok(outcome(UnitResult::InvalidUnit));
+        }
+        let id: Identity = (m.conv, m.origin.clone(), m.seq);
+        let head = conv.heads.get(&m.origin);
+        match admission::admit(head, m.seq, self.known(g, &id)?, u.hash) {
+            Decision::Duplicate => {
+                // A repeat of a held unit still waits on its gap: ask again.
+                let backfill = (m.seq > head).then(|| Backfill { conv: m.conv, origin: m.origin.clone(), first: head + 1, last: m.seq - 1 });
+                Ok(InboundOutcome { result: UnitResult::Duplicate, backfill })
+            }
+            Decision::Equivocation => {
+                tracing::warn!(conv = %m.conv, origin = %m.origin, seq = m.seq, "equivocation: same identity, other content; refused");
+                Ok(outcome(UnitResult::Equivocation))
+            }
+            Decision::Hold { first, last } => {
+                g.batch.put(Cf::Held, keys::held(&m.conv, &m.origin, m.seq), records::encode(&u.env));
+                g.held.insert(id, Some(u.env.clone()));
+                tracing::info!(conv = %m.conv, origin = %m.origin, seq = m.seq, first, last, "holding unit behind a gap");
+                Ok(InboundOutcome {
+                    result: UnitResult::Held,
+                    backfill: Some(Backfill { conv: m.conv, origin: m.origin.clone(), first, last }),
+                })
+            }
+            Decision::Store => {
+                self.store_message(g, &mut conv, new, &u.env, m, u.hash)?;
+                // Release whatever was held right behind it.
+                loop {
+                    let next = (m.conv, m.origin.clone(), conv.heads.get(&m.origin) + 1);
+                    let Some(env) = self.take_held(g, &next)? else { break };
+                    let Ok(Unit::Message(held)) = envelope::open_trusted(&env) else {
+                        tracing::error!(conv = %m.conv, "held unit does not decode; dropping it");
+                        break;
+                    };
+                    let hash = env.hash();
+                    self.store_message(g, &mut conv, false, &env, &held, hash)?;
+                }
+                self.save_conv(g, m.conv, conv);
+                Ok(outcome(UnitResult::Accepted))
+            }
+        }
     }
 
     fn user_exists(&self, g: &Group, user: &UserId) -> StoreResult<bool> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use missive_spec::{
-    limits, ConversationId, Cursor, DeviceId, ErrorCode, Event, Message, OrderKey, RegistrationPolicy, Request,
+    limits, ConversationId, Cursor, DeviceId, ErrorCode, Event, OrderKey, RegistrationPolicy, Request,
     RequestFrame, Response, ServerName, UserId, PROTOCOL_VERSION,
 };
 
@@ -209,10 +209,9 @@ impl Service {
                 format!("body of {} bytes exceeds {} bytes", content.body.len(), limits::MAX_CONTENT_BODY),
             ));
         }
-        if !to.is_on(&self.server) {
-            return Err(err(ErrorCode::RemoteUnavailable, format!("{} cannot reach {} yet", self.server, to.server_name())));
-        }
-        if !self.local_user_exists(to)? {
+        // A remote recipient is queued for its server whatever that server's state; only
+        // local recipients can be checked here.
+        if to.is_on(&self.server) && !self.local_user_exists(to)? {
             return Err(err(ErrorCode::UnknownUser, format!("no such user {to}")));
         }
         Ok(())
@@ -256,7 +255,7 @@ impl Service {
             }
             let messages = rows
                 .iter()
-                .map(|(_, v)| records::decode::<Message>("messages", v))
+                .map(|(_, v)| records::stored_message(v))
                 .collect::<Result<Vec<_>, _>>()?;
             let (newest, oldest) = match (messages.first(), messages.last()) {
                 (Some(n), Some(o)) => (n.order_key(), o.order_key()),

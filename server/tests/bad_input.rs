@@ -63,7 +63,9 @@ async fn malformed_frames_bad_tokens_and_limits_get_typed_errors_while_others_ar
     // Requests that are well formed but not allowed.
     assert_eq!(code(alice.send_text(&alice_id, "me").await), Some(ErrorCode::SelfMessage));
     assert_eq!(code(alice.send_text(&uid("nobody", &srv), "x").await), Some(ErrorCode::UnknownUser));
-    assert_eq!(code(alice.send_text(&foreign, "x").await), Some(ErrorCode::RemoteUnavailable));
+    // A user of another server is never refused for being remote: the message is queued
+    // for that server, reachable or not.
+    assert_eq!(alice.send_text(&foreign, "queued for elsewhere").await.unwrap().to, foreign);
     let huge = Content { body: vec![b'a'; limits::MAX_CONTENT_BODY + 1], kind: "text".into() };
     assert_eq!(code(alice.send(&bob_id, huge, missive_cli::client::new_client_msg_id()).await), Some(ErrorCode::ContentTooLarge));
     let untyped = Content { body: b"x".to_vec(), kind: String::new() };

@@ -117,6 +117,32 @@ pub fn user_conv(localpart: &str, conv: &ConversationId) -> Vec<u8> {
     k
 }
 
+// out_queue and dead_letters: destination 0 position BE
+pub fn queue_of(dest: &ServerName) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, dest.as_str());
+    k
+}
+pub fn queue(dest: &ServerName, pos: u64) -> Vec<u8> {
+    let mut k = queue_of(dest);
+    k.extend_from_slice(&pos.to_be_bytes());
+    k
+}
+pub fn parse_queue(k: &[u8]) -> Option<(ServerName, u64)> {
+    let (dest, rest) = split_text(k)?;
+    Some((ServerName::parse(dest).ok()?, u64::from_be_bytes(rest.try_into().ok()?)))
+}
+
+// held: the same layout as msg_ids
+pub fn held_of(conv: &ConversationId, origin: &ServerName) -> Vec<u8> {
+    let mut k = conv.as_bytes().to_vec();
+    text_part(&mut k, origin.as_str());
+    k
+}
+pub fn held(conv: &ConversationId, origin: &ServerName, seq: u64) -> Vec<u8> {
+    msg_id(conv, origin, seq)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,8 +158,10 @@ mod tests {
             prop_assert_eq!(parse_device(&device(&local, &dev)), Some((local.clone(), dev)));
             let ok = OrderKey { rank, origin: origin.clone(), seq };
             prop_assert_eq!(parse_message(&message(&conv, &ok)), Some((conv, ok)));
-            prop_assert_eq!(parse_msg_id(&msg_id(&conv, &origin, seq)), Some((conv, origin, seq)));
+            prop_assert_eq!(parse_msg_id(&msg_id(&conv, &origin, seq)), Some((conv, origin.clone(), seq)));
             prop_assert_eq!(parse_event(&event(&local, pos)), Some((local.clone(), pos)));
+            prop_assert_eq!(parse_queue(&queue(&origin, pos)), Some((origin.clone(), pos)));
+            prop_assert!(held(&conv, &origin, seq).starts_with(&held_of(&conv, &origin)));
         }
 
         #[test]

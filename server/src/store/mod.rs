@@ -20,9 +20,9 @@ pub enum Cf {
     Tokens,
     /// conversation → `ConvRecord` (members, sequence heads)
     Convs,
-    /// conversation, order key → encoded `Message` (canonical order)
+    /// conversation, order key → the message's signed envelope (canonical order)
     Messages,
-    /// conversation, origin, origin_seq → order key (message identity index)
+    /// conversation, origin, origin_seq → order key and content hash (identity index)
     MsgIds,
     /// localpart, device, client_msg_id → conversation and order key (idempotent send)
     SendIds,
@@ -30,10 +30,16 @@ pub enum Cf {
     Events,
     /// localpart, conversation → peer user id (a user's conversations)
     UserConvs,
+    /// destination server, queue position → signed unit waiting for the peer's acknowledgement
+    OutQueue,
+    /// conversation, origin, origin_seq → signed unit held behind a gap
+    Held,
+    /// destination server, queue position → unit the peer refused for good, with the reason
+    DeadLetters,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -43,6 +49,9 @@ impl Cf {
         Cf::SendIds,
         Cf::Events,
         Cf::UserConvs,
+        Cf::OutQueue,
+        Cf::Held,
+        Cf::DeadLetters,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -55,6 +64,9 @@ impl Cf {
             Cf::SendIds => "send_ids",
             Cf::Events => "events",
             Cf::UserConvs => "user_convs",
+            Cf::OutQueue => "out_queue",
+            Cf::Held => "held",
+            Cf::DeadLetters => "dead_letters",
         }
     }
 }

@@ -1,0 +1,633 @@
+//! Federation links of a running server (spec `federation.md`).
+//!
+//! Outbound: one sender task per destination reads the durable queue in order, sends up to
+//! 100 units per transaction, deletes only what the peer acknowledged, and backs off with
+//! jitter while the peer is unreachable — resetting the moment the peer contacts us.
+//! Inbound: the peer's certificate key must be one discovery returned for the name it
+//! claims; every unit is verified before it is decoded, checked, and handed to the writer.
+//! Units held behind a gap make us ask their origin for the missing range.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use missive_federation::backoff::Backoff;
+use missive_federation::discovery::{Discovery, PeerInfo};
+use missive_federation::framing::{read_frame, write_frame};
+use missive_federation::tls::{self, Pin, PinnedServerVerifier};
+use missive_federation::{envelope, PublicKey, ServerKey};
+use missive_spec::federation::{
+    txn_id, FedErrorCode, FedRequest, FedRequestFrame, FedResponse, FedResponseFrame, SignedUnit, Unit, UnitResult,
+    FEDERATION_ALPN, MAX_BACKFILL, MAX_FEDERATION_FRAME, MAX_TXN_UNITS,
+};
+use missive_spec::{codec, limits, ConversationId, Message, ServerName, PROTOCOL_VERSION};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::Instrument;
+
+use crate::accounts::now_ms;
+use crate::records::{self, ConvRecord, DeadLetter, MsgIdRecord};
+use crate::sequencer::{Backfill, InboundUnit, Sequencer};
+use crate::store::{keys, Batch, Cf, Direction, Store};
+
+/// How long a peer may take to answer one request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts to fill one gap before waiting for the next unit to ask again.
+const BACKFILL_ATTEMPTS: u32 = 8;
+
+/// Timing knobs from the configuration.
+#[derive(Debug, Clone)]
+pub struct FederationTiming {
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+}
+
+/// A peer's link state, for operators (`missived peers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: ServerName,
+    pub queue_depth: u64,
+    pub up: bool,
+    pub failures: u32,
+    pub last_success_ms: Option<u64>,
+    pub next_retry_in_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+struct PeerState {
+    backoff: Backoff,
+    up: bool,
+    last_success_ms: Option<u64>,
+    last_error: Option<String>,
+}
+
+struct Peer {
+    name: ServerName,
+    wake: Notify,
+    state: Mutex<PeerState>,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl Peer {
+    fn state(&self) -> std::sync::MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub struct Federation {
+    server: ServerName,
+    key: Arc<ServerKey>,
+    endpoint: quinn::Endpoint,
+    discovery: Arc<Discovery>,
+    store: Arc<dyn Store>,
+    sequencer: Sequencer,
+    timing: FederationTiming,
+    peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
+    backfills: Mutex<HashSet<(ConversationId, ServerName)>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+fn response(res: FedResponse) -> Vec<u8> {
+    codec::encode(&FedResponseFrame { v: PROTOCOL_VERSION, res })
+}
+
+fn fed_error(code: FedErrorCode, message: impl Into<String>) -> FedResponse {
+    FedResponse::Error { code, message: message.into() }
+}
+
+impl Federation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        server: ServerName,
+        key: Arc<ServerKey>,
+        endpoint: quinn::Endpoint,
+        discovery: Arc<Discovery>,
+        store: Arc<dyn Store>,
+        sequencer: Sequencer,
+        timing: FederationTiming,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Federation> {
+        Arc::new(Federation {
+            server,
+            key,
+            endpoint,
+            discovery,
+            store,
+            sequencer,
+            timing,
+            peers: Mutex::new(HashMap::new()),
+            backfills: Mutex::new(HashSet::new()),
+            shutdown,
+        })
+    }
+
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
+    /// Starts accepting peers, and a sender for every destination with queued units.
+    pub fn start(self: &Arc<Self>, mut queued: mpsc::UnboundedReceiver<ServerName>) -> anyhow::Result<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.accept_loop().await });
+        for dest in self.queued_destinations()? {
+            self.peer(&dest).wake.notify_one();
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(dest) = queued.recv().await {
+                me.peer(&dest).wake.notify_one();
+            }
+        });
+        Ok(())
+    }
+
+    fn queued_destinations(&self) -> anyhow::Result<Vec<ServerName>> {
+        let mut out = Vec::new();
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            let row = self.store.scan(Cf::OutQueue, &[], from.as_deref(), Direction::Forward, 1)?;
+            let Some((k, _)) = row.into_iter().next() else { return Ok(out) };
+            let Some((dest, _)) = keys::parse_queue(&k) else { return Ok(out) };
+            from = Some(keys::queue(&dest, u64::MAX));
+            out.push(dest);
+        }
+    }
+
+    fn peer(self: &Arc<Self>, name: &ServerName) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = peers.get(name) {
+            return p.clone();
+        }
+        let p = Arc::new(Peer {
+            name: name.clone(),
+            wake: Notify::new(),
+            state: Mutex::new(PeerState {
+                backoff: Backoff::new(self.timing.retry_base, self.timing.retry_cap),
+                up: false,
+                last_success_ms: None,
+                last_error: None,
+            }),
+            conn: tokio::sync::Mutex::new(None),
+        });
+        peers.insert(name.clone(), p.clone());
+        let me = self.clone();
+        let task_peer = p.clone();
+        tokio::spawn(async move { me.sender(task_peer).await }.instrument(tracing::info_span!("to", peer = %name)));
+        p
+    }
+
+    /// The peer reached us: whatever we owe it may go at once.
+    fn contacted(self: &Arc<Self>, name: &ServerName) {
+        let p = self.peer(name);
+        p.state().backoff.reset();
+        p.wake.notify_one();
+    }
+
+    // ---- outbound -------------------------------------------------------------------
+
+    async fn sender(self: Arc<Self>, peer: Arc<Peer>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let rows = match self.store.scan(Cf::OutQueue, &keys::queue_of(&peer.name), None, Direction::Forward, MAX_TXN_UNITS) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbound queue");
+                    Vec::new()
+                }
+            };
+            let next = peer.state().backoff.next_attempt();
+            let wait_until = match (rows.is_empty(), next) {
+                (true, _) => None,
+                (false, Some(at)) if at > Instant::now() => Some(at),
+                (false, _) => {
+                    self.deliver_batch(&peer, rows).await;
+                    continue;
+                }
+            };
+            let sleep = async {
+                match wait_until {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = peer.wake.notified() => {}
+                _ = sleep => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn deliver_batch(&self, peer: &Peer, rows: Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut units = Vec::with_capacity(rows.len());
+        let mut rows_ok = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            match records::decode::<SignedUnit>("out_queue", &v) {
+                Ok(u) => {
+                    units.push(u);
+                    rows_ok.push(k);
+                }
+                Err(e) => tracing::error!(error = %e, "undecodable queued unit left in place"),
+            }
+        }
+        if units.is_empty() {
+            return;
+        }
+        match self.transact(peer, units.clone()).await {
+            Ok(results) => {
+                let mut batch = Batch::default();
+                let mut retry = false;
+                for ((k, unit), r) in rows_ok.into_iter().zip(units).zip(results) {
+                    if r.delivered() {
+                        batch.delete(Cf::OutQueue, k);
+                    } else if r.permanent() {
+                        tracing::error!(result = ?r, "peer refused a unit for good; moved to dead letters");
+                        let dl = DeadLetter { reason: format!("{r:?}"), unit };
+                        batch.put(Cf::DeadLetters, k.clone(), records::encode(&dl));
+                        batch.delete(Cf::OutQueue, k);
+                    } else {
+                        retry = true;
+                    }
+                }
+                if let Err(e) = self.store.write(batch) {
+                    tracing::error!(error = %e, "cannot record acknowledgements; units will be sent again");
+                }
+                let mut st = peer.state();
+                if !st.up {
+                    tracing::info!("federation link up");
+                }
+                st.up = true;
+                st.last_success_ms = Some(now_ms());
+                st.last_error = None;
+                if retry {
+                    let at = st.backoff.failure(Instant::now(), rand::thread_rng().gen());
+                    tracing::warn!(retry_in = ?at.saturating_duration_since(Instant::now()), "peer asked to retry some units");
+                } else {
+                    st.backoff.reset();
+                }
+            }
+            Err(e) => {
+                *peer.conn.lock().await = None;
+                self.discovery.forget(&peer.name);
+                let mut st = peer.state();
+                let at = st.backoff.failure(Instant::now(), rand::thread_rng().gen());
+                let retry_in = at.saturating_duration_since(Instant::now());
+                if st.up || st.last_error.is_none() {
+                    tracing::warn!(error = %e, ?retry_in, "federation link down; queued units wait");
+                } else {
+                    tracing::debug!(error = %e, ?retry_in, "federation link still down");
+                }
+                st.up = false;
+                st.last_error = Some(e);
+            }
+        }
+    }
+
+    async fn connection(&self, peer: &ServerName, slot: &tokio::sync::Mutex<Option<quinn::Connection>>) -> Result<quinn::Connection, String> {
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let info = self.discovery.resolve(peer).await.map_err(|e| e.to_string())?;
+        let conn = self.connect(peer, &info).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self, peer: &ServerName, info: &PeerInfo) -> Result<quinn::Connection, String> {
+        let verifier = PinnedServerVerifier::new(Pin::AnyOf(info.keys.clone()));
+        let cfg = tls::federation_client_config(verifier, &self.key, self.server.as_str(), FEDERATION_ALPN)
+            .map_err(|e| e.to_string())?;
+        let connecting = self.endpoint.connect_with(cfg, info.addr, peer.as_str()).map_err(|e| e.to_string())?;
+        tokio::time::timeout(REQUEST_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("connecting to {} timed out", info.addr))?
+            .map_err(|e| format!("connecting to {} ({}): {e}", info.addr, info.via))
+    }
+
+    async fn request(&self, conn: &quinn::Connection, req: FedRequest) -> Result<FedResponse, String> {
+        let body = codec::encode(&FedRequestFrame { v: PROTOCOL_VERSION, req });
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, &body).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let body = read_frame(&mut recv, MAX_FEDERATION_FRAME).await.map_err(|e| e.to_string())?.ok_or("no response")?;
+            let f: FedResponseFrame = codec::decode(&body).map_err(|e| e.to_string())?;
+            Ok::<_, String>(f.res)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| "peer did not answer in time".to_string())?
+    }
+
+    async fn transact(&self, peer: &Peer, units: Vec<SignedUnit>) -> Result<Vec<UnitResult>, String> {
+        let conn = self.connection(&peer.name, &peer.conn).await?;
+        let id = txn_id(&units).to_vec();
+        let n = units.len();
+        match self.request(&conn, FedRequest::Txn { id: id.clone(), units }).await? {
+            FedResponse::TxnResult { id: got, results } if got == id && results.len() == n => Ok(results),
+            FedResponse::Error { code, message } => Err(format!("peer refused the transaction: {code:?}: {message}")),
+            other => Err(format!("unexpected answer to a transaction: {other:?}")),
+        }
+    }
+
+    // ---- inbound --------------------------------------------------------------------
+
+    async fn accept_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let me = self.clone();
+                        let addr = incoming.remote_address();
+                        tokio::spawn(async move { me.inbound_connection(incoming, addr).await });
+                    }
+                    None => return,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn inbound_connection(self: Arc<Self>, incoming: quinn::Incoming, addr: SocketAddr) {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "federation handshake failed");
+                return;
+            }
+        };
+        let Some((key, names)) = tls::peer_identity(&conn) else {
+            conn.close(1u32.into(), b"no usable certificate");
+            return;
+        };
+        let name = match names.as_slice() {
+            [one] => ServerName::parse(one).ok(),
+            _ => None,
+        };
+        let Some(name) = name else {
+            conn.close(1u32.into(), b"certificate must name exactly one server");
+            return;
+        };
+        let info = match self.discovery.resolve(&name).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(peer = %name, %addr, error = %e, "refusing peer: cannot discover its keys");
+                conn.close(2u32.into(), b"cannot discover your keys");
+                return;
+            }
+        };
+        if !info.keys.contains(&key) {
+            tracing::warn!(peer = %name, %addr, presented = %key, "refusing peer: key is not one discovery returned");
+            conn.close(2u32.into(), b"key not pinned for that server name");
+            return;
+        }
+        self.contacted(&name);
+        let span = tracing::info_span!("from", peer = %name);
+        async move {
+            loop {
+                let (send, recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+                let me = self.clone();
+                let (name, info) = (name.clone(), info.clone());
+                tokio::spawn(async move { me.inbound_stream(&name, &info, send, recv).await }.in_current_span());
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn inbound_stream(self: Arc<Self>, peer: &ServerName, info: &PeerInfo, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let res = match read_frame(&mut recv, MAX_FEDERATION_FRAME).await {
+            Ok(Some(body)) => match codec::decode::<FedRequestFrame>(&body) {
+                Ok(f) if f.v != PROTOCOL_VERSION => fed_error(FedErrorCode::UnsupportedVersion, format!("version {}", f.v)),
+                Ok(f) => self.handle(peer, info, f.req).await,
+                Err(e) => fed_error(FedErrorCode::BadFrame, e.to_string()),
+            },
+            Ok(None) => return,
+            Err(missive_federation::framing::FrameError::Decode(e)) => {
+                let _ = recv.stop(0u32.into());
+                fed_error(FedErrorCode::FrameTooLarge, e.to_string())
+            }
+            Err(e) => fed_error(FedErrorCode::BadFrame, e.to_string()),
+        };
+        if write_frame(&mut send, &response(res)).await.is_ok() {
+            let _ = send.finish();
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, peer: &ServerName, info: &PeerInfo, req: FedRequest) -> FedResponse {
+        match req {
+            FedRequest::Txn { id, units } => {
+                if units.len() > MAX_TXN_UNITS {
+                    return fed_error(FedErrorCode::TooMany, format!("at most {MAX_TXN_UNITS} units per transaction"));
+                }
+                if txn_id(&units)[..] != id[..] {
+                    return fed_error(FedErrorCode::BadTxnId, "transaction id does not match its units");
+                }
+                let results = self.receive_units(peer, info, units).await;
+                FedResponse::TxnResult { id, results }
+            }
+            FedRequest::Backfill { conv, last, first } => self.serve_backfill(peer, conv, first, last),
+        }
+    }
+
+    /// Verifies, checks and stores units from `peer`; one result per unit.
+    async fn receive_units(self: &Arc<Self>, peer: &ServerName, info: &PeerInfo, units: Vec<SignedUnit>) -> Vec<UnitResult> {
+        let keys: Vec<PublicKey> = info.keys.iter().copied().chain(info.old_keys.iter().map(|(k, _)| *k)).collect();
+        let mut results = vec![UnitResult::Retry; units.len()];
+        let mut accepted = Vec::new();
+        let mut slots = Vec::new();
+        for (i, env) in units.into_iter().enumerate() {
+            match self.check_unit(peer, &keys, env) {
+                Ok(u) => {
+                    accepted.push(u);
+                    slots.push(i);
+                }
+                Err(r) => {
+                    tracing::warn!(result = ?r, "refused unit");
+                    results[i] = r;
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return results;
+        }
+        match self.sequencer.inbound(accepted).await {
+            Ok(outcomes) => {
+                for (i, o) in slots.into_iter().zip(outcomes) {
+                    results[i] = o.result;
+                    if let Some(b) = o.backfill {
+                        self.spawn_backfill(b);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot store inbound units; the peer will retry"),
+        }
+        results
+    }
+
+    fn check_unit(&self, peer: &ServerName, keys: &[PublicKey], env: SignedUnit) -> Result<InboundUnit, UnitResult> {
+        let Unit::Message(msg) = envelope::verify(&env, keys).map_err(|e| e.result())?;
+        if msg.origin != *peer || !msg.from.is_on(peer) {
+            return Err(UnitResult::WrongOrigin);
+        }
+        if !msg.to.is_on(&self.server) {
+            return Err(UnitResult::UnknownRecipient);
+        }
+        if msg.conv != ConversationId::one_to_one(&msg.from, &msg.to) {
+            return Err(UnitResult::ConvMismatch);
+        }
+        if !unit_limits_hold(&msg, &self.server) {
+            return Err(UnitResult::InvalidUnit);
+        }
+        match self.store.get(Cf::Users, &keys::user(msg.to.localpart())) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(UnitResult::UnknownRecipient),
+            Err(_) => return Err(UnitResult::Retry),
+        }
+        let hash = env.hash();
+        Ok(InboundUnit { env, msg, hash })
+    }
+
+    fn serve_backfill(&self, peer: &ServerName, conv: ConversationId, first: u64, last: u64) -> FedResponse {
+        if first == 0 || last < first || last - first >= MAX_BACKFILL {
+            return fed_error(FedErrorCode::TooMany, format!("ask for 1 to {MAX_BACKFILL} messages from seq 1 on"));
+        }
+        let rec = match self.store.get(Cf::Convs, &keys::conv(&conv)) {
+            Ok(Some(v)) => match records::decode::<ConvRecord>("convs", &v) {
+                Ok(r) => r,
+                Err(_) => return fed_error(FedErrorCode::Internal, "conversation record unreadable"),
+            },
+            Ok(None) => return fed_error(FedErrorCode::Forbidden, "no such conversation here"),
+            Err(_) => return fed_error(FedErrorCode::Internal, "storage fault"),
+        };
+        if !rec.members.iter().any(|u| u.is_on(peer)) {
+            return fed_error(FedErrorCode::Forbidden, "you host no member of that conversation");
+        }
+        let mut units = Vec::new();
+        for seq in first..=last {
+            let found = self.store.get(Cf::MsgIds, &keys::msg_id(&conv, &self.server, seq)).ok().flatten().and_then(|v| {
+                let id: MsgIdRecord = records::decode("msg_ids", &v).ok()?;
+                let mut k = keys::messages_of(&conv);
+                k.extend_from_slice(&id.key);
+                let env = self.store.get(Cf::Messages, &k).ok().flatten()?;
+                records::decode::<SignedUnit>("messages", &env).ok()
+            });
+            match found {
+                Some(u) => units.push(u),
+                None => break,
+            }
+        }
+        FedResponse::Units { units }
+    }
+
+    fn spawn_backfill(self: &Arc<Self>, b: Backfill) {
+        let slot = (b.conv, b.origin.clone());
+        if !self.backfills.lock().unwrap_or_else(|e| e.into_inner()).insert(slot.clone()) {
+            return; // already being filled
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.fill_gap(&b).await;
+            me.backfills.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+        });
+    }
+
+    fn head_of(&self, conv: &ConversationId, origin: &ServerName) -> u64 {
+        self.store
+            .get(Cf::Convs, &keys::conv(conv))
+            .ok()
+            .flatten()
+            .and_then(|v| records::decode::<ConvRecord>("convs", &v).ok())
+            .map(|r| r.heads.get(origin))
+            .unwrap_or(0)
+    }
+
+    async fn fill_gap(self: &Arc<Self>, b: &Backfill) {
+        let mut delay = self.timing.retry_base;
+        for attempt in 0..BACKFILL_ATTEMPTS {
+            let head = self.head_of(&b.conv, &b.origin);
+            if head >= b.last {
+                return;
+            }
+            let first = head + 1;
+            let last = b.last.min(head + MAX_BACKFILL);
+            tracing::info!(conv = %b.conv, origin = %b.origin, first, last, attempt, "asking origin for missing units");
+            match self.request_backfill(&b.origin, b.conv, first, last).await {
+                Ok(()) => continue,
+                Err(e) => tracing::warn!(origin = %b.origin, error = %e, "backfill failed"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.timing.retry_cap);
+        }
+    }
+
+    async fn request_backfill(self: &Arc<Self>, origin: &ServerName, conv: ConversationId, first: u64, last: u64) -> Result<(), String> {
+        let peer = self.peer(origin);
+        let info = self.discovery.resolve(origin).await.map_err(|e| e.to_string())?;
+        let conn = self.connection(origin, &peer.conn).await?;
+        match self.request(&conn, FedRequest::Backfill { conv, last, first }).await? {
+            FedResponse::Units { units } if units.is_empty() => Err("origin has none of the missing units".into()),
+            FedResponse::Units { units } => {
+                let results = self.receive_units(origin, &info, units).await;
+                match results.iter().find(|r| !r.delivered()) {
+                    Some(r) => Err(format!("backfilled unit refused: {r:?}")),
+                    None => Ok(()),
+                }
+            }
+            FedResponse::Error { code, message } => Err(format!("{code:?}: {message}")),
+            other => Err(format!("unexpected answer to backfill: {other:?}")),
+        }
+    }
+
+    // ---- operators ------------------------------------------------------------------
+
+    /// Every peer we know of or owe units to, with its queue depth and link state.
+    pub fn status(self: &Arc<Self>) -> anyhow::Result<Vec<PeerStatus>> {
+        let mut names: Vec<ServerName> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for d in self.queued_destinations()? {
+            if !names.contains(&d) {
+                names.push(d);
+            }
+        }
+        names.sort();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for name in names {
+            let depth = self.store.scan(Cf::OutQueue, &keys::queue_of(&name), None, Direction::Forward, usize::MAX)?.len() as u64;
+            let p = self.peer(&name);
+            let st = p.state();
+            out.push(PeerStatus {
+                name,
+                queue_depth: depth,
+                up: st.up,
+                failures: st.backoff.failures(),
+                last_success_ms: st.last_success_ms,
+                next_retry_in_ms: st.backoff.next_attempt().map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                last_error: st.last_error.clone(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Size and shape limits of a message unit (F§6): content as for local sends; the vector
+/// names only the two servers of a 1:1 conversation and carries the unit's own seq.
+pub fn unit_limits_hold(m: &Message, receiver: &ServerName) -> bool {
+    m.seq >= 1
+        && m.seq <= limits::MAX_SEQ
+        && m.deps.get(&m.origin) == m.seq
+        && m.deps.iter().all(|(s, _)| *s == m.origin || s == receiver)
+        && !m.content.kind.is_empty()
+        && m.content.kind.len() <= limits::MAX_CONTENT_TYPE_LEN
+        && m.content.body.len() <= limits::MAX_CONTENT_BODY
+}
