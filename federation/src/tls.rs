@@ -250,7 +250,7 @@ pub fn federation_server_config(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport(idle, Some(Duration::from_secs(10))));
+    cfg.transport_config(transport(idle, Some(Duration::from_secs(5))));
     Ok(cfg)
 }
 
@@ -272,8 +272,28 @@ pub fn federation_client_config(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(Duration::from_secs(60), Some(Duration::from_secs(10))));
+    cfg.transport_config(transport(Duration::from_secs(30), Some(Duration::from_secs(5))));
     Ok(cfg)
+}
+
+/// Binds a QUIC endpoint whose stateless-reset key is derived from the server key and
+/// `purpose`. A restarted server can then reset connections its previous run held, so
+/// peers and clients notice at once instead of waiting for an idle timeout.
+pub fn bind_endpoint(
+    addr: std::net::SocketAddr,
+    server: quinn::ServerConfig,
+    key: &ServerKey,
+    purpose: &[u8],
+) -> std::io::Result<quinn::Endpoint> {
+    use sha2::{Digest, Sha256};
+    let mut seed = Sha256::new();
+    seed.update(b"missive/quic-stateless-reset/v1\0");
+    seed.update(purpose);
+    seed.update(key.signing_key().to_bytes());
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed.finalize());
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::new(Arc::new(reset)), Some(server), socket, runtime)
 }
 
 /// QUIC client configuration that checks the server against `verifier`.

@@ -32,8 +32,9 @@ use crate::records::{self, ConvRecord, DeadLetter, MsgIdRecord};
 use crate::sequencer::{Backfill, InboundUnit, Sequencer};
 use crate::store::{keys, Batch, Cf, Direction, Store};
 
-/// How long a peer may take to answer one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer may take to connect or answer one request (a transaction of 100
+/// units takes milliseconds; silence this long means the peer is gone).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts to fill one gap before waiting for the next unit to ask again.
 const BACKFILL_ATTEMPTS: u32 = 8;
 

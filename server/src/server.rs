@@ -24,8 +24,8 @@ use crate::store::Store;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client connection with no traffic for this long is closed.
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A federation link with no traffic for this long is closed (keep-alives run every 10 s).
-const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A federation link with no traffic for this long is closed (keep-alives run every 5 s).
+const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the server until `stop` resolves, then shuts down without losing accepted work.
 pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
@@ -46,14 +46,14 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     });
 
     let server_config = tls::server_config(&key, config.server_name.as_str(), CLIENT_ALPN, CLIENT_IDLE_TIMEOUT)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.client.listen)
+    let endpoint = tls::bind_endpoint(config.client.listen, server_config, &key, b"client")
         .with_context(|| format!("cannot listen on {}", config.client.listen))?;
     let addr: SocketAddr = endpoint.local_addr()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let fed_config = tls::federation_server_config(&key, config.server_name.as_str(), FEDERATION_ALPN, FEDERATION_IDLE_TIMEOUT)?;
-    let fed_endpoint = quinn::Endpoint::server(fed_config, config.federation.listen)
+    let fed_endpoint = tls::bind_endpoint(config.federation.listen, fed_config, &key, b"federation")
         .with_context(|| format!("cannot listen for federation on {}", config.federation.listen))?;
     let fed_addr = fed_endpoint.local_addr()?;
     let discovery = Arc::new(Discovery::new(config.discovery()?)?);

@@ -83,3 +83,52 @@ pub async fn full_history(c: &Client, with: &UserId, limit: u32) -> Vec<Message>
         }
     }
 }
+
+/// Waits until `check` returns `Some`, polling every 50 ms, failing after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Servers on their own loopback addresses (127.0.0.2, .3, …), each pinning all others.
+pub async fn federated(names: &[&str]) -> (tempfile::TempDir, Vec<ServerProcess>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ip = std::net::IpAddr::from([127, 0, 0, 2 + i as u8]);
+        let data = dir.path().join(name);
+        ServerProcess::init_on(missived(), &data, name, "open", ip).await.unwrap();
+        servers.push(ServerProcess::start(missived(), &data, name).await.unwrap());
+    }
+    for a in &servers {
+        for b in &servers {
+            if a.name != b.name {
+                a.pin_peer(b).await.unwrap();
+            }
+        }
+    }
+    (dir, servers)
+}
+
+/// The queue depth toward `peer` that `missived peers --json` reports.
+pub async fn queue_depth(srv: &ServerProcess, peer: &str) -> u64 {
+    for line in srv.peers_json().await.unwrap() {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["name"] == peer {
+            return v["queue_depth"].as_u64().unwrap();
+        }
+    }
+    0
+}
