@@ -107,6 +107,11 @@ impl ServerProcess {
             .map(|_| ())
     }
 
+    /// Pins a peer given by name, address and key.
+    pub async fn pin_peer_raw(&self, name: &str, address: &str, key: &str) -> anyhow::Result<()> {
+        self.missived(&["peer", "add", "--config", &self.config.display().to_string(), name, address, key], None).await.map(|_| ())
+    }
+
     /// `missived peers --json` of the running server, one JSON document per peer.
     pub async fn peers_json(&self) -> anyhow::Result<Vec<String>> {
         let out = self.missived(&["peers", "--json", "--config", &self.config.display().to_string()], None).await?;
