@@ -3,7 +3,7 @@
 //! it, e.g. to ask for a backfill), and sends whatever transactions a test builds — honest
 //! or forged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +33,9 @@ pub struct MockPeer {
     /// Units it answers backfill requests from, by (conversation, seq).
     pub log: Arc<Mutex<HashMap<(ConversationId, u64), SignedUnit>>>,
     pub observed: Arc<Mutex<Observed>>,
+    /// Transactions carrying a unit of one of these conversations are never answered
+    /// (a slow peer, as seen by the sender).
+    pub stalled: Arc<Mutex<HashSet<ConversationId>>>,
 }
 
 impl MockPeer {
@@ -49,14 +52,15 @@ impl MockPeer {
         let addr = endpoint.local_addr()?;
         let log: Arc<Mutex<HashMap<(ConversationId, u64), SignedUnit>>> = Arc::default();
         let observed: Arc<Mutex<Observed>> = Arc::default();
-        let (ep, l, o) = (endpoint.clone(), log.clone(), observed.clone());
+        let stalled: Arc<Mutex<HashSet<ConversationId>>> = Arc::default();
+        let (ep, l, o, st) = (endpoint.clone(), log.clone(), observed.clone(), stalled.clone());
         tokio::spawn(async move {
             while let Some(inc) = ep.accept().await {
-                let (l, o) = (l.clone(), o.clone());
+                let (l, o, st) = (l.clone(), o.clone(), st.clone());
                 tokio::spawn(async move {
                     let Ok(conn) = inc.await else { return };
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        let (l, o) = (l.clone(), o.clone());
+                        let (l, o, st) = (l.clone(), o.clone(), st.clone());
                         tokio::spawn(async move {
                             let Ok(Some(body)) = read_frame(&mut recv, MAX_FEDERATION_FRAME).await else { return };
                             let Ok(f) = codec::decode::<FedRequestFrame>(&body) else { return };
@@ -68,6 +72,14 @@ impl MockPeer {
                                     FedResponse::Units { units }
                                 }
                                 FedRequest::Txn { id, units } => {
+                                    let stall = units.iter().any(|u| match envelope::open_trusted(u) {
+                                        Ok(Unit::Message(m)) => st.lock().unwrap().contains(&m.conv),
+                                        Err(_) => false,
+                                    });
+                                    if stall {
+                                        // Keep the stream open and never answer.
+                                        std::future::pending::<()>().await;
+                                    }
                                     let results = vec![UnitResult::Accepted; units.len()];
                                     o.lock().unwrap().txns.push(units);
                                     FedResponse::TxnResult { id, results }
@@ -81,7 +93,20 @@ impl MockPeer {
                 });
             }
         });
-        Ok(MockPeer { name, key, endpoint, addr, log, observed })
+        Ok(MockPeer { name, key, endpoint, addr, log, observed, stalled })
+    }
+
+    /// Texts of the message units it has received in transactions.
+    pub fn received_texts(&self) -> Vec<String> {
+        let o = self.observed.lock().unwrap();
+        o.txns
+            .iter()
+            .flatten()
+            .filter_map(|u| match envelope::open_trusted(u) {
+                Ok(Unit::Message(m)) => m.content.as_text().map(str::to_owned),
+                Err(_) => None,
+            })
+            .collect()
     }
 
     pub fn public(&self) -> PublicKey {

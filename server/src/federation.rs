@@ -1,8 +1,10 @@
 //! Federation links of a running server (spec `federation.md`).
 //!
-//! Outbound: one sender task per destination reads the durable queue in order, sends up to
-//! 100 units per transaction, deletes only what the peer acknowledged, and backs off with
-//! jitter while the peer is unreachable — resetting the moment the peer contacts us.
+//! Outbound: each destination's durable queue is split into lanes by conversation; one
+//! sender task per lane reads it in order, sends up to 100 units per transaction on its own
+//! stream, deletes only what the peer acknowledged, and backs off with jitter while the
+//! peer is unreachable — resetting the moment the peer contacts us. A slow conversation
+//! holds up only its lane; a conversation's units never overtake each other.
 //! Inbound: the peer's certificate key must be one discovery returned for the name it
 //! claims; every unit is verified before it is decoded, checked, and handed to the writer.
 //! Units held behind a gap make us ask their origin for the missing range.
@@ -66,12 +68,19 @@ struct PeerState {
 
 struct Peer {
     name: ServerName,
-    wake: Notify,
+    /// One wake-up per lane.
+    wake: Vec<Notify>,
     state: Mutex<PeerState>,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
 impl Peer {
+    fn wake_all(&self) {
+        for w in &self.wake {
+            w.notify_one();
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, PeerState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -133,12 +142,12 @@ impl Federation {
         let me = self.clone();
         tokio::spawn(async move { me.accept_loop().await });
         for dest in self.queued_destinations()? {
-            self.peer(&dest).wake.notify_one();
+            self.peer(&dest).wake_all();
         }
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(dest) = queued.recv().await {
-                me.peer(&dest).wake.notify_one();
+                me.peer(&dest).wake_all();
             }
         });
         Ok(())
@@ -150,8 +159,8 @@ impl Federation {
         loop {
             let row = self.store.scan(Cf::OutQueue, &[], from.as_deref(), Direction::Forward, 1)?;
             let Some((k, _)) = row.into_iter().next() else { return Ok(out) };
-            let Some((dest, _)) = keys::parse_queue(&k) else { return Ok(out) };
-            from = Some(keys::queue(&dest, u64::MAX));
+            let Some((dest, _, _)) = keys::parse_queue(&k) else { return Ok(out) };
+            from = Some(keys::queue(&dest, u8::MAX, u64::MAX));
             out.push(dest);
         }
     }
@@ -163,7 +172,7 @@ impl Federation {
         }
         let p = Arc::new(Peer {
             name: name.clone(),
-            wake: Notify::new(),
+            wake: (0..keys::LANES).map(|_| Notify::new()).collect(),
             state: Mutex::new(PeerState {
                 backoff: Backoff::new(self.timing.retry_base, self.timing.retry_cap),
                 up: false,
@@ -173,9 +182,11 @@ impl Federation {
             conn: tokio::sync::Mutex::new(None),
         });
         peers.insert(name.clone(), p.clone());
-        let me = self.clone();
-        let task_peer = p.clone();
-        tokio::spawn(async move { me.sender(task_peer).await }.instrument(tracing::info_span!("to", peer = %name)));
+        for lane in 0..keys::LANES {
+            let me = self.clone();
+            let task_peer = p.clone();
+            tokio::spawn(async move { me.sender(task_peer, lane).await }.instrument(tracing::info_span!("to", peer = %name, lane)));
+        }
         p
     }
 
@@ -183,18 +194,20 @@ impl Federation {
     fn contacted(self: &Arc<Self>, name: &ServerName) {
         let p = self.peer(name);
         p.state().backoff.reset();
-        p.wake.notify_one();
+        p.wake_all();
     }
 
     // ---- outbound -------------------------------------------------------------------
 
-    async fn sender(self: Arc<Self>, peer: Arc<Peer>) {
+    async fn sender(self: Arc<Self>, peer: Arc<Peer>, lane: u8) {
         let mut shutdown = self.shutdown.clone();
+        let wake = &peer.wake[usize::from(lane)];
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let rows = match self.store.scan(Cf::OutQueue, &keys::queue_of(&peer.name), None, Direction::Forward, MAX_TXN_UNITS) {
+            let prefix = keys::queue_lane(&peer.name, lane);
+            let rows = match self.store.scan(Cf::OutQueue, &prefix, None, Direction::Forward, MAX_TXN_UNITS) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbound queue");
@@ -217,7 +230,7 @@ impl Federation {
                 }
             };
             tokio::select! {
-                _ = peer.wake.notified() => {}
+                _ = wake.notified() => {}
                 _ = sleep => {}
                 _ = shutdown.changed() => return,
             }

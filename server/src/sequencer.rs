@@ -154,7 +154,7 @@ struct Writer {
     /// Write-through caches, valid because this thread is the only writer.
     convs: HashMap<ConversationId, ConvRecord>,
     heads: HashMap<String, u64>,
-    queues: HashMap<ServerName, u64>,
+    queues: HashMap<(ServerName, u8), u64>,
 }
 
 impl Writer {
@@ -279,13 +279,19 @@ impl Writer {
     }
 
     /// Queues a unit for a peer, in the same batch as the change that made it.
-    fn enqueue(&mut self, g: &mut Group, dest: &ServerName, env: &SignedUnit) -> StoreResult<()> {
-        let pos = match self.queues.get(dest) {
+    fn enqueue(&mut self, g: &mut Group, dest: &ServerName, conv: &ConversationId, env: &SignedUnit) -> StoreResult<()> {
+        let lane = keys::lane_of(conv);
+        let slot = (dest.clone(), lane);
+        let pos = match self.queues.get(&slot) {
             Some(p) => *p,
-            None => self.last_key(Cf::OutQueue, &keys::queue_of(dest))?.and_then(|k| keys::parse_queue(&k)).map(|(_, p)| p).unwrap_or(0),
+            None => self
+                .last_key(Cf::OutQueue, &keys::queue_lane(dest, lane))?
+                .and_then(|k| keys::parse_queue(&k))
+                .map(|(_, _, p)| p)
+                .unwrap_or(0),
         } + 1;
-        g.batch.put(Cf::OutQueue, keys::queue(dest, pos), records::encode(env));
-        self.queues.insert(dest.clone(), pos);
+        g.batch.put(Cf::OutQueue, keys::queue(dest, lane, pos), records::encode(env));
+        self.queues.insert(slot, pos);
         g.outbound.insert(dest.clone());
         Ok(())
     }
@@ -343,7 +349,7 @@ impl Writer {
         self.store_message(g, &mut conv, new, &env, &msg, env.hash())?;
         g.batch.put(Cf::SendIds, send_key.clone(), records::encode(&SendIdRecord::new(conv_id, &msg.order_key())));
         if !to.is_on(&self.ctx.server) {
-            self.enqueue(g, &to.server_name(), &env)?;
+            self.enqueue(g, &to.server_name(), &conv_id, &env)?;
         }
         self.save_conv(g, conv_id, conv);
         g.sends.insert(send_key, msg.clone());

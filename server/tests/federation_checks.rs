@@ -107,11 +107,34 @@ async fn receiver_checks_replays_forgeries_and_fills_gaps() {
 
     // Good traffic still flows both ways: alice's reply is delivered to gamma.
     alice_client.send_text(&carol, "thanks").await.unwrap();
-    eventually("alpha to deliver to gamma", || async {
-        let o = gamma.observed.lock().unwrap();
-        o.txns.iter().flatten().any(|u| String::from_utf8_lossy(&u.unit).contains("thanks")).then_some(())
+    eventually("alpha to deliver to gamma", || async { gamma.received_texts().contains(&"thanks".to_owned()).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_conversation_does_not_hold_up_another() {
+    let (_d, s) = federated(&["alpha.test"]).await;
+    let alpha = &s[0];
+    let gamma = MockPeer::start("gamma.test", [127, 0, 0, 9].into()).unwrap();
+    alpha.pin_peer_raw("gamma.test", &gamma.addr.to_string(), &gamma.public().to_text()).await.unwrap();
+    let alice = register(alpha, "alice").await;
+    let alice_id = uid("alice", alpha);
+    // Two gamma users whose conversations with alice fall in different lanes.
+    let lane = |u: &UserId| missive_server::store::keys::lane_of(&missive_spec::ConversationId::one_to_one(&alice_id, u));
+    let slow = user("@slow:gamma.test");
+    let fast = (0..100).map(|i| user(&format!("@fast{i}:gamma.test"))).find(|u| lane(u) != lane(&slow)).unwrap();
+    gamma.stalled.lock().unwrap().insert(missive_spec::ConversationId::one_to_one(&alice_id, &slow));
+
+    alice.send_text(&slow, "stuck at a slow receiver").await.unwrap();
+    for i in 0..5 {
+        alice.send_text(&fast, &format!("not stuck {i}")).await.unwrap();
+    }
+    eventually("the other conversation to be delivered", || async {
+        let got = gamma.received_texts();
+        (0..5).all(|i| got.contains(&format!("not stuck {i}"))).then_some(())
     })
     .await;
+    assert!(!gamma.received_texts().contains(&"stuck at a slow receiver".to_owned()));
+    assert_eq!(queue_depth(alpha, "gamma.test").await, 1, "the stalled unit stays queued");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

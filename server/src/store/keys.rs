@@ -117,20 +117,32 @@ pub fn user_conv(localpart: &str, conv: &ConversationId) -> Vec<u8> {
     k
 }
 
-// out_queue and dead_letters: destination 0 position BE
+// out_queue and dead_letters: destination 0 lane position BE. A conversation always maps
+// to the same lane, so its units stay in order while other lanes move independently.
+pub const LANES: u8 = 4;
+
+pub fn lane_of(conv: &ConversationId) -> u8 {
+    conv.as_bytes()[0] % LANES
+}
 pub fn queue_of(dest: &ServerName) -> Vec<u8> {
     let mut k = Vec::new();
     text_part(&mut k, dest.as_str());
     k
 }
-pub fn queue(dest: &ServerName, pos: u64) -> Vec<u8> {
+pub fn queue_lane(dest: &ServerName, lane: u8) -> Vec<u8> {
     let mut k = queue_of(dest);
+    k.push(lane);
+    k
+}
+pub fn queue(dest: &ServerName, lane: u8, pos: u64) -> Vec<u8> {
+    let mut k = queue_lane(dest, lane);
     k.extend_from_slice(&pos.to_be_bytes());
     k
 }
-pub fn parse_queue(k: &[u8]) -> Option<(ServerName, u64)> {
+pub fn parse_queue(k: &[u8]) -> Option<(ServerName, u8, u64)> {
     let (dest, rest) = split_text(k)?;
-    Some((ServerName::parse(dest).ok()?, u64::from_be_bytes(rest.try_into().ok()?)))
+    let (&lane, pos) = rest.split_first()?;
+    Some((ServerName::parse(dest).ok()?, lane, u64::from_be_bytes(pos.try_into().ok()?)))
 }
 
 // held: the same layout as msg_ids
@@ -160,7 +172,9 @@ mod tests {
             prop_assert_eq!(parse_message(&message(&conv, &ok)), Some((conv, ok)));
             prop_assert_eq!(parse_msg_id(&msg_id(&conv, &origin, seq)), Some((conv, origin.clone(), seq)));
             prop_assert_eq!(parse_event(&event(&local, pos)), Some((local.clone(), pos)));
-            prop_assert_eq!(parse_queue(&queue(&origin, pos)), Some((origin.clone(), pos)));
+            let lane = (rank % u64::from(LANES)) as u8;
+            prop_assert_eq!(parse_queue(&queue(&origin, lane, pos)), Some((origin.clone(), lane, pos)));
+            prop_assert!(queue(&origin, lane, pos).starts_with(&queue_lane(&origin, lane)));
             prop_assert!(held(&conv, &origin, seq).starts_with(&held_of(&conv, &origin)));
         }
 
