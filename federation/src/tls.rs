@@ -212,46 +212,60 @@ fn transport(idle: Duration, keep_alive: Option<Duration>) -> Arc<quinn::Transpo
     Arc::new(t)
 }
 
-/// QUIC server configuration presenting the server's certificate under `alpn`.
-pub fn server_config(
+fn quic_server(
     key: &ServerKey,
     server_name: &str,
     alpn: &[u8],
-    idle: Duration,
+    transport_config: Arc<quinn::TransportConfig>,
+    client_auth: bool,
 ) -> Result<quinn::ServerConfig, TlsSetupError> {
     let (cert, der) = self_signed_cert(key, server_name)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], der)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = if client_auth {
+        builder.with_client_cert_verifier(Arc::new(Ed25519ClientVerifier { provider: provider() }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut tls = builder.with_single_cert(vec![cert], der)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport(idle, None));
+    cfg.transport_config(transport_config);
     Ok(cfg)
+}
+
+fn quic_client(
+    verifier: Arc<PinnedServerVerifier>,
+    identity: Option<(&ServerKey, &str)>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match identity {
+        Some((key, name)) => {
+            let (cert, der) = self_signed_cert(key, name)?;
+            builder.with_client_auth_cert(vec![cert], der)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(Duration::from_secs(30), Some(Duration::from_secs(5))));
+    Ok(cfg)
+}
+
+/// QUIC server configuration presenting the server's certificate under `alpn`.
+pub fn server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
+    quic_server(key, server_name, alpn, transport(idle, None), false)
 }
 
 /// QUIC server configuration for federation: presents the server's certificate and
 /// requires one from the peer.
-pub fn federation_server_config(
-    key: &ServerKey,
-    server_name: &str,
-    alpn: &[u8],
-    idle: Duration,
-) -> Result<quinn::ServerConfig, TlsSetupError> {
-    let (cert, der) = self_signed_cert(key, server_name)?;
-    let verifier = Arc::new(Ed25519ClientVerifier { provider: provider() });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert], der)?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport(idle, Some(Duration::from_secs(5))));
-    Ok(cfg)
+pub fn federation_server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
+    quic_server(key, server_name, alpn, transport(idle, Some(Duration::from_secs(5))), true)
 }
 
 /// QUIC client configuration for federation: checks the peer against `verifier` and
@@ -262,18 +276,7 @@ pub fn federation_client_config(
     server_name: &str,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsSetupError> {
-    let (cert, der) = self_signed_cert(key, server_name)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![cert], der)?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(Duration::from_secs(30), Some(Duration::from_secs(5))));
-    Ok(cfg)
+    quic_client(verifier, Some((key, server_name)), alpn)
 }
 
 /// Binds a QUIC endpoint whose stateless-reset key is derived from the server key and
@@ -297,21 +300,8 @@ pub fn bind_endpoint(
 }
 
 /// QUIC client configuration that checks the server against `verifier`.
-pub fn client_config(
-    verifier: Arc<PinnedServerVerifier>,
-    alpn: &[u8],
-) -> Result<quinn::ClientConfig, TlsSetupError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsSetupError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(Duration::from_secs(30), Some(Duration::from_secs(5))));
-    Ok(cfg)
+pub fn client_config(verifier: Arc<PinnedServerVerifier>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsSetupError> {
+    quic_client(verifier, None, alpn)
 }
 
 #[cfg(test)]
