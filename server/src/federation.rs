@@ -37,8 +37,10 @@ use crate::store::{keys, Batch, Cf, Direction, Store};
 /// How long a peer may take to connect or answer one request (a transaction of 100
 /// units takes milliseconds; silence this long means the peer is gone).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts to fill one gap before waiting for the next unit to ask again.
+/// Attempts to fill one gap before leaving it to the next sweep.
 const BACKFILL_ATTEMPTS: u32 = 8;
+/// How often held units are looked over for gaps nobody is filling (also at start-up).
+const HELD_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Timing knobs from the configuration.
 #[derive(Debug, Clone)]
@@ -150,7 +152,37 @@ impl Federation {
                 me.peer(&dest).wake_all();
             }
         });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = me.shutdown.clone();
+            loop {
+                if let Err(e) = me.sweep_held() {
+                    tracing::error!(error = %e, "cannot look over held units");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HELD_SWEEP_INTERVAL) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
         Ok(())
+    }
+
+    /// Asks again for every gap behind a held unit (held units survive restarts; the
+    /// requests that would fill them do not).
+    fn sweep_held(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            let rows = self.store.scan(Cf::Held, &[], from.as_deref(), Direction::Forward, 1)?;
+            let Some((k, _)) = rows.into_iter().next() else { return Ok(()) };
+            let Some((conv, origin, seq)) = keys::parse_msg_id(&k) else { return Ok(()) };
+            // The lowest held seq of this (conversation, origin) comes first; skip the rest.
+            from = Some(keys::held(&conv, &origin, u64::MAX));
+            let head = self.head_of(&conv, &origin);
+            if seq > head + 1 {
+                self.spawn_backfill(Backfill { conv, origin, first: head + 1, last: seq - 1 });
+            }
+        }
     }
 
     fn queued_destinations(&self) -> anyhow::Result<Vec<ServerName>> {

@@ -168,3 +168,35 @@ async fn a_peer_presenting_a_key_discovery_did_not_return_is_refused() {
     assert!(status.contains("\"queue_depth\":1"), "{status}");
     assert!(wrong.observed.lock().unwrap().txns.is_empty(), "a server with an unpinned key received units");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_units_survive_a_restart_and_their_gap_is_filled_after_it() {
+    let (_d, mut s) = federated(&["alpha.test"]).await;
+    let gamma = MockPeer::start("gamma.test", [127, 0, 0, 9].into()).unwrap();
+    s[0].pin_peer_raw("gamma.test", &gamma.addr.to_string(), &gamma.public().to_text()).await.unwrap();
+    let _ = register(&s[0], "alice").await;
+    let (alice, carol) = (uid("alice", &s[0]), user("@carol:gamma.test"));
+    let g = ServerName::parse("gamma.test").unwrap();
+    let conn = gamma.connect("alpha.test", s[0].federation, &s[0].key).await.unwrap();
+    let first: Vec<_> = (1..=2).map(|i| gamma.record(&gamma.message(&carol, &alice, i, &[(&g, i)], &format!("m{i}")))).collect();
+    assert_eq!(MockPeer::send_txn(&conn, first).await.unwrap(), vec![UnitResult::Accepted; 2]);
+    // 5 arrives; gamma cannot answer for 3 and 4 yet.
+    let five = gamma.record(&gamma.message(&carol, &alice, 5, &[(&g, 5)], "m5"));
+    assert_eq!(MockPeer::send_txn(&conn, vec![five]).await.unwrap(), vec![UnitResult::Held]);
+    eventually("alpha to ask for 3..4", || async { (!gamma.observed.lock().unwrap().backfills.is_empty()).then_some(()) }).await;
+
+    s[0].kill9().await;
+    for i in 3..=4 {
+        gamma.record(&gamma.message(&carol, &alice, i, &[(&g, i)], &format!("m{i}")));
+    }
+    let asked_before = gamma.observed.lock().unwrap().backfills.len();
+    s[0].restart().await.unwrap();
+    let alice_client = login(&s[0], "alice").await;
+    let h = eventually("the gap to be filled after the restart", || async {
+        let h = full_history(&alice_client, &carol, 200).await;
+        (h.len() == 5).then_some(h)
+    })
+    .await;
+    assert_eq!(texts(&h), vec!["m5", "m4", "m3", "m2", "m1"]);
+    assert!(gamma.observed.lock().unwrap().backfills.len() > asked_before, "the restarted server asked again");
+}
