@@ -151,3 +151,54 @@ async fn a_sender_killed_with_a_full_queue_resumes_it_exactly() {
     let h = history_of(&alice, &bob_id, 31).await;
     assert_eq!(h[0], reply);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_resets_the_moment_the_peer_contacts_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Vec::new();
+    for (i, name) in ["alpha.test", "beta.test"].iter().enumerate() {
+        let data = dir.path().join(name);
+        missive_conformance::harness::ServerProcess::init_on(missived(), &data, name, "open", [127, 0, 0, 2 + i as u8].into())
+            .await
+            .unwrap();
+        if i == 0 {
+            // Long retry delays: only a reset can explain a prompt delivery below.
+            let cfg = data.join("missived.toml");
+            let text = std::fs::read_to_string(&cfg).unwrap().replace("retry_base_ms = 200", "retry_base_ms = 30000");
+            std::fs::write(&cfg, text).unwrap();
+        }
+        s.push(missive_conformance::harness::ServerProcess::start(missived(), &data, name).await.unwrap());
+    }
+    s[0].pin_peer(&s[1]).await.unwrap();
+    s[1].pin_peer(&s[0]).await.unwrap();
+    let alice = register(&s[0], "alice").await;
+    let _ = register(&s[1], "bob").await;
+    let (alice_id, bob_id) = (uid("alice", &s[0]), uid("bob", &s[1]));
+
+    s[1].kill9().await;
+    let m = alice.send_text(&bob_id, "waiting for beta").await.unwrap();
+    // The attempt fails and alpha backs off for 15 to 30 s.
+    let retry_in = eventually("alpha to back off", || async {
+        s[0].peers_json().await.unwrap().into_iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            (v["name"] == "beta.test" && v["failures"].as_u64() >= Some(1)).then(|| v["next_retry_in_ms"].as_u64().unwrap_or(0))
+        })
+    })
+    .await;
+    assert!(retry_in > 10_000, "expected a long backoff, got {retry_in} ms");
+
+    s[1].restart().await.unwrap();
+    let bob = login(&s[1], "bob").await;
+    // bob writes first: beta connects to alpha, which resets its backoff toward beta and
+    // sends at once instead of waiting out the delay.
+    let sent_at = tokio::time::Instant::now();
+    bob.send_text(&alice_id, "hello alpha").await.unwrap();
+    eventually("alice's message to reach bob", || async {
+        let h = full_history(&bob, &alice_id, 10).await;
+        h.iter().any(|x| *x == m).then_some(())
+    })
+    .await;
+    let waited = sent_at.elapsed();
+    println!("delivered {waited:?} after beta contacted alpha (backoff had {retry_in} ms left)");
+    assert!(waited.as_millis() < u128::from(retry_in) - 5_000, "alpha waited out its backoff ({waited:?})");
+}
