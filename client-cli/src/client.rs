@@ -7,8 +7,8 @@ use missive_federation::tls::{self, Pin, PinnedServerVerifier};
 use missive_federation::PublicKey;
 use missive_spec::wire::CLIENT_ALPN;
 use missive_spec::{
-    codec, limits, ClientMsgId, Content, Cursor, ErrorCode, Event, Message, Request, RequestFrame, Response,
-    ResponseFrame, ServerName, UserId, PROTOCOL_VERSION,
+    codec, limits, ClientMsgId, Content, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, Message, ReceiptKind, Request,
+    RequestFrame, Response, ResponseFrame, ServerName, UserId, Watermark, PROTOCOL_VERSION,
 };
 use rand::RngCore;
 
@@ -96,12 +96,30 @@ pub fn new_client_msg_id() -> ClientMsgId {
     ClientMsgId(b)
 }
 
-/// A page of history, newest first, with cursors to move on.
+/// A page of history, newest first, with cursors to move on and the receipt watermarks
+/// that give each message its state.
 #[derive(Debug, Clone)]
 pub struct Page {
     pub messages: Vec<Message>,
     pub older: Option<Cursor>,
     pub newer: Option<Cursor>,
+    /// The other user's read and delivered watermarks.
+    pub read: Option<Watermark>,
+    pub delivered: Option<Watermark>,
+    /// The caller's own read position (highest of their devices).
+    pub seen: Option<Watermark>,
+}
+
+/// The state of one of the caller's own messages (§10.3).
+pub fn message_state(m: &Message, read: &Option<Watermark>, delivered: &Option<Watermark>) -> &'static str {
+    let key = Watermark(m.order_key());
+    if read.as_ref().is_some_and(|r| *r >= key) {
+        "read"
+    } else if delivered.as_ref().is_some_and(|d| *d >= key) {
+        "delivered"
+    } else {
+        "sent"
+    }
 }
 
 impl Client {
@@ -232,7 +250,31 @@ impl Client {
         after: Option<Cursor>,
     ) -> Result<Page, ClientError> {
         match self.request(Request::History { with: with.clone(), after, limit, before }).await? {
-            Response::Page { newer, older, messages } => Ok(Page { messages, older, newer }),
+            Response::Page { read, seen, newer, older, messages, delivered } => {
+                Ok(Page { messages, older, newer, read, delivered, seen })
+            }
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Says that this user has `kind` everything up to `up_to` in the conversation with `with`.
+    pub async fn receipt(&self, with: &UserId, kind: ReceiptKind, up_to: Watermark) -> Result<(), ClientError> {
+        match self.request(Request::Receipt { kind, with: with.clone(), up_to }).await? {
+            Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
+        match self.request(Request::Devices {}).await? {
+            Response::Devices { devices } => Ok(devices),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn revoke_device(&self, device: DeviceId) -> Result<(), ClientError> {
+        match self.request(Request::RevokeDevice { device }).await? {
+            Response::Ok {} => Ok(()),
             r => Err(unexpected(r)),
         }
     }

@@ -7,12 +7,14 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use missive_cli::client::{Client, ClientError};
-use missive_cli::output::{message_json, message_line, page_json};
+use missive_cli::client::{message_state, Client, ClientError};
+use missive_cli::output::{
+    message_json, message_json_with_state, message_line, message_line_with_state, page_json, receipt_json, receipt_line,
+};
 use missive_cli::profile::{Profile, SessionFile};
 use missive_federation::tls::Pin;
 use missive_federation::PublicKey;
-use missive_spec::{limits, Cursor, EventKind, Message, ServerName, UserId};
+use missive_spec::{limits, Cursor, DeviceId, Event, EventKind, Message, ReceiptKind, ServerName, UserId, Watermark};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
@@ -22,7 +24,11 @@ With --json, every command prints one JSON object per line, each with a \"type\"
   sent     {type, conv, origin, seq, rank, from, to, ts,
             content_type, text | body_base64}                send
   message  {type, [pos], conv, origin, seq, rank, from, to,
-            ts, content_type, text | body_base64}            history, sync, listen, chat
+            ts, content_type, text | body_base64, [state]}   history, sync, listen, chat
+            (state: sent, delivered or read; on one's own messages in history and chat)
+  receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
+            (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
+  device   {type, id, name, current, created_ms}             devices
   page     {type, count, older, newer}                       history (last line; cursors or null)
   synced   {type, pos, count}                                sync (last line)
   ok       {type}                                            logout
@@ -93,6 +99,12 @@ enum Command {
     Chat { with: String },
     /// Revoke this device's access token and forget the session.
     Logout,
+    /// Mark the conversation with a user as read, on every device.
+    Read { with: String },
+    /// List this user's devices.
+    Devices,
+    /// Revoke another of this user's devices (see `missive devices`).
+    Revoke { device: String },
 }
 
 fn main() {
@@ -194,6 +206,35 @@ fn print_message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
     }
 }
 
+fn print_event(json: bool, e: &Event) {
+    match &e.event {
+        EventKind::Message(m) => print_message(json, "message", m, Some(e.pos)),
+        EventKind::Receipt(r) if json => println!("{}", receipt_json(r, Some(e.pos))),
+        EventKind::Receipt(r) => println!("{}", receipt_line(r)),
+    }
+}
+
+/// Tells the server that this device now has the other users' messages among `events`:
+/// one delivered receipt per conversation, up to the newest such message.
+async fn ack_delivered(c: &Client, me: &UserId, events: &[Event]) -> anyhow::Result<()> {
+    let mut newest: std::collections::HashMap<UserId, Watermark> = std::collections::HashMap::new();
+    for e in events {
+        if let EventKind::Message(m) = &e.event {
+            if m.from != *me {
+                let w = Watermark(m.order_key());
+                let slot = newest.entry(m.from.clone()).or_insert_with(|| w.clone());
+                if *slot < w {
+                    *slot = w;
+                }
+            }
+        }
+    }
+    for (peer, w) in newest {
+        c.receipt(&peer, ReceiptKind::Delivered, w).await?;
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let profile = Profile::open(&profile_dir(cli.profile)?)?;
     let json = cli.json;
@@ -227,10 +268,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::History { with, limit, before, after } => {
             let with = parse_user(&with)?;
-            let (c, _) = session_client(&profile).await?;
+            let (c, s) = session_client(&profile).await?;
             let page = c.history(&with, limit, before.map(Cursor), after.map(Cursor)).await?;
             for m in &page.messages {
-                print_message(json, "message", m, None);
+                let state = (m.from == s.user).then(|| message_state(m, &page.read, &page.delivered));
+                if json {
+                    println!("{}", message_json_with_state("message", m, None, state));
+                } else {
+                    println!("{}", message_line_with_state(m, state));
+                }
+            }
+            // Shown means read.
+            if let Some(newest) = page.messages.first() {
+                let w = Watermark(newest.order_key());
+                if page.seen.as_ref().is_none_or(|s| *s < w) {
+                    c.receipt(&with, ReceiptKind::Read, w).await?;
+                }
             }
             if json {
                 println!("{}", page_json(&page.older, &page.newer, page.messages.len()));
@@ -245,9 +298,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             loop {
                 let (next, events) = c.sync(s.sync_pos, None).await?;
                 for e in &events {
-                    let EventKind::Message(m) = &e.event;
-                    print_message(json, "message", m, Some(e.pos));
+                    print_event(json, e);
                 }
+                ack_delivered(&c, &s.user, &events).await?;
                 count += events.len();
                 s.sync_pos = next;
                 profile.save_session(&s)?;
@@ -264,6 +317,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Listen => listen(&profile, json).await?,
         Command::Chat { with } => chat(&profile, &parse_user(&with)?, json).await?,
+        Command::Read { with } => {
+            let with = parse_user(&with)?;
+            let (c, _) = session_client(&profile).await?;
+            let page = c.history(&with, Some(1), None, None).await?;
+            match page.messages.first() {
+                Some(m) => c.receipt(&with, ReceiptKind::Read, Watermark(m.order_key())).await?,
+                None => bail!("no conversation with {with} yet"),
+            }
+            if json {
+                println!("{}", json!({"type": "ok"}));
+            } else {
+                println!("marked the conversation with {with} as read");
+            }
+            c.close().await;
+        }
+        Command::Devices => {
+            let (c, _) = session_client(&profile).await?;
+            for d in c.devices().await? {
+                if json {
+                    println!(
+                        "{}",
+                        json!({"type": "device", "id": d.id.as_str(), "name": d.name, "current": d.current, "created_ms": d.created_ms})
+                    );
+                } else {
+                    let name = d.name.as_deref().unwrap_or("-");
+                    let mark = if d.current { "  (this device)" } else { "" };
+                    println!("{}  {}  created {}{mark}", d.id, name, missive_cli::output::utc(d.created_ms));
+                }
+            }
+            c.close().await;
+        }
+        Command::Revoke { device } => {
+            let device = DeviceId::parse(&device).map_err(|e| anyhow!("{e}"))?;
+            let (c, s) = session_client(&profile).await?;
+            if device.as_str() == s.device {
+                bail!("that is this device; use `missive logout`");
+            }
+            c.revoke_device(device.clone()).await?;
+            if json {
+                println!("{}", json!({"type": "ok"}));
+            } else {
+                println!("revoked device {device}");
+            }
+            c.close().await;
+        }
         Command::Logout => {
             let (c, _) = session_client(&profile).await?;
             c.logout().await?;
@@ -314,9 +412,9 @@ async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
     }
     loop {
         for e in &events {
-            let EventKind::Message(m) = &e.event;
-            print_message(json, "message", m, Some(e.pos));
+            print_event(json, e);
         }
+        ack_delivered(&c, &s.user, &events).await?;
         if next != s.sync_pos {
             s.sync_pos = next;
             profile.save_session(&s)?;
@@ -342,7 +440,15 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
     let page = c.history(with, Some(20), None, None).await?;
     for m in page.messages.iter().rev() {
         shown.insert((m.origin.clone(), m.seq));
-        print_message(json, "message", m, None);
+        let state = (m.from == s.user).then(|| message_state(m, &page.read, &page.delivered));
+        if json {
+            println!("{}", message_json_with_state("message", m, None, state));
+        } else {
+            println!("{}", message_line_with_state(m, state));
+        }
+    }
+    if let Some(newest) = page.messages.first() {
+        c.receipt(with, ReceiptKind::Read, Watermark(newest.order_key())).await?;
     }
     let conv = missive_spec::ConversationId::one_to_one(&s.user, with);
     let (mut sub, _, mut events) = c.subscribe(s.sync_pos).await?;
@@ -351,11 +457,35 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
     }
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
+        let mut newest_in: Option<Watermark> = None;
         for e in events.drain(..) {
-            let EventKind::Message(m) = e.event;
-            if m.conv == conv && shown.insert((m.origin.clone(), m.seq)) {
-                print_message(json, "message", &m, Some(e.pos));
+            match e.event {
+                EventKind::Message(m) => {
+                    if m.conv == conv && shown.insert((m.origin.clone(), m.seq)) {
+                        print_message(json, "message", &m, Some(e.pos));
+                        if m.from == *with {
+                            let w = Watermark(m.order_key());
+                            if newest_in.as_ref().is_none_or(|n| *n < w) {
+                                newest_in = Some(w);
+                            }
+                        }
+                    }
+                }
+                // The other user's receipts change the state of our messages.
+                EventKind::Receipt(r) if r.conv == conv && r.user == *with => {
+                    if json {
+                        println!("{}", receipt_json(&r, Some(e.pos)));
+                    } else {
+                        println!("{}", receipt_line(&r));
+                    }
+                }
+                EventKind::Receipt(_) => {}
             }
+        }
+        // On screen means delivered and read.
+        if let Some(w) = newest_in {
+            c.receipt(with, ReceiptKind::Delivered, w.clone()).await?;
+            c.receipt(with, ReceiptKind::Read, w).await?;
         }
         tokio::select! {
             line = lines.next_line() => match line? {

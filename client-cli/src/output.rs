@@ -3,7 +3,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use missive_spec::{Cursor, Message};
+use missive_spec::{Cursor, Message, Receipt, ReceiptKind, Watermark};
 use serde_json::{json, Map, Value};
 
 /// Fields describing a message, shared by every JSON object that carries one.
@@ -25,13 +25,52 @@ pub fn message_fields(m: &Message) -> Map<String, Value> {
 }
 
 pub fn message_json(kind: &str, m: &Message, pos: Option<u64>) -> String {
+    message_json_with_state(kind, m, pos, None)
+}
+
+/// Like [`message_json`], with `state` (sent, delivered, read) for one's own messages.
+pub fn message_json_with_state(kind: &str, m: &Message, pos: Option<u64>, state: Option<&str>) -> String {
     let mut o = Map::new();
     o.insert("type".into(), json!(kind));
     if let Some(p) = pos {
         o.insert("pos".into(), json!(p));
     }
     o.extend(message_fields(m));
+    if let Some(s) = state {
+        o.insert("state".into(), json!(s));
+    }
     Value::Object(o).to_string()
+}
+
+fn watermark_json(w: &Watermark) -> Value {
+    json!({"rank": w.0.rank, "origin": w.0.origin.as_str(), "seq": w.0.seq})
+}
+
+pub fn kind_str(k: ReceiptKind) -> &'static str {
+    match k {
+        ReceiptKind::Delivered => "delivered",
+        ReceiptKind::Read => "read",
+    }
+}
+
+/// `{"type":"receipt","pos":…,"conv":…,"user":…,"peer":…,"kind":"read","up_to":{rank,origin,seq}}`
+pub fn receipt_json(r: &Receipt, pos: Option<u64>) -> String {
+    let mut o = Map::new();
+    o.insert("type".into(), json!("receipt"));
+    if let Some(p) = pos {
+        o.insert("pos".into(), json!(p));
+    }
+    o.insert("conv".into(), json!(r.conv.to_hex()));
+    o.insert("user".into(), json!(r.user.as_str()));
+    o.insert("peer".into(), json!(r.peer.as_str()));
+    o.insert("kind".into(), json!(kind_str(r.kind)));
+    o.insert("up_to".into(), watermark_json(&r.up_to));
+    Value::Object(o).to_string()
+}
+
+/// `-- @bob:beta.example has read up to alpha.example #3`
+pub fn receipt_line(r: &Receipt) -> String {
+    format!("-- {} has {} up to {} #{}", r.user, kind_str(r.kind), r.up_to.0.origin, r.up_to.0.seq)
 }
 
 pub fn page_json(older: &Option<Cursor>, newer: &Option<Cursor>, count: usize) -> String {
@@ -46,6 +85,14 @@ pub fn message_line(m: &Message) -> String {
         None => format!("[{} payload, {} bytes]", m.content.kind, m.content.body.len()),
     };
     format!("{} {}: {}", utc(m.ts), m.from, body)
+}
+
+/// A message line with its state, for one's own messages: `… [read]`.
+pub fn message_line_with_state(m: &Message, state: Option<&str>) -> String {
+    match state {
+        Some(s) => format!("{} [{s}]", message_line(m)),
+        None => message_line(m),
+    }
 }
 
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).

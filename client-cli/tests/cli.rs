@@ -56,6 +56,17 @@ async fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
     serde_json::from_str(&line.expect("output ended")).unwrap()
 }
 
+/// The next JSON line of the given type, skipping others (receipts interleave).
+async fn next_of(lines: &mut Lines<BufReader<ChildStdout>>, kind: &str, skipped: &mut Vec<Value>) -> Value {
+    loop {
+        let v = next_json(lines).await;
+        if v["type"] == kind {
+            return v;
+        }
+        skipped.push(v);
+    }
+}
+
 struct Setup {
     _tmp: tempfile::TempDir,
     srv: ServerProcess,
@@ -97,24 +108,26 @@ async fn send_listen_sync_and_paged_history() {
         assert_eq!(sent["type"], "sent");
         assert_eq!(sent["seq"], i + 1);
     }
+    let mut skipped = Vec::new();
     for i in 0..5 {
-        let m = next_json(&mut lines).await;
-        assert_eq!(m["type"], "message");
+        let m = next_of(&mut lines, "message", &mut skipped).await;
         assert_eq!(m["text"], format!("hello {i}"));
         assert_eq!(m["from"], "@alice:alpha.test");
     }
     listen.kill().await.unwrap();
     listen.wait().await.unwrap();
 
-    // listen advanced the sync position: sync has nothing new until alice writes again.
+    // listen advanced the sync position: sync shows no message until alice writes again
+    // (only the delivered receipts listen itself sent).
     let out = json_lines(&ok(&s.bob, &["--json", "sync"], None).await);
     assert_eq!(out.last().unwrap()["type"], "synced");
-    assert_eq!(out.last().unwrap()["count"], 0);
+    assert!(texts(&out).is_empty(), "{out:?}");
+    assert!(out.iter().filter(|o| o["type"] == "receipt").all(|o| o["kind"] == "delivered" && o["user"] == "@bob:alpha.test"));
     ok(&s.alice, &["send", "@bob:alpha.test", "one more"], None).await;
     let out = json_lines(&ok(&s.bob, &["--json", "sync"], None).await);
     assert_eq!(texts(&out), vec!["one more"]);
     let human = ok(&s.bob, &["sync"], None).await;
-    assert!(human.is_empty(), "a second sync prints nothing: {human:?}");
+    assert!(!human.contains("alice:alpha.test:"), "a second sync shows no message again: {human:?}");
 
     // History pages newest first with cursors.
     let p1 = json_lines(&ok(&s.bob, &["--json", "history", "@alice:alpha.test", "--limit", "4"], None).await);
@@ -152,8 +165,14 @@ async fn chat_sends_typed_lines_and_shows_incoming_ones() {
     assert!(texts(&out).contains(&"hi alice, typed in chat".to_owned()));
 
     ok(&s.alice, &["send", "@bob:alpha.test", "incoming while typing"], None).await;
-    let incoming = next_json(&mut lines).await;
-    assert_eq!((incoming["type"].as_str(), incoming["text"].as_str()), (Some("message"), Some("incoming while typing")));
+    let mut skipped = Vec::new();
+    let incoming = next_of(&mut lines, "message", &mut skipped).await;
+    assert_eq!(incoming["text"], "incoming while typing");
+    // alice's sync acknowledged bob's line: chat showed the state change.
+    assert!(
+        skipped.iter().any(|v| v["type"] == "receipt" && v["user"] == "@alice:alpha.test" && v["kind"] == "delivered"),
+        "{skipped:?}"
+    );
 
     // Ctrl-D: end of input quits cleanly.
     drop(stdin);

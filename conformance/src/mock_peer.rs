@@ -74,6 +74,7 @@ impl MockPeer {
                                 FedRequest::Txn { id, units } => {
                                     let stall = units.iter().any(|u| match envelope::open_trusted(u) {
                                         Ok(Unit::Message(m)) => st.lock().unwrap().contains(&m.conv),
+                                        Ok(Unit::Receipt(r)) => st.lock().unwrap().contains(&r.conv),
                                         Err(_) => false,
                                     });
                                     if stall {
@@ -104,7 +105,20 @@ impl MockPeer {
             .flatten()
             .filter_map(|u| match envelope::open_trusted(u) {
                 Ok(Unit::Message(m)) => m.content.as_text().map(str::to_owned),
-                Err(_) => None,
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The receipts it has received in transactions.
+    pub fn received_receipts(&self) -> Vec<missive_spec::Receipt> {
+        let o = self.observed.lock().unwrap();
+        o.txns
+            .iter()
+            .flatten()
+            .filter_map(|u| match envelope::open_trusted(u) {
+                Ok(Unit::Receipt(r)) => Some(r),
+                _ => None,
             })
             .collect()
     }
@@ -140,6 +154,11 @@ impl MockPeer {
 
     pub fn sign(&self, m: &Message) -> SignedUnit {
         envelope::sign(&self.key, &Unit::Message(m.clone()))
+    }
+
+    /// Signs any unit with the mock's key.
+    pub fn key_sign(&self, u: &Unit) -> SignedUnit {
+        envelope::sign(&self.key, u)
     }
 
     /// Signs and remembers a message, so backfill requests for it are answered.

@@ -23,7 +23,7 @@ use missive_spec::federation::{
     txn_id, FedErrorCode, FedRequest, FedRequestFrame, FedResponse, FedResponseFrame, SignedUnit, Unit, UnitResult,
     FEDERATION_ALPN, MAX_BACKFILL, MAX_FEDERATION_FRAME, MAX_TXN_UNITS,
 };
-use missive_spec::{codec, limits, ConversationId, Message, ServerName, PROTOCOL_VERSION};
+use missive_spec::{codec, limits, ConversationId, Message, Receipt, ServerName, PROTOCOL_VERSION};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
@@ -99,6 +99,12 @@ pub struct Federation {
     peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
     backfills: Mutex<HashSet<(ConversationId, ServerName)>>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// A unit that passed its checks.
+enum Checked {
+    Message(InboundUnit),
+    Receipt(Receipt),
 }
 
 fn response(res: FedResponse) -> Vec<u8> {
@@ -284,8 +290,10 @@ impl Federation {
         if units.is_empty() {
             return;
         }
-        match self.transact(peer, units.clone()).await {
-            Ok(results) => {
+        let (to_send, sent_as) = coalesce_receipts(&units);
+        match self.transact(peer, to_send).await {
+            Ok(sent_results) => {
+                let results: Vec<UnitResult> = sent_as.iter().map(|i| sent_results[*i]).collect();
                 let mut batch = Batch::default();
                 let mut retry = false;
                 for ((k, unit), r) in rows_ok.into_iter().zip(units).zip(results) {
@@ -494,9 +502,16 @@ impl Federation {
         let mut slots = Vec::new();
         for (i, env) in units.into_iter().enumerate() {
             match self.check_unit(peer, &keys, env) {
-                Ok(u) => {
+                Ok(Checked::Message(u)) => {
                     accepted.push(u);
                     slots.push(i);
+                }
+                Ok(Checked::Receipt(r)) => {
+                    results[i] = match self.sequencer.receipt(r, None).await {
+                        Ok(true) => UnitResult::Accepted,
+                        Ok(false) => UnitResult::Duplicate,
+                        Err(_) => UnitResult::Retry,
+                    };
                 }
                 Err(r) => {
                     tracing::warn!(result = ?r, "refused unit");
@@ -521,8 +536,11 @@ impl Federation {
         results
     }
 
-    fn check_unit(&self, peer: &ServerName, keys: &[PublicKey], env: SignedUnit) -> Result<InboundUnit, UnitResult> {
-        let Unit::Message(msg) = envelope::verify(&env, keys).map_err(|e| e.result())?;
+    fn check_unit(&self, peer: &ServerName, keys: &[PublicKey], env: SignedUnit) -> Result<Checked, UnitResult> {
+        let msg = match envelope::verify(&env, keys).map_err(|e| e.result())? {
+            Unit::Message(m) => m,
+            Unit::Receipt(r) => return self.check_receipt(peer, r).map(Checked::Receipt),
+        };
         if msg.origin != *peer || !msg.from.is_on(peer) {
             return Err(UnitResult::WrongOrigin);
         }
@@ -541,7 +559,26 @@ impl Federation {
             Err(_) => return Err(UnitResult::Retry),
         }
         let hash = env.hash();
-        Ok(InboundUnit { env, msg, hash })
+        Ok(Checked::Message(InboundUnit { env, msg, hash }))
+    }
+
+    /// A receipt speaks for a user of the sending server about a conversation with one of
+    /// ours (F§10).
+    fn check_receipt(&self, peer: &ServerName, r: Receipt) -> Result<Receipt, UnitResult> {
+        if !r.user.is_on(peer) {
+            return Err(UnitResult::WrongOrigin);
+        }
+        if !r.peer.is_on(&self.server) {
+            return Err(UnitResult::UnknownRecipient);
+        }
+        if r.conv != ConversationId::one_to_one(&r.user, &r.peer) {
+            return Err(UnitResult::ConvMismatch);
+        }
+        match self.store.get(Cf::Users, &keys::user(r.peer.localpart())) {
+            Ok(Some(_)) => Ok(r),
+            Ok(None) => Err(UnitResult::UnknownRecipient),
+            Err(_) => Err(UnitResult::Retry),
+        }
     }
 
     fn serve_backfill(&self, peer: &ServerName, conv: ConversationId, first: u64, last: u64) -> FedResponse {
@@ -666,6 +703,32 @@ impl Federation {
     }
 }
 
+/// Queued receipts are watermarks: of several for the same (conversation, user, kind) only
+/// the highest needs to travel. Returns the units to send and, for each queued unit, the
+/// index of the sent unit whose result settles it.
+fn coalesce_receipts(units: &[SignedUnit]) -> (Vec<SignedUnit>, Vec<usize>) {
+    let mut send: Vec<SignedUnit> = Vec::with_capacity(units.len());
+    let mut sent_as = Vec::with_capacity(units.len());
+    let mut best: HashMap<(ConversationId, String, missive_spec::ReceiptKind), (usize, missive_spec::Watermark)> = HashMap::new();
+    for u in units {
+        if let Ok(Unit::Receipt(r)) = envelope::open_trusted(u) {
+            let key = (r.conv, r.user.to_string(), r.kind);
+            if let Some((j, w)) = best.get_mut(&key) {
+                if r.up_to > *w {
+                    send[*j] = u.clone();
+                    *w = r.up_to;
+                }
+                sent_as.push(*j);
+                continue;
+            }
+            best.insert(key, (send.len(), r.up_to));
+        }
+        sent_as.push(send.len());
+        send.push(u.clone());
+    }
+    (send, sent_as)
+}
+
 /// Size and shape limits of a message unit (F§6): content as for local sends; the vector
 /// names only the two servers of a 1:1 conversation and carries the unit's own seq.
 pub fn unit_limits_hold(m: &Message, receiver: &ServerName) -> bool {
@@ -676,4 +739,35 @@ pub fn unit_limits_hold(m: &Message, receiver: &ServerName) -> bool {
         && !m.content.kind.is_empty()
         && m.content.kind.len() <= limits::MAX_CONTENT_TYPE_LEN
         && m.content.body.len() <= limits::MAX_CONTENT_BODY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use missive_spec::{OrderKey, ReceiptKind, UserId, Watermark};
+
+    #[test]
+    fn queued_receipts_travel_as_their_highest_watermark() {
+        let key = ServerKey::generate();
+        let (a, b) = (UserId::parse("@a:alpha.test").unwrap(), UserId::parse("@b:beta.test").unwrap());
+        let conv = ConversationId::one_to_one(&a, &b);
+        let r = |kind, seq| {
+            let up_to = Watermark(OrderKey { rank: seq, origin: ServerName::parse("beta.test").unwrap(), seq });
+            envelope::sign(&key, &Unit::Receipt(Receipt { conv, kind, peer: b.clone(), user: a.clone(), up_to }))
+        };
+        let msg = envelope::sign(&key, &Unit::Message(Message {
+            to: b.clone(),
+            ts: 0,
+            seq: 1,
+            conv,
+            deps: Default::default(),
+            from: a.clone(),
+            origin: ServerName::parse("alpha.test").unwrap(),
+            content: missive_spec::Content::text("x"),
+        }));
+        let queued = vec![r(ReceiptKind::Read, 3), msg.clone(), r(ReceiptKind::Read, 7), r(ReceiptKind::Delivered, 2), r(ReceiptKind::Read, 5)];
+        let (send, sent_as) = coalesce_receipts(&queued);
+        assert_eq!(send, vec![r(ReceiptKind::Read, 7), msg, r(ReceiptKind::Delivered, 2)]);
+        assert_eq!(sent_as, vec![0, 1, 0, 2, 0]);
+    }
 }

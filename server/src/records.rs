@@ -70,8 +70,16 @@ pub fn stored_message(bytes: &[u8]) -> Result<Message, StoreError> {
     let env: missive_spec::federation::SignedUnit = decode("messages", bytes)?;
     match missive_federation::envelope::open_trusted(&env) {
         Ok(missive_spec::federation::Unit::Message(m)) => Ok(m),
+        Ok(other) => Err(StoreError::Corrupt { cf: "messages", reason: format!("not a message: {other:?}") }),
         Err(e) => Err(StoreError::Corrupt { cf: "messages", reason: e.to_string() }),
     }
+}
+
+/// A stored watermark (order key bytes).
+pub fn watermark(cf: &'static str, bytes: &[u8]) -> Result<missive_spec::Watermark, StoreError> {
+    OrderKey::from_bytes(bytes)
+        .map(missive_spec::Watermark)
+        .ok_or_else(|| StoreError::Corrupt { cf, reason: "not an order key".into() })
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {

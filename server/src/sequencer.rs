@@ -11,7 +11,8 @@ use missive_federation::admission::{self, Decision};
 use missive_federation::{envelope, ServerKey};
 use missive_spec::federation::{SignedUnit, Unit, UnitResult};
 use missive_spec::{
-    ClientMsgId, Content, ConversationId, Deps, DeviceId, ErrorCode, Event, EventKind, Message, ServerName, UserId,
+    ClientMsgId, Content, ConversationId, Deps, DeviceId, ErrorCode, Event, EventKind, Message, Receipt, ReceiptKind,
+    ServerName, UserId, Watermark,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,6 +58,9 @@ type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 pub enum Cmd {
     Send { from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content, reply: Reply<Message> },
     Inbound { units: Vec<InboundUnit>, reply: Reply<Vec<InboundOutcome>> },
+    /// Max-merges a receipt; `device` is set when a local device sent it. Replies whether
+    /// the watermark moved.
+    Receipt { receipt: Receipt, device: Option<DeviceId>, reply: Reply<bool> },
     CreateUser { user: UserId, password_hash: String, device: Option<NewDevice>, reply: Reply<()> },
     AddDevice { user: UserId, device: NewDevice, reply: Reply<()> },
     RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
@@ -111,6 +115,9 @@ impl Sequencer {
     pub async fn inbound(&self, units: Vec<InboundUnit>) -> Result<Vec<InboundOutcome>, ApiError> {
         self.call(|reply| Cmd::Inbound { units, reply }).await
     }
+    pub async fn receipt(&self, receipt: Receipt, device: Option<DeviceId>) -> Result<bool, ApiError> {
+        self.call(|reply| Cmd::Receipt { receipt, device, reply }).await
+    }
     pub async fn create_user(&self, user: UserId, password_hash: String, device: Option<NewDevice>) -> Result<(), ApiError> {
         self.call(|reply| Cmd::CreateUser { user, password_hash, device, reply }).await
     }
@@ -146,6 +153,7 @@ struct Group {
     removed: HashSet<(String, DeviceId)>,
     wake: HashMap<String, u64>,
     outbound: HashSet<ServerName>,
+    watermarks: HashMap<Vec<u8>, Watermark>,
 }
 
 struct Writer {
@@ -214,6 +222,10 @@ impl Writer {
             }
             Cmd::Inbound { units, reply } => {
                 let r = units.into_iter().map(|u| self.inbound(g, u)).collect::<Result<Vec<_>, _>>();
+                g.done.push(completion(reply, r));
+            }
+            Cmd::Receipt { receipt, device, reply } => {
+                let r = self.receipt(g, receipt, device);
                 g.done.push(completion(reply, r));
             }
             Cmd::CreateUser { user, password_hash, device, reply } => {
@@ -434,6 +446,47 @@ impl Writer {
                 self.save_conv(g, m.conv, conv);
                 Ok(outcome(UnitResult::Accepted))
             }
+        }
+    }
+
+    /// Raises a watermark if `up_to` is beyond it (max-merge; repeats and stale receipts
+    /// change nothing), records the device's own read cursor, tells both users' devices,
+    /// and queues a receipt of a local user for the other user's server.
+    fn receipt(&mut self, g: &mut Group, r: Receipt, device: Option<DeviceId>) -> Result<bool, ApiError> {
+        if let (Some(d), ReceiptKind::Read) = (&device, r.kind) {
+            let key = keys::read_cursor(r.user.localpart(), d, &r.conv);
+            let cur = self.watermark(g, Cf::ReadCursors, &key)?;
+            if cur.as_ref().is_none_or(|c| *c < r.up_to) {
+                g.batch.put(Cf::ReadCursors, key.clone(), r.up_to.0.to_bytes());
+                g.watermarks.insert(key, r.up_to.clone());
+            }
+        }
+        let key = keys::receipt(&r.conv, &r.user, r.kind);
+        let cur = self.watermark(g, Cf::Receipts, &key)?;
+        if cur.as_ref().is_some_and(|c| *c >= r.up_to) {
+            return Ok(false);
+        }
+        g.batch.put(Cf::Receipts, key.clone(), r.up_to.0.to_bytes());
+        g.watermarks.insert(key, r.up_to.clone());
+        for u in [&r.user, &r.peer] {
+            if u.is_on(&self.ctx.server) {
+                self.push_event(g, u.localpart(), EventKind::Receipt(r.clone()))?;
+            }
+        }
+        if device.is_some() && !r.peer.is_on(&self.ctx.server) {
+            let env = envelope::sign(&self.ctx.key, &Unit::Receipt(r.clone()));
+            self.enqueue(g, &r.peer.server_name(), &r.conv, &env)?;
+        }
+        Ok(true)
+    }
+
+    fn watermark(&self, g: &Group, cf: Cf, key: &[u8]) -> StoreResult<Option<Watermark>> {
+        if let Some(w) = g.watermarks.get(key) {
+            return Ok(Some(w.clone()));
+        }
+        match self.store.get(cf, key)? {
+            Some(v) => Ok(Some(records::watermark(cf.name(), &v)?)),
+            None => Ok(None),
         }
     }
 

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use missive_spec::{
-    limits, ConversationId, Cursor, DeviceId, ErrorCode, Event, OrderKey, RegistrationPolicy, Request,
+    limits, ConversationId, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, OrderKey, Receipt, ReceiptKind, Watermark, RegistrationPolicy, Request,
     RequestFrame, Response, ServerName, UserId, PROTOCOL_VERSION,
 };
 
 use crate::accounts;
 use crate::error::ApiError;
 use crate::hub::Hub;
-use crate::records::{self, TokenRecord, UserRecord};
+use crate::records::{self, DeviceRecord, TokenRecord, UserRecord};
 use crate::sequencer::{NewDevice, Sequencer};
 use crate::store::{keys, Cf, Direction, Store};
 
@@ -104,6 +104,40 @@ impl Service {
                 Ok(Response::Events { next, events })
             }
             Request::Subscribe { .. } => Err(ApiError::invalid("subscribe is answered on its own stream")),
+            Request::Receipt { kind, with, up_to } => {
+                let c = self.authenticate(auth)?;
+                if with == c.user {
+                    return Err(err(ErrorCode::SelfMessage, "there is no conversation with oneself"));
+                }
+                let conv = ConversationId::one_to_one(&c.user, &with);
+                // A receipt names a message the caller has: one stored in this conversation.
+                if self.store.get(Cf::Messages, &keys::message(&conv, &up_to.0))?.is_none() {
+                    return Err(ApiError::invalid("up_to names no message of this conversation"));
+                }
+                let receipt = Receipt { conv, kind, peer: with, user: c.user, up_to };
+                self.sequencer.receipt(receipt, Some(c.device)).await?;
+                Ok(Response::Ok {})
+            }
+            Request::Devices {} => {
+                let c = self.authenticate(auth)?;
+                let rows = self.store.scan(Cf::Devices, &keys::devices_of(c.user.localpart()), None, Direction::Forward, 10_000)?;
+                let mut devices = Vec::with_capacity(rows.len());
+                for (k, v) in rows {
+                    let Some((_, id)) = keys::parse_device(&k) else { continue };
+                    let rec: DeviceRecord = records::decode("devices", &v)?;
+                    devices.push(DeviceInfo { current: id == c.device, id, name: rec.name, created_ms: rec.created_ms });
+                }
+                Ok(Response::Devices { devices })
+            }
+            Request::RevokeDevice { device } => {
+                let c = self.authenticate(auth)?;
+                if self.store.get(Cf::Devices, &keys::device(c.user.localpart(), &device))?.is_none() {
+                    return Err(ApiError::invalid(format!("you have no device {device}")));
+                }
+                self.sequencer.remove_device(c.user.clone(), device.clone()).await?;
+                tracing::info!(user = %c.user, %device, by = %c.device, "device revoked");
+                Ok(Response::Ok {})
+            }
         }
     }
 
@@ -244,7 +278,16 @@ impl Service {
         };
         let conv = ConversationId::one_to_one(&c.user, &with);
         let store = self.store.clone();
+        let me = c.user.clone();
         blocking(move || -> Result<Response, ApiError> {
+            let mark = |user: &UserId, kind| -> Result<Option<Watermark>, ApiError> {
+                match store.get(Cf::Receipts, &keys::receipt(&conv, user, kind))? {
+                    Some(v) => Ok(Some(records::watermark("receipts", &v)?)),
+                    None => Ok(None),
+                }
+            };
+            let (read, delivered, seen) =
+                (mark(&with, ReceiptKind::Read)?, mark(&with, ReceiptKind::Delivered)?, mark(&me, ReceiptKind::Read)?);
             let prefix = keys::messages_of(&conv);
             let anchor_key = anchor.as_ref().map(|k| keys::message(&conv, k));
             let mut rows = store.scan(Cf::Messages, &prefix, anchor_key.as_deref(), dir, limit + 1)?;
@@ -259,7 +302,7 @@ impl Service {
                 .collect::<Result<Vec<_>, _>>()?;
             let (newest, oldest) = match (messages.first(), messages.last()) {
                 (Some(n), Some(o)) => (n.order_key(), o.order_key()),
-                _ => return Ok(Response::Page { newer: None, older: None, messages }),
+                _ => return Ok(Response::Page { read, seen, newer: None, older: None, messages, delivered }),
             };
             let exists = |from: &OrderKey, d: Direction| -> Result<bool, ApiError> {
                 Ok(!store.scan(Cf::Messages, &prefix, Some(&keys::message(&conv, from)), d, 1)?.is_empty())
@@ -269,9 +312,12 @@ impl Service {
                 Direction::Forward => (exists(&oldest, Direction::Reverse)?, more),
             };
             Ok(Response::Page {
+                read,
+                seen,
                 newer: has_newer.then(|| encode_cursor(&newest)),
                 older: has_older.then(|| encode_cursor(&oldest)),
                 messages,
+                delivered,
             })
         })
         .await?

@@ -49,11 +49,13 @@ impl SignedUnit {
     }
 }
 
-/// What a unit carries (F§4). Receipts join later.
+/// What a unit carries (F§4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Unit {
     Message(Message),
+    /// A watermark of a user of the origin (F§10).
+    Receipt(crate::wire::Receipt),
 }
 
 /// A transaction id: SHA-256 over the domain prefix and the content hash of each unit in

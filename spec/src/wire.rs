@@ -74,6 +74,13 @@ pub enum Request {
     },
     /// §6.5: like `sync`, then keep the stream open and push new events as they happen.
     Subscribe { since: u64 },
+    /// §10.2: the caller's devices have `kind` (delivered, read) everything up to `up_to`
+    /// in the conversation with `with`.
+    Receipt { kind: ReceiptKind, with: UserId, up_to: Watermark },
+    /// §11: the caller's devices.
+    Devices {},
+    /// §11: revoke one of the caller's other devices.
+    RevokeDevice { device: DeviceId },
 }
 
 /// Every response of the client protocol (§6).
@@ -86,14 +93,24 @@ pub enum Response {
     /// The stored message; a retried send returns the same one (§6.4).
     Sent { message: Message },
     Page {
+        /// The other user's read watermark (§10.3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read: Option<Watermark>,
+        /// The caller's own read position: the highest of their devices' (§10.3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seen: Option<Watermark>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         newer: Option<Cursor>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         older: Option<Cursor>,
         messages: Vec<Message>,
+        /// The other user's delivered watermark (§10.3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delivered: Option<Watermark>,
     },
     /// `next` is the position to ask for next time (§6.5).
     Events { next: u64, events: Vec<Event> },
+    Devices { devices: Vec<DeviceInfo> },
     Error { code: ErrorCode, message: String },
 }
 
@@ -230,4 +247,56 @@ pub struct Event {
 pub enum EventKind {
     /// A message the user sent (from any of their devices) or received.
     Message(Message),
+    /// A watermark of either user of one of the user's conversations moved (§10).
+    Receipt(Receipt),
+}
+
+/// What a receipt says (§10.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptKind {
+    /// A device of `user` has stored the messages.
+    Delivered,
+    /// `user` has read them.
+    Read,
+}
+
+/// A position in a conversation's canonical order, carried as the order key's bytes
+/// (§4.6), so watermarks compare bytewise like the order itself (§10.1).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Watermark(pub OrderKey);
+
+impl Serialize for Watermark {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0.to_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for Watermark {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let b: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        OrderKey::from_bytes(&b).map(Watermark).ok_or_else(|| serde::de::Error::custom("not an order key (§4.6)"))
+    }
+}
+
+/// `user` has `kind` everything up to `up_to` in the 1:1 conversation `conv` with `peer`
+/// (§10.1). Monotonic: a receipt never moves a watermark backwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub conv: ConversationId,
+    pub kind: ReceiptKind,
+    pub peer: UserId,
+    pub user: UserId,
+    pub up_to: Watermark,
+}
+
+/// One of the caller's devices (§11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: DeviceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// True for the device making the request.
+    pub current: bool,
+    pub created_ms: u64,
 }

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use missive_spec::codec;
 use missive_spec::diag::{check_deterministic, diagnostic};
 use missive_spec::{
-    ClientMsgId, Content, ConversationId, Cursor, Deps, DeviceId, ErrorCode, Event, EventKind, Message, OrderKey,
-    RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, ServerName, UserId,
+    ClientMsgId, Content, ConversationId, Cursor, Deps, DeviceId, DeviceInfo, ErrorCode, Event, EventKind, Message,
+    OrderKey, Receipt, ReceiptKind, RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, ServerName,
+    UserId, Watermark,
 };
 use serde_json::{json, Value};
 
@@ -84,6 +85,20 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
         ("sync", "6.5", f(Request::Sync { limit: Some(100), since: 42 }, &token)),
         ("subscribe", "6.5", f(Request::Subscribe { since: 0 }, &token)),
         (
+            "read receipt",
+            "10.2",
+            f(
+                Request::Receipt {
+                    kind: ReceiptKind::Read,
+                    with: user("@bob:beta.example"),
+                    up_to: Watermark(sample_message().order_key()),
+                },
+                &token,
+            ),
+        ),
+        ("devices", "11", f(Request::Devices {}, &token)),
+        ("revoke device", "11", f(Request::RevokeDevice { device: DeviceId::parse("K7Q2M9XW4BRT").unwrap() }, &token)),
+        (
             "history before cursor",
             "6.6",
             f(
@@ -128,9 +143,41 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
             "page",
             "6.6",
             f(Response::Page {
+                read: Some(Watermark(m.order_key())),
+                seen: None,
                 newer: None,
                 older: Some(Cursor("AAAAAAAAAAVhbHBoYS5leGFtcGxlAAAAAAAAAAAD".into())),
-                messages: vec![m],
+                messages: vec![m.clone()],
+                delivered: Some(Watermark(m.order_key())),
+            }),
+        ),
+        (
+            "receipt event",
+            "10.4",
+            f(Response::Events {
+                next: 8,
+                events: vec![Event {
+                    pos: 8,
+                    event: EventKind::Receipt(Receipt {
+                        conv: m.conv,
+                        kind: ReceiptKind::Read,
+                        peer: m.from.clone(),
+                        user: m.to.clone(),
+                        up_to: Watermark(m.order_key()),
+                    }),
+                }],
+            }),
+        ),
+        (
+            "devices",
+            "11",
+            f(Response::Devices {
+                devices: vec![DeviceInfo {
+                    id: DeviceId::parse("K7Q2M9XW4BRT").unwrap(),
+                    name: Some("laptop".into()),
+                    current: true,
+                    created_ms: 1_795_366_800_000,
+                }],
             }),
         ),
         ("error", "7", f(Response::Error { code: ErrorCode::UnknownUser, message: "no such user @zed:alpha.example".into() })),

@@ -4,7 +4,7 @@
 //! are followed by a zero byte, which no identifier contains, so a shorter part sorts
 //! before any longer one that extends it and prefixes never overlap.
 
-use missive_spec::{ClientMsgId, ConversationId, DeviceId, OrderKey, ServerName};
+use missive_spec::{ClientMsgId, ConversationId, DeviceId, OrderKey, ReceiptKind, ServerName, UserId};
 
 fn text_part(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
@@ -155,6 +155,32 @@ pub fn held(conv: &ConversationId, origin: &ServerName, seq: u64) -> Vec<u8> {
     msg_id(conv, origin, seq)
 }
 
+// receipts: conversation id, user id 0, kind (0 delivered, 1 read)
+pub fn receipt(conv: &ConversationId, user: &UserId, kind: ReceiptKind) -> Vec<u8> {
+    let mut k = conv.as_bytes().to_vec();
+    text_part(&mut k, user.as_str());
+    k.push(match kind {
+        ReceiptKind::Delivered => 0,
+        ReceiptKind::Read => 1,
+    });
+    k
+}
+
+// read_cursors: localpart 0 device 0 conversation id
+pub fn read_cursor(localpart: &str, device: &DeviceId, conv: &ConversationId) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    text_part(&mut k, device.as_str());
+    k.extend_from_slice(conv.as_bytes());
+    k
+}
+pub fn read_cursors_of(localpart: &str, device: &DeviceId) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    text_part(&mut k, device.as_str());
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +208,23 @@ mod tests {
         fn event_keys_sort_by_position(local in "[a-z]{1,8}", a in any::<u64>(), b in any::<u64>()) {
             prop_assert_eq!(a.cmp(&b), event(&local, a).cmp(&event(&local, b)));
         }
+    }
+
+    #[test]
+    fn receipt_keys_are_distinct_per_user_and_kind() {
+        let conv = ConversationId([7; 32]);
+        let (a, b) = (UserId::parse("@a:x.test").unwrap(), UserId::parse("@ab:x.test").unwrap());
+        let all = [
+            receipt(&conv, &a, ReceiptKind::Delivered),
+            receipt(&conv, &a, ReceiptKind::Read),
+            receipt(&conv, &b, ReceiptKind::Delivered),
+            receipt(&conv, &b, ReceiptKind::Read),
+        ];
+        let set: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(set.len(), 4);
+        let d = DeviceId::parse("D1").unwrap();
+        assert!(read_cursor("a", &d, &conv).starts_with(&read_cursors_of("a", &d)));
+        assert!(!read_cursor("ab", &d, &conv).starts_with(&read_cursors_of("a", &d)));
     }
 
     #[test]

@@ -36,10 +36,14 @@ pub enum Cf {
     Held,
     /// destination server, queue position → unit the peer refused for good, with the reason
     DeadLetters,
+    /// conversation, user, kind → watermark (order key bytes): receipts, max-merged
+    Receipts,
+    /// localpart, device, conversation → that device's read watermark
+    ReadCursors,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 12] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -52,6 +56,8 @@ impl Cf {
         Cf::OutQueue,
         Cf::Held,
         Cf::DeadLetters,
+        Cf::Receipts,
+        Cf::ReadCursors,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +73,8 @@ impl Cf {
             Cf::OutQueue => "out_queue",
             Cf::Held => "held",
             Cf::DeadLetters => "dead_letters",
+            Cf::Receipts => "receipts",
+            Cf::ReadCursors => "read_cursors",
         }
     }
 }

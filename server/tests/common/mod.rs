@@ -48,8 +48,15 @@ pub async fn login(srv: &ServerProcess, local: &str) -> Client {
     c
 }
 
+/// The messages among `events` (receipt events left out).
 pub fn messages(events: &[Event]) -> Vec<Message> {
-    events.iter().map(|e| match &e.event { EventKind::Message(m) => m.clone() }).collect()
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            EventKind::Message(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Reads the subscription until `n` messages arrived (failing after the deadline).
