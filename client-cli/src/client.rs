@@ -89,6 +89,9 @@ fn unexpected(r: Response) -> ClientError {
     ClientError::Protocol(format!("unexpected response {r:?}"))
 }
 
+/// How long [`Client::connect`] waits for a server to answer.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A fresh random client message id.
 pub fn new_client_msg_id() -> ClientMsgId {
     let mut b = [0u8; 16];
@@ -123,8 +126,20 @@ pub fn message_state(m: &Message, read: &Option<Watermark>, delivered: &Option<W
 }
 
 impl Client {
-    /// Connects and checks the server's key against `pin`.
+    /// Connects and checks the server's key against `pin`, giving up after
+    /// [`DEFAULT_CONNECT_TIMEOUT`].
     pub async fn connect(addr: SocketAddr, server: &ServerName, pin: Pin) -> Result<Client, ClientError> {
+        Self::connect_within(addr, server, pin, DEFAULT_CONNECT_TIMEOUT).await
+    }
+
+    /// Connects, failing with [`ClientError::Connect`] if the handshake takes longer than
+    /// `timeout` (a server that is down does not answer at all).
+    pub async fn connect_within(
+        addr: SocketAddr,
+        server: &ServerName,
+        pin: Pin,
+        timeout: std::time::Duration,
+    ) -> Result<Client, ClientError> {
         tls::install_provider();
         let cerr = |reason: String| ClientError::Connect { addr, reason };
         let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
@@ -132,7 +147,10 @@ impl Client {
         let verifier = PinnedServerVerifier::new(pin.clone());
         endpoint.set_default_client_config(tls::client_config(verifier.clone(), CLIENT_ALPN).map_err(|e| cerr(e.to_string()))?);
         let connecting = endpoint.connect(addr, server.as_str()).map_err(|e| cerr(e.to_string()))?;
-        match connecting.await {
+        let result = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| cerr(format!("no answer within {timeout:?}")))?;
+        match result {
             Ok(conn) => {
                 let server_key = verifier.seen().ok_or_else(|| cerr("server presented no key".into()))?;
                 Ok(Client { endpoint, conn, token: None, server_key })

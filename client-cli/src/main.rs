@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use missive_cli::client::{message_state, Client, ClientError};
+use missive_cli::client::{message_state, new_client_msg_id, Client, ClientError};
+use missive_cli::outbox::{Outbox, Queued};
 use missive_cli::output::{
     message_json, message_json_with_state, message_line, message_line_with_state, page_json, receipt_json, receipt_line,
 };
@@ -29,6 +30,7 @@ With --json, every command prints one JSON object per line, each with a \"type\"
   receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
   device   {type, id, name, current, created_ms}             devices
+  queued   {type, to, text, client_msg_id, created_ms}       send (server unreachable), outbox
   page     {type, count, older, newer}                       history (last line; cursors or null)
   synced   {type, pos, count}                                sync (last line)
   ok       {type}                                            logout
@@ -43,6 +45,9 @@ struct Cli {
     /// Print one JSON object per line (see below).
     #[arg(long, global = true)]
     json: bool,
+    /// How long to wait for the homeserver to answer before treating it as unreachable.
+    #[arg(long, global = true, env = "MISSIVE_CONNECT_TIMEOUT_MS", value_name = "MS", default_value_t = 3000)]
+    connect_timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,8 +81,11 @@ enum Command {
         #[arg(long)]
         device_name: Option<String>,
     },
-    /// Send a text message.
+    /// Send a text message. If the homeserver cannot be reached, the message waits in the
+    /// profile's outbox and goes out, in order, with the next command that reaches it.
     Send { to: String, text: String },
+    /// List messages waiting in the outbox.
+    Outbox,
     /// Show a conversation, newest first, one page at a time.
     History {
         with: String,
@@ -175,27 +183,80 @@ fn key_changed(server: &ServerName, pinned: &PublicKey, presented: &PublicKey, p
     )
 }
 
+static CONNECT_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
 /// Connects to the server of `user` at `addr`, checking the pinned key.
 async fn connect(profile: &Profile, user: &UserId, addr: &str) -> anyhow::Result<Client> {
     let server = user.server_name();
     let sock = resolve(addr).await?;
     let pinned = profile.pinned(&server)?;
     let pin = pinned.map(Pin::Key).unwrap_or(Pin::FirstUse);
-    match Client::connect(sock, &server, pin).await {
+    let timeout = *CONNECT_TIMEOUT.get_or_init(|| missive_cli::client::DEFAULT_CONNECT_TIMEOUT);
+    match Client::connect_within(sock, &server, pin, timeout).await {
         Ok(c) => Ok(c),
         Err(ClientError::KeyMismatch { pinned, presented }) => Err(key_changed(&server, &pinned, &presented, profile)),
         Err(e) => Err(e.into()),
     }
 }
 
+/// True when the error means the server was not reached at all.
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ClientError>().is_some_and(|c| c.is_unreachable())
+}
+
+/// Connects with the saved session and first sends whatever waits in the outbox.
 async fn session_client(profile: &Profile) -> anyhow::Result<(Client, SessionFile)> {
+    let (c, s, _) = session_client_flushed(profile).await?;
+    Ok((c, s))
+}
+
+/// Like [`session_client`]; also returns how many outbox messages still wait.
+async fn session_client_flushed(profile: &Profile) -> anyhow::Result<(Client, SessionFile, usize)> {
     let s = profile.require_session()?;
     if profile.pinned(&s.user.server_name())?.is_none() {
         bail!("no pinned key for {}; log in again", s.user.server_name());
     }
     let mut c = connect(profile, &s.user, &s.server).await?;
     c.set_token(Some(s.token.clone()));
-    Ok((c, s))
+    let waiting = flush_outbox(profile, &c).await?;
+    Ok((c, s, waiting))
+}
+
+/// Sends the outbox in order; reports on standard error. Returns how many still wait.
+async fn flush_outbox(profile: &Profile, c: &Client) -> anyhow::Result<usize> {
+    let outbox = Outbox::open(profile.dir())?;
+    if outbox.is_empty()? {
+        return Ok(0);
+    }
+    let f = outbox.flush(c).await?;
+    if !f.sent.is_empty() {
+        eprintln!("sent {} message(s) from the outbox", f.sent.len());
+    }
+    for (q, why) in &f.failed {
+        eprintln!("missive: the server refused a queued message to {}: {why} (kept in outbox/failed)", q.to);
+    }
+    Ok(f.waiting)
+}
+
+fn queue_message(profile: &Profile, to: &UserId, text: &str, id: missive_spec::ClientMsgId, json: bool) -> anyhow::Result<()> {
+    let outbox = Outbox::open(profile.dir())?;
+    let q = Queued { to: to.clone(), text: text.to_owned(), client_msg_id: id.to_hex(), created_ms: now_ms() };
+    outbox.push(&q)?;
+    let waiting = outbox.list()?.len();
+    if json {
+        println!("{}", queued_json(&q));
+    } else {
+        println!("server unreachable: queued for {to} ({waiting} waiting); it goes out with the next command that reaches the server");
+    }
+    Ok(())
+}
+
+fn queued_json(q: &Queued) -> String {
+    json!({"type": "queued", "to": q.to.as_str(), "text": q.text, "client_msg_id": q.client_msg_id, "created_ms": q.created_ms}).to_string()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn print_message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
@@ -236,6 +297,7 @@ async fn ack_delivered(c: &Client, me: &UserId, events: &[Event]) -> anyhow::Res
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let _ = CONNECT_TIMEOUT.set(std::time::Duration::from_millis(cli.connect_timeout.max(1)));
     let profile = Profile::open(&profile_dir(cli.profile)?)?;
     let json = cli.json;
     match cli.command {
@@ -257,14 +319,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Send { to, text } => {
             let to = parse_user(&to)?;
-            let (c, _) = session_client(&profile).await?;
-            let m = c.send_text(&to, &text).await?;
-            if json {
-                println!("{}", message_json("sent", &m, None));
-            } else {
-                println!("sent to {} (#{})", m.to, m.seq);
+            profile.require_session()?;
+            let id = new_client_msg_id();
+            let (c, _, waiting) = match session_client_flushed(&profile).await {
+                Ok(x) => x,
+                Err(e) if unreachable(&e) => return queue_message(&profile, &to, &text, id, json),
+                Err(e) => return Err(e),
+            };
+            if waiting > 0 {
+                // Older messages could not all go: keep the order by queueing this one too.
+                return queue_message(&profile, &to, &text, id, json);
+            }
+            match c.send(&to, missive_spec::Content::text(&text), id).await {
+                Ok(m) => {
+                    if json {
+                        println!("{}", message_json("sent", &m, None));
+                    } else {
+                        println!("sent to {} (#{})", m.to, m.seq);
+                    }
+                }
+                // The request may or may not have arrived: queue it with the same id; the
+                // server's idempotent send makes the retry safe.
+                Err(ClientError::Connection(_)) => queue_message(&profile, &to, &text, id, json)?,
+                Err(e) => return Err(e.into()),
             }
             c.close().await;
+        }
+        Command::Outbox => {
+            let outbox = Outbox::open(profile.dir())?;
+            let waiting = outbox.list()?;
+            for (_, q) in &waiting {
+                if json {
+                    println!("{}", queued_json(q));
+                } else {
+                    println!("{} to {}: {}", missive_cli::output::utc(q.created_ms), q.to, q.text);
+                }
+            }
+            if !json && waiting.is_empty() {
+                eprintln!("the outbox is empty");
+            }
         }
         Command::History { with, limit, before, after } => {
             let with = parse_user(&with)?;
@@ -405,107 +498,190 @@ fn finish_login(
 }
 
 async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
-    let (c, mut s) = session_client(profile).await?;
-    let (mut sub, mut next, mut events) = c.subscribe(s.sync_pos).await?;
-    if !json {
-        eprintln!("listening as {} (Ctrl-C to stop)", s.user);
-    }
+    let mut announced = false;
+    let mut delay = std::time::Duration::from_millis(250);
     loop {
-        for e in &events {
-            print_event(json, e);
+        let (c, mut s) = match session_client(profile).await {
+            Ok(x) => x,
+            Err(e) if unreachable(&e) => {
+                eprintln!("server unreachable; retrying in {delay:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        delay = std::time::Duration::from_millis(250);
+        let (mut sub, mut next, mut events) = c.subscribe(s.sync_pos).await?;
+        if !json && !announced {
+            eprintln!("listening as {} (Ctrl-C to stop)", s.user);
+            announced = true;
         }
-        ack_delivered(&c, &s.user, &events).await?;
-        if next != s.sync_pos {
-            s.sync_pos = next;
-            profile.save_session(&s)?;
-        }
-        tokio::select! {
-            frame = sub.next() => match frame? {
-                Some((n, evs)) => { next = n; events = evs; }
-                None => bail!("the server ended the subscription"),
-            },
-            _ = tokio::signal::ctrl_c() => break,
-        }
+        let lost = loop {
+            for e in &events {
+                print_event(json, e);
+            }
+            ack_delivered(&c, &s.user, &events).await?;
+            if next != s.sync_pos {
+                s.sync_pos = next;
+                profile.save_session(&s)?;
+            }
+            tokio::select! {
+                frame = sub.next() => match frame {
+                    Ok(Some((n, evs))) => { next = n; events = evs; }
+                    Ok(None) => break "the server ended the subscription".to_owned(),
+                    Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
+                    Err(e) => break e.to_string(),
+                },
+                _ = tokio::signal::ctrl_c() => {
+                    c.close().await;
+                    return Ok(());
+                }
+            }
+        };
+        eprintln!("connection lost ({lost}); reconnecting");
     }
-    c.close().await;
-    Ok(())
 }
 
 async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()> {
-    let (c, s) = session_client(profile).await?;
-    if *with == s.user {
+    let me = profile.require_session()?.user;
+    if *with == me {
         bail!("cannot chat with yourself");
     }
-    let mut shown = HashSet::new();
-    let page = c.history(with, Some(20), None, None).await?;
-    for m in page.messages.iter().rev() {
-        shown.insert((m.origin.clone(), m.seq));
-        let state = (m.from == s.user).then(|| message_state(m, &page.read, &page.delivered));
-        if json {
-            println!("{}", message_json_with_state("message", m, None, state));
-        } else {
-            println!("{}", message_line_with_state(m, state));
+    let conv = missive_spec::ConversationId::one_to_one(&me, with);
+    // Standard input is read on its own task so typed lines survive reconnections.
+    let (line_tx, mut lines) = tokio::sync::mpsc::channel::<Option<String>>(64);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        loop {
+            let line = stdin.next_line().await.ok().flatten();
+            let eof = line.is_none();
+            if line_tx.send(line).await.is_err() || eof {
+                return;
+            }
         }
-    }
-    if let Some(newest) = page.messages.first() {
-        c.receipt(with, ReceiptKind::Read, Watermark(newest.order_key())).await?;
-    }
-    let conv = missive_spec::ConversationId::one_to_one(&s.user, with);
-    let (mut sub, _, mut events) = c.subscribe(s.sync_pos).await?;
-    if !json {
-        eprintln!("-- chatting with {with}; type a line and press Enter to send, Ctrl-D to quit --");
-    }
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    });
+    let mut shown = HashSet::new();
+    let mut first = true;
+    let mut delay = std::time::Duration::from_millis(250);
     loop {
-        let mut newest_in: Option<Watermark> = None;
-        for e in events.drain(..) {
-            match e.event {
-                EventKind::Message(m) => {
-                    if m.conv == conv && shown.insert((m.origin.clone(), m.seq)) {
-                        print_message(json, "message", &m, Some(e.pos));
-                        if m.from == *with {
-                            let w = Watermark(m.order_key());
-                            if newest_in.as_ref().is_none_or(|n| *n < w) {
-                                newest_in = Some(w);
+        let (c, s) = match session_client(profile).await {
+            Ok(x) => x,
+            Err(e) if unreachable(&e) => {
+                if first {
+                    eprintln!("-- the server is unreachable; lines you type are queued --");
+                    first = false;
+                }
+                // Keep taking lines while offline.
+                let wait = tokio::time::sleep(delay);
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        line = lines.recv() => match line.flatten() {
+                            Some(text) if text.trim().is_empty() => {}
+                            Some(text) => queue_message(profile, with, &text, new_client_msg_id(), json)?,
+                            None => return Ok(()),
+                        },
+                        _ = &mut wait => break,
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                    }
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        delay = std::time::Duration::from_millis(250);
+        let page = c.history(with, Some(20), None, None).await?;
+        for m in page.messages.iter().rev() {
+            if !shown.insert((m.origin.clone(), m.seq)) {
+                continue;
+            }
+            let state = (m.from == s.user).then(|| message_state(m, &page.read, &page.delivered));
+            if json {
+                println!("{}", message_json_with_state("message", m, None, state));
+            } else {
+                println!("{}", message_line_with_state(m, state));
+            }
+        }
+        if let Some(newest) = page.messages.first() {
+            c.receipt(with, ReceiptKind::Read, Watermark(newest.order_key())).await?;
+        }
+        let (mut sub, _, mut events) = c.subscribe(s.sync_pos).await?;
+        if !json && first {
+            eprintln!("-- chatting with {with}; type a line and press Enter to send, Ctrl-D to quit --");
+        }
+        first = false;
+        let lost = loop {
+            let mut newest_in: Option<Watermark> = None;
+            for e in events.drain(..) {
+                match e.event {
+                    EventKind::Message(m) => {
+                        if m.conv == conv && shown.insert((m.origin.clone(), m.seq)) {
+                            print_message(json, "message", &m, Some(e.pos));
+                            if m.from == *with {
+                                let w = Watermark(m.order_key());
+                                if newest_in.as_ref().is_none_or(|n| *n < w) {
+                                    newest_in = Some(w);
+                                }
                             }
                         }
                     }
-                }
-                // The other user's receipts change the state of our messages.
-                EventKind::Receipt(r) if r.conv == conv && r.user == *with => {
-                    if json {
-                        println!("{}", receipt_json(&r, Some(e.pos)));
-                    } else {
-                        println!("{}", receipt_line(&r));
+                    // The other user's receipts change the state of our messages.
+                    EventKind::Receipt(r) if r.conv == conv && r.user == *with => {
+                        if json {
+                            println!("{}", receipt_json(&r, Some(e.pos)));
+                        } else {
+                            println!("{}", receipt_line(&r));
+                        }
                     }
+                    EventKind::Receipt(_) => {}
                 }
-                EventKind::Receipt(_) => {}
             }
-        }
-        // On screen means delivered and read.
-        if let Some(w) = newest_in {
-            c.receipt(with, ReceiptKind::Delivered, w.clone()).await?;
-            c.receipt(with, ReceiptKind::Read, w).await?;
-        }
-        tokio::select! {
-            line = lines.next_line() => match line? {
-                Some(text) if text.trim().is_empty() => {}
-                Some(text) => {
-                    let m = c.send_text(with, &text).await?;
-                    shown.insert((m.origin.clone(), m.seq));
-                    if json {
-                        println!("{}", message_json("sent", &m, None));
+            // On screen means delivered and read.
+            if let Some(w) = newest_in {
+                c.receipt(with, ReceiptKind::Delivered, w.clone()).await?;
+                c.receipt(with, ReceiptKind::Read, w).await?;
+            }
+            tokio::select! {
+                line = lines.recv() => match line.flatten() {
+                    Some(text) if text.trim().is_empty() => {}
+                    Some(text) => {
+                        let id = new_client_msg_id();
+                        match c.send(with, missive_spec::Content::text(&text), id).await {
+                            Ok(m) => {
+                                shown.insert((m.origin.clone(), m.seq));
+                                if json {
+                                    println!("{}", message_json("sent", &m, None));
+                                }
+                            }
+                            Err(ClientError::Connection(e)) => {
+                                queue_message(profile, with, &text, id, json)?;
+                                break e;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
+                    None => {
+                        c.close().await;
+                        return Ok(());
+                    }
+                },
+                frame = sub.next() => match frame {
+                    Ok(Some((_, evs))) => events = evs,
+                    Ok(None) => break "the server ended the subscription".to_owned(),
+                    Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
+                    Err(e) => break e.to_string(),
+                },
+                _ = tokio::signal::ctrl_c() => {
+                    c.close().await;
+                    return Ok(());
                 }
-                None => break,
-            },
-            frame = sub.next() => match frame? {
-                Some((_, evs)) => events = evs,
-                None => bail!("the server ended the subscription"),
-            },
-            _ = tokio::signal::ctrl_c() => break,
-        }
+            }
+        };
+        eprintln!("-- connection lost ({lost}); reconnecting --");
     }
-    c.close().await;
-    Ok(())
 }

@@ -14,7 +14,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 fn missive() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_missive"));
-    c.env_remove("MISSIVE_PROFILE").kill_on_drop(true);
+    // A stopped server is noticed quickly.
+    c.env_remove("MISSIVE_PROFILE").env("MISSIVE_CONNECT_TIMEOUT_MS", "500").kill_on_drop(true);
     c
 }
 
@@ -233,4 +234,124 @@ async fn logout_revokes_the_token_and_forgets_the_session() {
     assert_eq!(e.code(), Some(missive_spec::ErrorCode::Unauthorized));
     // bob's device is untouched.
     ok(&s.bob, &["sync"], None).await;
+}
+
+fn outbox_files(profile: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(profile.join("outbox"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+async fn bob_sees(s: &Setup) -> Vec<String> {
+    let out = json_lines(&ok(&s.bob, &["--json", "history", "@alice:alpha.test", "--limit", "200"], None).await);
+    let mut t = texts(&out);
+    t.reverse();
+    t
+}
+
+#[tokio::test]
+async fn outbox_queues_while_the_server_is_down_and_flushes_in_order_exactly_once() {
+    let mut s = setup().await;
+    s.srv.terminate().await.unwrap();
+    for i in 1..=3 {
+        let out = ok(&s.alice, &["--json", "send", "@bob:alpha.test", &format!("offline {i}")], None).await;
+        assert_eq!(json_lines(&out)[0]["type"], "queued");
+    }
+    let human = ok(&s.alice, &["send", "@bob:alpha.test", "offline 4"], None).await;
+    assert!(human.contains("queued"), "{human}");
+    let waiting = json_lines(&ok(&s.alice, &["--json", "outbox"], None).await);
+    assert_eq!(waiting.iter().map(|v| v["text"].as_str().unwrap()).collect::<Vec<_>>(), vec!["offline 1", "offline 2", "offline 3", "offline 4"]);
+
+    s.srv.restart().await.unwrap();
+    let out = run(&s.alice, &["sync"], None).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sent 4 message(s) from the outbox"));
+    assert!(outbox_files(&s.alice).is_empty());
+    assert_eq!(bob_sees(&s).await, vec!["offline 1", "offline 2", "offline 3", "offline 4"]);
+
+    // The crash window: acknowledged, but the CLI died before deleting the file. The next
+    // run sends it again with the same client_msg_id; the server answers with the original
+    // message and stores nothing new.
+    s.srv.terminate().await.unwrap();
+    ok(&s.alice, &["send", "@bob:alpha.test", "offline 5"], None).await;
+    let file = outbox_files(&s.alice).pop().unwrap();
+    let saved = std::fs::read(&file).unwrap();
+    s.srv.restart().await.unwrap();
+    ok(&s.alice, &["sync"], None).await;
+    std::fs::write(&file, saved).unwrap();
+    ok(&s.alice, &["sync"], None).await;
+    assert!(outbox_files(&s.alice).is_empty());
+    assert_eq!(bob_sees(&s).await, vec!["offline 1", "offline 2", "offline 3", "offline 4", "offline 5"]);
+}
+
+#[tokio::test]
+async fn killing_the_cli_mid_flush_and_rerunning_sends_no_duplicate() {
+    let mut s = setup().await;
+    s.srv.terminate().await.unwrap();
+    let want: Vec<String> = (0..20).map(|i| format!("queued {i}")).collect();
+    for t in &want {
+        ok(&s.alice, &["send", "@bob:alpha.test", t], None).await;
+    }
+    s.srv.restart().await.unwrap();
+    // Kill a flushing CLI at several moments; each rerun picks up where the last stopped.
+    for delay_ms in [5u64, 20, 60] {
+        let mut child = missive().arg("--profile").arg(&s.alice).arg("sync").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    ok(&s.alice, &["sync"], None).await;
+    assert!(outbox_files(&s.alice).is_empty());
+    assert_eq!(bob_sees(&s).await, want);
+}
+
+#[tokio::test]
+async fn listen_reconnects_after_the_server_restarts() {
+    let mut s = setup().await;
+    let mut listen = missive()
+        .arg("--profile")
+        .arg(&s.bob)
+        .args(["--json", "listen"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    ok(&s.alice, &["send", "@bob:alpha.test", "before the restart"], None).await;
+    let mut skipped = Vec::new();
+    assert_eq!(next_of(&mut lines, "message", &mut skipped).await["text"], "before the restart");
+    s.srv.kill9().await;
+    // While the server is down, bob writes from another terminal: it waits in his outbox.
+    let out = ok(&s.bob, &["--json", "send", "@alice:alpha.test", "written while down"], None).await;
+    assert_eq!(json_lines(&out)[0]["type"], "queued");
+    s.srv.restart().await.unwrap();
+    ok(&s.alice, &["send", "@bob:alpha.test", "after the restart"], None).await;
+    assert_eq!(next_of(&mut lines, "message", &mut skipped).await["text"], "after the restart");
+    // listen reconnected and sent bob's outbox on the way.
+    assert!(outbox_files(&s.bob).is_empty());
+    let seen = json_lines(&ok(&s.alice, &["--json", "history", "@bob:alpha.test"], None).await);
+    assert!(texts(&seen).contains(&"written while down".to_owned()), "{seen:?}");
+    listen.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn devices_are_listed_and_another_can_be_revoked() {
+    let s = setup().await;
+    let laptop = s._tmp.path().join("bob-laptop");
+    let addr = s.srv.addr.to_string();
+    ok(&laptop, &["login", "@bob:alpha.test", "--server", &addr, "--password-stdin", "--device-name", "laptop"], Some("bob-password\n")).await;
+    let devices = json_lines(&ok(&s.bob, &["--json", "devices"], None).await);
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices.iter().filter(|d| d["current"] == true).count(), 1);
+    let other = devices.iter().find(|d| d["current"] == false).unwrap();
+    assert_eq!(other["name"], "laptop");
+    let current = devices.iter().find(|d| d["current"] == true).unwrap()["id"].as_str().unwrap().to_owned();
+    let out = run(&s.bob, &["revoke", &current], None).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("logout"));
+    ok(&s.bob, &["revoke", other["id"].as_str().unwrap()], None).await;
+    let out = run(&laptop, &["sync"], None).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
+    assert_eq!(json_lines(&ok(&s.bob, &["--json", "devices"], None).await).len(), 1);
 }

@@ -238,6 +238,8 @@ fn quic_client(
     verifier: Arc<PinnedServerVerifier>,
     identity: Option<(&ServerKey, &str)>,
     alpn: &[u8],
+    idle: Duration,
+    keep_alive: Duration,
 ) -> Result<quinn::ClientConfig, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -253,7 +255,7 @@ fn quic_client(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(Duration::from_secs(30), Some(Duration::from_secs(5))));
+    cfg.transport_config(transport(idle, Some(keep_alive)));
     Ok(cfg)
 }
 
@@ -276,7 +278,7 @@ pub fn federation_client_config(
     server_name: &str,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsSetupError> {
-    quic_client(verifier, Some((key, server_name)), alpn)
+    quic_client(verifier, Some((key, server_name)), alpn, Duration::from_secs(30), Duration::from_secs(5))
 }
 
 /// Binds a QUIC endpoint whose stateless-reset key is derived from the server key and
@@ -299,9 +301,10 @@ pub fn bind_endpoint(
     quinn::Endpoint::new(quinn::EndpointConfig::new(Arc::new(reset)), Some(server), socket, runtime)
 }
 
-/// QUIC client configuration that checks the server against `verifier`.
+/// QUIC client configuration that checks the server against `verifier`. A client notices
+/// a vanished server within 10 s (keep-alives every 3 s), so it can reconnect.
 pub fn client_config(verifier: Arc<PinnedServerVerifier>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsSetupError> {
-    quic_client(verifier, None, alpn)
+    quic_client(verifier, None, alpn, Duration::from_secs(10), Duration::from_secs(3))
 }
 
 #[cfg(test)]
