@@ -64,13 +64,25 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next frame of events; `Ok(None)` when the server ended the stream.
+    /// The next frame of stored events; ephemeral updates are dropped (see
+    /// [`Subscription::next_frame`]). `Ok(None)` when the server ended the stream.
     pub async fn next(&mut self) -> Result<Option<(u64, Vec<Event>)>, ClientError> {
+        loop {
+            match self.next_frame().await? {
+                Some(f) if f.events.is_empty() && !f.ephemeral.is_empty() => continue,
+                Some(f) => return Ok(Some((f.next, f.events))),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next frame: stored events and ephemeral updates (presence, typing).
+    pub async fn next_frame(&mut self) -> Result<Option<Frame>, ClientError> {
         let Some(body) = read_frame(&mut self.recv, limits::MAX_RESPONSE_FRAME).await? else {
             return Ok(None);
         };
         match decode_response(&body)? {
-            Response::Events { next, events } => Ok(Some((next, events))),
+            Response::Events { next, events, ephemeral } => Ok(Some(Frame { next, events, ephemeral })),
             Response::Error { code, message } => Err(ClientError::Server { code, message }),
             other => Err(ClientError::Protocol(format!("unexpected frame on subscription: {other:?}"))),
         }
@@ -97,6 +109,14 @@ pub fn new_client_msg_id() -> ClientMsgId {
     let mut b = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut b);
     ClientMsgId(b)
+}
+
+/// One subscription frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub next: u64,
+    pub events: Vec<Event>,
+    pub ephemeral: Vec<missive_spec::Ephemeral>,
 }
 
 /// A page of history, newest first, with cursors to move on and the receipt watermarks
@@ -283,6 +303,28 @@ impl Client {
         }
     }
 
+    /// Whether `user` is online, or when last seen (only for users one has a conversation with).
+    pub async fn presence(&self, user: &UserId) -> Result<missive_spec::PresenceUpdate, ClientError> {
+        match self.request(Request::Presence { user: user.clone() }).await? {
+            Response::Presence { user, online, last_seen } => Ok(missive_spec::PresenceUpdate { user, online, last_seen }),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn set_hide_last_seen(&self, hide: bool) -> Result<(), ClientError> {
+        match self.request(Request::Settings { hide_last_seen: hide }).await? {
+            Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    pub async fn typing(&self, with: &UserId) -> Result<(), ClientError> {
+        match self.request(Request::Typing { with: with.clone() }).await? {
+            Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
         match self.request(Request::Devices {}).await? {
             Response::Devices { devices } => Ok(devices),
@@ -299,12 +341,13 @@ impl Client {
 
     pub async fn sync(&self, since: u64, limit: Option<u32>) -> Result<(u64, Vec<Event>), ClientError> {
         match self.request(Request::Sync { limit, since }).await? {
-            Response::Events { next, events } => Ok((next, events)),
+            Response::Events { next, events, .. } => Ok((next, events)),
             r => Err(unexpected(r)),
         }
     }
 
     /// Opens a subscription; the first frame (backlog, possibly empty) is already read.
+    /// The subscription also makes this device count as online (spec §12).
     pub async fn subscribe(&self, since: u64) -> Result<(Subscription, u64, Vec<Event>), ClientError> {
         let frame = RequestFrame { v: PROTOCOL_VERSION, req: Request::Subscribe { since }, auth: self.token.clone() };
         let (mut send, recv) = self.conn.open_bi().await.map_err(|e| ClientError::Connection(e.to_string()))?;

@@ -31,6 +31,8 @@ With --json, every command prints one JSON object per line, each with a \"type\"
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
   device   {type, id, name, current, created_ms}             devices
   queued   {type, to, text, client_msg_id, created_ms}       send (server unreachable), outbox
+  presence {type, user, online, last_seen}                   presence, listen, chat
+  typing   {type, user, conv, until}                         listen, chat
   page     {type, count, older, newer}                       history (last line; cursors or null)
   synced   {type, pos, count}                                sync (last line)
   ok       {type}                                            logout
@@ -111,8 +113,27 @@ enum Command {
     Read { with: String },
     /// List this user's devices.
     Devices,
+    /// Whether a user you have a conversation with is online, or when last seen.
+    Presence { user: String },
+    /// Tell a user you are typing (it shows in their chat for a few seconds).
+    Typing { with: String },
+    /// Change settings: --hide-last-seen true|false.
+    Settings {
+        /// Hide when you were last seen from everyone.
+        #[arg(long)]
+        hide_last_seen: bool_arg::Bool,
+    },
     /// Revoke another of this user's devices (see `missive devices`).
     Revoke { device: String },
+}
+
+mod bool_arg {
+    /// `true` or `false` on the command line.
+    #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+    pub enum Bool {
+        True,
+        False,
+    }
 }
 
 fn main() {
@@ -425,6 +446,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             c.close().await;
         }
+        Command::Presence { user } => {
+            let user = parse_user(&user)?;
+            let (c, _) = session_client(&profile).await?;
+            let p = c.presence(&user).await?;
+            let e = missive_spec::Ephemeral::Presence(p);
+            if json {
+                println!("{}", missive_cli::output::ephemeral_json(&e));
+            } else {
+                println!("{}", missive_cli::output::ephemeral_line(&e).trim_start_matches("-- "));
+            }
+            c.close().await;
+        }
+        Command::Typing { with } => {
+            let with = parse_user(&with)?;
+            let (c, _) = session_client(&profile).await?;
+            c.typing(&with).await?;
+            if json {
+                println!("{}", json!({"type": "ok"}));
+            }
+            c.close().await;
+        }
+        Command::Settings { hide_last_seen } => {
+            let (c, _) = session_client(&profile).await?;
+            c.set_hide_last_seen(matches!(hide_last_seen, bool_arg::Bool::True)).await?;
+            if json {
+                println!("{}", json!({"type": "ok"}));
+            } else {
+                println!("settings saved");
+            }
+            c.close().await;
+        }
         Command::Devices => {
             let (c, _) = session_client(&profile).await?;
             for d in c.devices().await? {
@@ -530,8 +582,18 @@ async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
                 profile.save_session(&s)?;
             }
             tokio::select! {
-                frame = sub.next() => match frame {
-                    Ok(Some((n, evs))) => { next = n; events = evs; }
+                frame = sub.next_frame() => match frame {
+                    Ok(Some(f)) => {
+                        for e in &f.ephemeral {
+                            if json {
+                                println!("{}", missive_cli::output::ephemeral_json(e));
+                            } else {
+                                println!("{}", missive_cli::output::ephemeral_line(e));
+                            }
+                        }
+                        next = f.next;
+                        events = f.events;
+                    }
                     Ok(None) => break "the server ended the subscription".to_owned(),
                     Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
                     Err(e) => break e.to_string(),
@@ -670,8 +732,23 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
                         return Ok(());
                     }
                 },
-                frame = sub.next() => match frame {
-                    Ok(Some((_, evs))) => events = evs,
+                frame = sub.next_frame() => match frame {
+                    Ok(Some(f)) => {
+                        for e in &f.ephemeral {
+                            let about_peer = match e {
+                                missive_spec::Ephemeral::Presence(p) => p.user == *with,
+                                missive_spec::Ephemeral::Typing(t) => t.user == *with && t.conv == conv,
+                            };
+                            if about_peer {
+                                if json {
+                                    println!("{}", missive_cli::output::ephemeral_json(e));
+                                } else {
+                                    println!("{}", missive_cli::output::ephemeral_line(e));
+                                }
+                            }
+                        }
+                        events = f.events;
+                    }
                     Ok(None) => break "the server ended the subscription".to_owned(),
                     Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
                     Err(e) => break e.to_string(),

@@ -3,7 +3,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use missive_spec::{Cursor, Message, Receipt, ReceiptKind, Watermark};
+use missive_spec::{Cursor, Ephemeral, Message, Receipt, ReceiptKind, Watermark};
 use serde_json::{json, Map, Value};
 
 /// Fields describing a message, shared by every JSON object that carries one.
@@ -119,5 +119,26 @@ mod tests {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
         assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
         assert_eq!(super::utc(1_795_366_800_000), "2026-11-22 17:00:00");
+    }
+}
+
+/// `{"type":"presence","user":…,"online":…,"last_seen":…}` or
+/// `{"type":"typing","user":…,"conv":…,"until":…}`
+pub fn ephemeral_json(e: &Ephemeral) -> String {
+    match e {
+        Ephemeral::Presence(p) => json!({"type": "presence", "user": p.user.as_str(), "online": p.online, "last_seen": p.last_seen}).to_string(),
+        Ephemeral::Typing(t) => json!({"type": "typing", "user": t.user.as_str(), "conv": t.conv.to_hex(), "until": t.until}).to_string(),
+    }
+}
+
+/// `-- @bob:beta.example is online` / `… is offline (last seen …)` / `… is typing…`
+pub fn ephemeral_line(e: &Ephemeral) -> String {
+    match e {
+        Ephemeral::Presence(p) if p.online => format!("-- {} is online", p.user),
+        Ephemeral::Presence(p) => match p.last_seen {
+            Some(t) => format!("-- {} is offline (last seen {})", p.user, utc(t)),
+            None => format!("-- {} is offline", p.user),
+        },
+        Ephemeral::Typing(t) => format!("-- {} is typing…", t.user),
     }
 }

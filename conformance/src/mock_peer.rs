@@ -23,6 +23,8 @@ use missive_spec::{codec, Content, ConversationId, Deps, Message, ServerName, Us
 pub struct Observed {
     pub backfills: Vec<(ConversationId, u64, u64)>,
     pub txns: Vec<Vec<SignedUnit>>,
+    /// Ephemeral requests received: their presence updates, one list per request.
+    pub edus: Vec<Vec<missive_spec::PresenceUpdate>>,
 }
 
 pub struct MockPeer {
@@ -70,6 +72,10 @@ impl MockPeer {
                                     let log = l.lock().unwrap();
                                     let units = (first..=last).map_while(|s| log.get(&(conv, s)).cloned()).collect();
                                     FedResponse::Units { units }
+                                }
+                                FedRequest::Edu { presence, .. } => {
+                                    o.lock().unwrap().edus.push(presence);
+                                    FedResponse::Ok {}
                                 }
                                 FedRequest::Txn { id, units } => {
                                     let stall = units.iter().any(|u| match envelope::open_trusted(u) {

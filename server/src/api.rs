@@ -154,6 +154,17 @@ impl Api {
     async fn subscribe(&self, send: &mut quinn::SendStream, auth: Option<&str>, since: u64) -> Result<(), ApiError> {
         let caller = self.service.authenticate(auth)?;
         let mut wake = self.service.hub.subscribe(caller.user.localpart());
+        let mut ephemeral = self.service.hub.subscribe_ephemeral(caller.user.localpart());
+        // Online while this subscription lives (the connection's keep-alives are the
+        // heartbeat; a dead client's connection times out and ends it).
+        self.service.presence.connected(&caller.user);
+        struct Offline<'a>(&'a crate::presence::Presence, &'a missive_spec::UserId);
+        impl Drop for Offline<'_> {
+            fn drop(&mut self) {
+                self.0.disconnected(self.1);
+            }
+        }
+        let _offline = Offline(&self.service.presence, &caller.user);
         let mut shutdown = self.shutdown.clone();
         let mut pos = since;
         let mut first = true;
@@ -166,7 +177,7 @@ impl Api {
                 first = false;
                 let full = events.len() as u32 == limits::SYNC_MAX_EVENTS;
                 pos = next;
-                if write_frame(send, &response(Response::Events { next, events })).await.is_err() {
+                if write_frame(send, &response(Response::Events { next, events, ephemeral: Vec::new() })).await.is_err() {
                     return Ok(());
                 }
                 if full {
@@ -175,6 +186,17 @@ impl Api {
             }
             tokio::select! {
                 changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                e = ephemeral.recv() => match e {
+                    Ok(e) => {
+                        let frame = Response::Events { next: pos, events: Vec::new(), ephemeral: vec![e] };
+                        if write_frame(send, &response(frame)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    // Ephemeral updates may be dropped for a subscriber that lags.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return Ok(()),
+                },
                 _ = send.stopped() => return Ok(()),
                 _ = shutdown.changed() => {
                     return Err(ApiError::new(ErrorCode::ShuttingDown, "server is shutting down"));

@@ -37,6 +37,11 @@ use crate::store::{keys, Batch, Cf, Direction, Store};
 /// How long a peer may take to connect or answer one request (a transaction of 100
 /// units takes milliseconds; silence this long means the peer is gone).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Presence and typing updates toward one server are gathered this long, so a burst of
+/// changes crosses as one request carrying the latest state of each user (F§11).
+const EDU_COALESCE: Duration = Duration::from_millis(200);
+/// Most updates in one ephemeral request.
+const MAX_EDU_UPDATES: usize = 1_000;
 /// Attempts to fill one gap before leaving it to the next sweep.
 const BACKFILL_ATTEMPTS: u32 = 8;
 /// How often held units are looked over for gaps nobody is filling (also at start-up).
@@ -98,7 +103,16 @@ pub struct Federation {
     timing: FederationTiming,
     peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
     backfills: Mutex<HashSet<(ConversationId, ServerName)>>,
+    presence: Arc<crate::presence::Presence>,
+    edus: Mutex<HashMap<ServerName, PendingEdu>>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// Ephemeral updates gathered for one destination: the latest per user (and conversation).
+#[derive(Default)]
+struct PendingEdu {
+    presence: HashMap<missive_spec::UserId, missive_spec::PresenceUpdate>,
+    typing: HashMap<(missive_spec::UserId, ConversationId), missive_spec::TypingUpdate>,
 }
 
 /// A unit that passed its checks.
@@ -125,6 +139,7 @@ impl Federation {
         store: Arc<dyn Store>,
         sequencer: Sequencer,
         timing: FederationTiming,
+        presence: Arc<crate::presence::Presence>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Federation> {
         Arc::new(Federation {
@@ -137,12 +152,54 @@ impl Federation {
             timing,
             peers: Mutex::new(HashMap::new()),
             backfills: Mutex::new(HashSet::new()),
+            presence,
+            edus: Mutex::new(HashMap::new()),
             shutdown,
         })
     }
 
     pub fn discovery(&self) -> &Discovery {
         &self.discovery
+    }
+
+    /// Gathers ephemeral updates per destination and sends each batch after
+    /// [`EDU_COALESCE`]; best effort, never queued durably.
+    pub fn start_edus(self: &Arc<Self>, mut rx: mpsc::UnboundedReceiver<(ServerName, missive_spec::Ephemeral)>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some((dest, e)) = rx.recv().await {
+                let schedule = {
+                    let mut edus = me.edus.lock().unwrap_or_else(|e| e.into_inner());
+                    let fresh = !edus.contains_key(&dest);
+                    let p = edus.entry(dest.clone()).or_default();
+                    match e {
+                        missive_spec::Ephemeral::Presence(u) => {
+                            p.presence.insert(u.user.clone(), u);
+                        }
+                        missive_spec::Ephemeral::Typing(t) => {
+                            p.typing.insert((t.user.clone(), t.conv), t);
+                        }
+                    }
+                    fresh
+                };
+                if schedule {
+                    let me = me.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(EDU_COALESCE).await;
+                        let Some(p) = me.edus.lock().unwrap_or_else(|e| e.into_inner()).remove(&dest) else { return };
+                        let req = FedRequest::Edu { typing: p.typing.into_values().collect(), presence: p.presence.into_values().collect() };
+                        let peer = me.peer(&dest);
+                        let sent = async {
+                            let conn = me.connection(&dest, &peer.conn).await?;
+                            me.request(&conn, req).await
+                        };
+                        if let Err(e) = sent.await {
+                            tracing::debug!(peer = %dest, error = %e, "ephemeral update not delivered");
+                        }
+                    });
+                }
+            }
+        });
     }
 
     /// Starts accepting peers, and a sender for every destination with queued units.
@@ -491,6 +548,25 @@ impl Federation {
                 FedResponse::TxnResult { id, results }
             }
             FedRequest::Backfill { conv, last, first } => self.serve_backfill(peer, conv, first, last),
+            FedRequest::Edu { typing, presence } => {
+                if typing.len() + presence.len() > MAX_EDU_UPDATES {
+                    return fed_error(FedErrorCode::TooMany, format!("at most {MAX_EDU_UPDATES} updates per request"));
+                }
+                for p in presence {
+                    if p.user.is_on(peer) {
+                        self.presence.remote_update(p);
+                    }
+                }
+                for t in typing {
+                    let ok = t.user.is_on(peer)
+                        && t.peer.is_on(&self.server)
+                        && t.conv == ConversationId::one_to_one(&t.user, &t.peer);
+                    if ok {
+                        self.presence.remote_typing(t);
+                    }
+                }
+                FedResponse::Ok {}
+            }
         }
     }
 

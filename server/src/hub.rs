@@ -1,15 +1,21 @@
-//! Live-event wake-ups: one watch channel per local user carrying the head of their
-//! event stream. Subscribers read events from the store; the hub only says "there is more",
-//! so a slow subscriber can never miss or lose an event.
+//! Live wake-ups for subscriptions. Per local user: a watch channel carrying the head of
+//! their event stream (subscribers read the events from the store, so a slow subscriber
+//! can never miss one), and a broadcast channel of ephemeral updates (presence, typing),
+//! which are never stored and may be dropped for a subscriber that lags.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tokio::sync::watch;
+use missive_spec::Ephemeral;
+use tokio::sync::{broadcast, watch};
+
+/// Ephemeral updates a lagging subscriber may have queued before older ones are dropped.
+const EPHEMERAL_BACKLOG: usize = 64;
 
 #[derive(Default)]
 pub struct Hub {
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
+    ephemeral: Mutex<HashMap<String, broadcast::Sender<Ephemeral>>>,
 }
 
 impl Hub {
@@ -26,6 +32,23 @@ impl Hub {
                 m.remove(localpart);
             } else {
                 tx.send_replace(head);
+            }
+        }
+    }
+
+    pub fn subscribe_ephemeral(&self, localpart: &str) -> broadcast::Receiver<Ephemeral> {
+        let mut m = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(localpart.to_owned()).or_insert_with(|| broadcast::channel(EPHEMERAL_BACKLOG).0).subscribe()
+    }
+
+    /// Pushes an ephemeral update to `localpart`'s live subscriptions, if any.
+    pub fn push_ephemeral(&self, localpart: &str, e: Ephemeral) {
+        let mut m = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = m.get(localpart) {
+            if tx.receiver_count() == 0 {
+                m.remove(localpart);
+            } else {
+                let _ = tx.send(e);
             }
         }
     }

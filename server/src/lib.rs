@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod federation;
 pub mod hub;
+pub mod presence;
 pub mod records;
 pub mod sequencer;
 pub mod server;

@@ -58,6 +58,14 @@ pub struct MsgIdRecord {
     pub hash: [u8; 32],
 }
 
+/// A local user's presence facts that outlive a restart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    pub last_seen_ms: Option<u64>,
+    #[serde(default)]
+    pub hide_last_seen: bool,
+}
+
 /// A unit the destination refused for good.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -320,6 +320,7 @@ impl Writer {
             if user.is_on(&self.ctx.server) {
                 if new_conv {
                     g.batch.put(Cf::UserConvs, keys::user_conv(user.localpart(), &msg.conv), peer.as_str().as_bytes().to_vec());
+                    g.batch.put(Cf::Contacts, keys::contact(peer, user.localpart()), Vec::new());
                 }
                 self.push_event(g, user.localpart(), EventKind::Message(msg.clone()))?;
             }

@@ -22,8 +22,8 @@ use crate::store::Store;
 
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client connection with no traffic for this long is closed.
-const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Clients send keep-alives every 3 s; one silent this long is gone (and offline).
+const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A federation link with no traffic for this long is closed (keep-alives run every 5 s).
 const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,10 +37,13 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = WriterContext { server: config.server_name.clone(), key: key.clone(), hub: hub.clone(), outbound: Some(queued_tx) };
     let (sequencer, writer) = Sequencer::start(store.clone(), ctx);
+    let (edu_tx, edu_rx) = tokio::sync::mpsc::unbounded_channel();
+    let presence = crate::presence::Presence::new(config.server_name.clone(), store.clone(), hub.clone(), edu_tx);
     let service = Arc::new(Service {
         store: store.clone(),
         sequencer: sequencer.clone(),
         hub,
+        presence: presence.clone(),
         server: config.server_name.clone(),
         registration: Registration { policy: config.registration.policy, token: config.registration.token.clone() },
     });
@@ -69,9 +72,11 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
         store,
         sequencer.clone(),
         timing,
+        presence,
         shutdown_rx.clone(),
     );
     federation.start(queued_rx)?;
+    federation.start_edus(edu_rx);
     let inflight = Arc::new(Inflight::default());
     let api = Arc::new(Api { service, shutdown: shutdown_rx.clone(), inflight: inflight.clone() });
     let serving = tokio::spawn(api.serve(endpoint.clone()));

@@ -27,6 +27,7 @@ pub struct Service {
     pub store: Arc<dyn Store>,
     pub sequencer: Sequencer,
     pub hub: Arc<Hub>,
+    pub presence: Arc<crate::presence::Presence>,
     pub server: ServerName,
     pub registration: Registration,
 }
@@ -101,7 +102,7 @@ impl Service {
                     return Err(ApiError::invalid(format!("limit must be 1 to {}", limits::SYNC_MAX_EVENTS)));
                 }
                 let (next, events) = self.events(&c.user, since, limit).await?;
-                Ok(Response::Events { next, events })
+                Ok(Response::Events { next, events, ephemeral: Vec::new() })
             }
             Request::Subscribe { .. } => Err(ApiError::invalid("subscribe is answered on its own stream")),
             Request::Receipt { kind, with, up_to } => {
@@ -128,6 +129,29 @@ impl Service {
                     devices.push(DeviceInfo { current: id == c.device, id, name: rec.name, created_ms: rec.created_ms });
                 }
                 Ok(Response::Devices { devices })
+            }
+            Request::Presence { user } => {
+                let c = self.authenticate(auth)?;
+                // Only someone who shares a conversation with the user may see it; anyone
+                // else gets the same answer as for a user who does not exist.
+                if user != c.user && !self.shares_conversation(&c.user, &user)? {
+                    return Err(err(ErrorCode::UnknownUser, format!("no such user {user}")));
+                }
+                let p = self.presence.current(&user);
+                Ok(Response::Presence { user: p.user, online: p.online, last_seen: p.last_seen })
+            }
+            Request::Settings { hide_last_seen } => {
+                let c = self.authenticate(auth)?;
+                self.presence.set_hide_last_seen(&c.user, hide_last_seen);
+                Ok(Response::Ok {})
+            }
+            Request::Typing { with } => {
+                let c = self.authenticate(auth)?;
+                if with == c.user || !self.shares_conversation(&c.user, &with)? {
+                    return Err(err(ErrorCode::UnknownUser, format!("no conversation with {with}")));
+                }
+                self.presence.typing(&c.user, &with)?;
+                Ok(Response::Ok {})
             }
             Request::RevokeDevice { device } => {
                 let c = self.authenticate(auth)?;
@@ -224,6 +248,11 @@ impl Service {
         self.sequencer.add_device(user.clone(), device).await?;
         tracing::info!(%user, device = %id, "logged in");
         Ok(Response::Session { user, token, device: id })
+    }
+
+    fn shares_conversation(&self, me: &UserId, other: &UserId) -> Result<bool, ApiError> {
+        let conv = ConversationId::one_to_one(me, other);
+        Ok(self.store.get(Cf::UserConvs, &keys::user_conv(me.localpart(), &conv))?.is_some())
     }
 
     fn local_user_exists(&self, user: &UserId) -> Result<bool, ApiError> {

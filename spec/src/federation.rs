@@ -92,6 +92,14 @@ pub enum FedRequest {
     },
     /// F§7: send again the asked server's own messages `first..=last` of `conv`.
     Backfill { conv: ConversationId, last: u64, first: u64 },
+    /// F§11: ephemeral updates about users of the sending server, coalesced; not stored,
+    /// not signed (the link authenticates the sender).
+    Edu {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        typing: Vec<crate::wire::TypingUpdate>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        presence: Vec<crate::wire::PresenceUpdate>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +113,7 @@ pub enum FedResponse {
     },
     /// The units a backfill asked for, in `origin_seq` order.
     Units { units: Vec<SignedUnit> },
+    Ok {},
     Error { code: FedErrorCode, message: String },
 }
 

@@ -81,6 +81,12 @@ pub enum Request {
     Devices {},
     /// §11: revoke one of the caller's other devices.
     RevokeDevice { device: DeviceId },
+    /// §12.2: whether `user` is online, or when last seen.
+    Presence { user: UserId },
+    /// §12.4: the caller's settings.
+    Settings { hide_last_seen: bool },
+    /// §13: the caller is typing to `with`.
+    Typing { with: UserId },
 }
 
 /// Every response of the client protocol (§6).
@@ -108,8 +114,20 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         delivered: Option<Watermark>,
     },
-    /// `next` is the position to ask for next time (§6.5).
-    Events { next: u64, events: Vec<Event> },
+    /// `next` is the position to ask for next time (§6.5). `ephemeral` updates (§12, §13)
+    /// come only on subscriptions and are never stored.
+    Events {
+        next: u64,
+        events: Vec<Event>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ephemeral: Vec<Ephemeral>,
+    },
+    Presence {
+        user: UserId,
+        online: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seen: Option<u64>,
+    },
     Devices { devices: Vec<DeviceInfo> },
     Error { code: ErrorCode, message: String },
 }
@@ -249,6 +267,32 @@ pub enum EventKind {
     Message(Message),
     /// A watermark of either user of one of the user's conversations moved (§10).
     Receipt(Receipt),
+}
+
+/// Updates pushed to live subscriptions and never stored (§12, §13).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ephemeral {
+    Presence(PresenceUpdate),
+    Typing(TypingUpdate),
+}
+
+/// `user` is online, or offline and last seen at `last_seen` (ms; absent when hidden) (§12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceUpdate {
+    pub user: UserId,
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+}
+
+/// `user` is typing to `peer` in `conv` until `until` (ms since the epoch) (§13).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypingUpdate {
+    pub conv: ConversationId,
+    pub peer: UserId,
+    pub user: UserId,
+    pub until: u64,
 }
 
 /// What a receipt says (§10.1).

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use missive_spec::codec;
 use missive_spec::diag::{check_deterministic, diagnostic};
 use missive_spec::{
-    ClientMsgId, Content, ConversationId, Cursor, Deps, DeviceId, DeviceInfo, ErrorCode, Event, EventKind, Message,
-    OrderKey, Receipt, ReceiptKind, RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, ServerName,
-    UserId, Watermark,
+    ClientMsgId, Content, ConversationId, Cursor, Deps, DeviceId, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind,
+    Message, OrderKey, PresenceUpdate, Receipt, ReceiptKind, RegistrationPolicy, Request, RequestFrame, Response,
+    ResponseFrame, ServerName, TypingUpdate, UserId, Watermark,
 };
 use serde_json::{json, Value};
 
@@ -97,6 +97,9 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
             ),
         ),
         ("devices", "11", f(Request::Devices {}, &token)),
+        ("presence", "12.2", f(Request::Presence { user: user("@bob:beta.example") }, &token)),
+        ("settings", "12.4", f(Request::Settings { hide_last_seen: true }, &token)),
+        ("typing", "13", f(Request::Typing { with: user("@bob:beta.example") }, &token)),
         ("revoke device", "11", f(Request::RevokeDevice { device: DeviceId::parse("K7Q2M9XW4BRT").unwrap() }, &token)),
         (
             "history before cursor",
@@ -137,7 +140,7 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
         (
             "events",
             "6.5",
-            f(Response::Events { next: 7, events: vec![Event { pos: 7, event: EventKind::Message(m.clone()) }] }),
+            f(Response::Events { next: 7, events: vec![Event { pos: 7, event: EventKind::Message(m.clone()) }], ephemeral: vec![] }),
         ),
         (
             "page",
@@ -156,6 +159,7 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
             "10.4",
             f(Response::Events {
                 next: 8,
+                ephemeral: vec![],
                 events: vec![Event {
                     pos: 8,
                     event: EventKind::Receipt(Receipt {
@@ -167,6 +171,23 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
                     }),
                 }],
             }),
+        ),
+        (
+            "ephemeral presence and typing",
+            "12.3",
+            f(Response::Events {
+                next: 8,
+                events: vec![],
+                ephemeral: vec![
+                    Ephemeral::Presence(PresenceUpdate { user: m.to.clone(), online: false, last_seen: Some(1_795_366_900_000) }),
+                    Ephemeral::Typing(TypingUpdate { conv: m.conv, peer: m.from.clone(), user: m.to.clone(), until: 1_795_366_905_000 }),
+                ],
+            }),
+        ),
+        (
+            "presence",
+            "12.2",
+            f(Response::Presence { user: m.to.clone(), online: true, last_seen: None }),
         ),
         (
             "devices",

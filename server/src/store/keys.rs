@@ -110,6 +110,11 @@ pub fn parse_event(k: &[u8]) -> Option<(String, u64)> {
 }
 
 // user_convs: localpart 0 conversation id
+pub fn user_conv_prefix(localpart: &str) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    k
+}
 pub fn user_conv(localpart: &str, conv: &ConversationId) -> Vec<u8> {
     let mut k = Vec::new();
     text_part(&mut k, localpart);
@@ -181,6 +186,27 @@ pub fn read_cursors_of(localpart: &str, device: &DeviceId) -> Vec<u8> {
     k
 }
 
+// contacts: user id 0 local localpart
+pub fn contacts_of(user: &UserId) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, user.as_str());
+    k
+}
+pub fn contact(user: &UserId, localpart: &str) -> Vec<u8> {
+    let mut k = contacts_of(user);
+    k.extend_from_slice(localpart.as_bytes());
+    k
+}
+pub fn parse_contact(k: &[u8]) -> Option<(UserId, String)> {
+    let (user, local) = split_text(k)?;
+    Some((UserId::parse(user).ok()?, std::str::from_utf8(local).ok()?.to_owned()))
+}
+
+// presence: localpart
+pub fn presence(localpart: &str) -> Vec<u8> {
+    localpart.as_bytes().to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +224,8 @@ mod tests {
             prop_assert_eq!(parse_message(&message(&conv, &ok)), Some((conv, ok)));
             prop_assert_eq!(parse_msg_id(&msg_id(&conv, &origin, seq)), Some((conv, origin.clone(), seq)));
             prop_assert_eq!(parse_event(&event(&local, pos)), Some((local.clone(), pos)));
+            let someone = UserId::parse(&format!("@{local}:{origin}")).unwrap();
+            prop_assert_eq!(parse_contact(&contact(&someone, &local)), Some((someone.clone(), local.clone())));
             let lane = (rank % u64::from(LANES)) as u8;
             prop_assert_eq!(parse_queue(&queue(&origin, lane, pos)), Some((origin.clone(), lane, pos)));
             prop_assert!(queue(&origin, lane, pos).starts_with(&queue_lane(&origin, lane)));

@@ -40,10 +40,14 @@ pub enum Cf {
     Receipts,
     /// localpart, device, conversation → that device's read watermark
     ReadCursors,
+    /// user id (any server), local localpart → () : local users with a conversation with that user
+    Contacts,
+    /// localpart → `PresenceRecord` (last seen, settings)
+    Presence,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 14] = [
+    pub const ALL: [Cf; 16] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -58,6 +62,8 @@ impl Cf {
         Cf::DeadLetters,
         Cf::Receipts,
         Cf::ReadCursors,
+        Cf::Contacts,
+        Cf::Presence,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -75,6 +81,8 @@ impl Cf {
             Cf::DeadLetters => "dead_letters",
             Cf::Receipts => "receipts",
             Cf::ReadCursors => "read_cursors",
+            Cf::Contacts => "contacts",
+            Cf::Presence => "presence",
         }
     }
 }
