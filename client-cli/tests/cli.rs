@@ -175,6 +175,11 @@ async fn chat_sends_typed_lines_and_shows_incoming_ones() {
         "{skipped:?}"
     );
 
+    // alice starts typing: bob's chat shows it.
+    ok(&s.alice, &["typing", "@bob:alpha.test"], None).await;
+    let typing = next_of(&mut lines, "typing", &mut skipped).await;
+    assert_eq!(typing["user"], "@alice:alpha.test");
+
     // Ctrl-D: end of input quits cleanly.
     drop(stdin);
     let status = tokio::time::timeout(DEADLINE, chat.wait()).await.expect("chat did not quit").unwrap();
