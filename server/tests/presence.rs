@@ -62,6 +62,16 @@ async fn presence_crosses_servers_quickly_and_only_to_contacts() {
     let bob_as_stranger = bob.presence(&uid("carol", &s[0])).await.unwrap_err();
     assert_eq!(bob_as_stranger.code(), Some(ErrorCode::UnknownUser));
 
+    // The same between two users of one server: carol comes online for alice.
+    let carol_id = uid("carol", &s[0]);
+    alice.send_text(&carol_id, "hi carol").await.unwrap();
+    let t2 = Instant::now();
+    let (carol_sub, _, _) = carol.subscribe(0).await.unwrap();
+    next_ephemeral(&mut alice_sub, is_presence(&carol_id, true)).await;
+    println!("carol (same server) online at alice's device after {:?}", t2.elapsed());
+    drop(carol_sub);
+    next_ephemeral(&mut alice_sub, is_presence(&carol_id, false)).await;
+
     // bob hides his last-seen time.
     bob.set_hide_last_seen(true).await.unwrap();
     let hidden = next_ephemeral(&mut alice_sub, is_presence(&bob_id, false)).await;
