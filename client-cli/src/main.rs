@@ -296,6 +296,25 @@ fn print_event(json: bool, e: &Event) {
     }
 }
 
+fn print_ephemeral(json: bool, e: &missive_spec::Ephemeral) {
+    if json {
+        println!("{}", missive_cli::output::ephemeral_json(e));
+    } else {
+        println!("{}", missive_cli::output::ephemeral_line(e));
+    }
+}
+
+/// A subscription frame, or why the connection is gone (`Err(reason)`: reconnect). A
+/// revoked token is fatal.
+fn frame_or_lost(r: Result<Option<missive_cli::client::Frame>, ClientError>) -> anyhow::Result<Result<missive_cli::client::Frame, String>> {
+    match r {
+        Ok(Some(f)) => Ok(Ok(f)),
+        Ok(None) => Ok(Err("the server ended the subscription".to_owned())),
+        Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
+        Err(e) => Ok(Err(e.to_string())),
+    }
+}
+
 /// Tells the server that this device now has the other users' messages among `events`:
 /// one delivered receipt per conversation, up to the newest such message.
 async fn ack_delivered(c: &Client, me: &UserId, events: &[Event]) -> anyhow::Result<()> {
@@ -452,7 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let p = c.presence(&user).await?;
             let e = missive_spec::Ephemeral::Presence(p);
             if json {
-                println!("{}", missive_cli::output::ephemeral_json(&e));
+                print_ephemeral(true, &e);
             } else {
                 println!("{}", missive_cli::output::ephemeral_line(&e).trim_start_matches("-- "));
             }
@@ -582,21 +601,15 @@ async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
                 profile.save_session(&s)?;
             }
             tokio::select! {
-                frame = sub.next_frame() => match frame {
-                    Ok(Some(f)) => {
+                frame = sub.next_frame() => match frame_or_lost(frame)? {
+                    Ok(f) => {
                         for e in &f.ephemeral {
-                            if json {
-                                println!("{}", missive_cli::output::ephemeral_json(e));
-                            } else {
-                                println!("{}", missive_cli::output::ephemeral_line(e));
-                            }
+                            print_ephemeral(json, e);
                         }
                         next = f.next;
                         events = f.events;
                     }
-                    Ok(None) => break "the server ended the subscription".to_owned(),
-                    Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
-                    Err(e) => break e.to_string(),
+                    Err(lost) => break lost,
                 },
                 _ = tokio::signal::ctrl_c() => {
                     c.close().await;
@@ -732,26 +745,20 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
                         return Ok(());
                     }
                 },
-                frame = sub.next_frame() => match frame {
-                    Ok(Some(f)) => {
+                frame = sub.next_frame() => match frame_or_lost(frame)? {
+                    Ok(f) => {
                         for e in &f.ephemeral {
                             let about_peer = match e {
                                 missive_spec::Ephemeral::Presence(p) => p.user == *with,
                                 missive_spec::Ephemeral::Typing(t) => t.user == *with && t.conv == conv,
                             };
                             if about_peer {
-                                if json {
-                                    println!("{}", missive_cli::output::ephemeral_json(e));
-                                } else {
-                                    println!("{}", missive_cli::output::ephemeral_line(e));
-                                }
+                                print_ephemeral(json, e);
                             }
                         }
                         events = f.events;
                     }
-                    Ok(None) => break "the server ended the subscription".to_owned(),
-                    Err(ClientError::Server { code: missive_spec::ErrorCode::Unauthorized, message }) => bail!("unauthorized: {message}"),
-                    Err(e) => break e.to_string(),
+                    Err(lost) => break lost,
                 },
                 _ = tokio::signal::ctrl_c() => {
                     c.close().await;
