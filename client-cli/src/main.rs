@@ -293,6 +293,8 @@ fn print_event(json: bool, e: &Event) {
         EventKind::Message(m) => print_message(json, "message", m, Some(e.pos)),
         EventKind::Receipt(r) if json => println!("{}", receipt_json(r, Some(e.pos))),
         EventKind::Receipt(r) => println!("{}", receipt_line(r)),
+        // A kind this version does not know (spec §6.5): skipped.
+        EventKind::Unknown(_) => {}
     }
 }
 
@@ -713,7 +715,7 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
                             println!("{}", receipt_line(&r));
                         }
                     }
-                    EventKind::Receipt(_) => {}
+                    EventKind::Receipt(_) | EventKind::Unknown(_) => {}
                 }
             }
             // On screen means delivered and read.
@@ -751,6 +753,7 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
                             let about_peer = match e {
                                 missive_spec::Ephemeral::Presence(p) => p.user == *with,
                                 missive_spec::Ephemeral::Typing(t) => t.user == *with && t.conv == conv,
+                                missive_spec::Ephemeral::Unknown(_) => false,
                             };
                             if about_peer {
                                 print_ephemeral(json, e);

@@ -128,6 +128,7 @@ pub fn ephemeral_json(e: &Ephemeral) -> String {
     match e {
         Ephemeral::Presence(p) => json!({"type": "presence", "user": p.user.as_str(), "online": p.online, "last_seen": p.last_seen}).to_string(),
         Ephemeral::Typing(t) => json!({"type": "typing", "user": t.user.as_str(), "conv": t.conv.to_hex(), "until": t.until}).to_string(),
+        Ephemeral::Unknown(kind) => json!({"type": "unknown", "kind": kind}).to_string(),
     }
 }
 
@@ -140,5 +141,6 @@ pub fn ephemeral_line(e: &Ephemeral) -> String {
             None => format!("-- {} is offline", p.user),
         },
         Ephemeral::Typing(t) => format!("-- {} is typing…", t.user),
+        Ephemeral::Unknown(kind) => format!("-- ({kind} update; this missive version cannot show it)"),
     }
 }

@@ -179,6 +179,7 @@ impl Federation {
                         missive_spec::Ephemeral::Typing(t) => {
                             p.typing.insert((t.user.clone(), t.conv), t);
                         }
+                        missive_spec::Ephemeral::Unknown(_) => {}
                     }
                     fresh
                 };

@@ -260,21 +260,64 @@ pub struct Event {
     pub event: EventKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A message the user sent (from any of their devices) or received.
     Message(Message),
     /// A watermark of either user of one of the user's conversations moved (§10).
     Receipt(Receipt),
+    /// A kind this version does not know (a later minor revision); skipped (§6.5).
+    #[serde(skip_serializing)]
+    Unknown(String),
 }
 
+/// Decodes `{NAME: VALUE}`, turning a NAME this version does not know into `unknown(NAME)`
+/// instead of an error, as §6.5 requires of clients.
+macro_rules! tolerant_enum {
+    ($t:ident { $($name:literal => $variant:ident($inner:ty)),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a map with one key naming the kind")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<$t, A::Error> {
+                        use serde::de::Error;
+                        let key: String = map.next_key()?.ok_or_else(|| A::Error::custom("empty map"))?;
+                        let value = match key.as_str() {
+                            $($name => $t::$variant(map.next_value::<$inner>()?),)+
+                            _ => {
+                                map.next_value::<serde::de::IgnoredAny>()?;
+                                $t::Unknown(key)
+                            }
+                        };
+                        if map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+                            return Err(A::Error::custom("more than one key"));
+                        }
+                        Ok(value)
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+    };
+}
+
+tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(Receipt) });
+tolerant_enum!(Ephemeral { "presence" => Presence(PresenceUpdate), "typing" => Typing(TypingUpdate) });
+
 /// Updates pushed to live subscriptions and never stored (§12, §13).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Ephemeral {
     Presence(PresenceUpdate),
     Typing(TypingUpdate),
+    /// A kind this version does not know; skipped (§12.3).
+    #[serde(skip_serializing)]
+    Unknown(String),
 }
 
 /// `user` is online, or offline and last seen at `last_seen` (ms; absent when hidden) (§12).
@@ -343,4 +386,36 @@ pub struct DeviceInfo {
     /// True for the device making the request.
     pub current: bool,
     pub created_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+    use ciborium::cbor;
+
+    #[test]
+    fn unknown_event_and_ephemeral_kinds_are_skipped_not_fatal() {
+        let frame = cbor!({
+            "v" => 0,
+            "res" => {"events" => {
+                "next" => 9,
+                "events" => [{"pos" => 9, "event" => {"reaction" => {"emoji" => "x", "nested" => [1, 2]}}}],
+                "ephemeral" => [{"call_ringing" => {"who" => "@a:b"}}],
+            }},
+        })
+        .unwrap();
+        let f: ResponseFrame = codec::decode(&codec::encode(&frame)).unwrap();
+        match f.res {
+            Response::Events { next, events, ephemeral } => {
+                assert_eq!(next, 9);
+                assert_eq!(events[0].event, EventKind::Unknown("reaction".into()));
+                assert_eq!(ephemeral[0], Ephemeral::Unknown("call_ringing".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two keys in one kind map are still an error.
+        let bad = cbor!({"message" => {}, "receipt" => {}}).unwrap();
+        assert!(codec::decode::<EventKind>(&codec::encode(&bad)).is_err());
+    }
 }
