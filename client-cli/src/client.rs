@@ -18,7 +18,7 @@ pub enum ClientError {
     #[error("cannot connect to {addr}: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("server key changed: pinned {pinned}, server presented {presented}")]
-    KeyMismatch { pinned: PublicKey, presented: PublicKey },
+    KeyMismatch { pinned: Box<PublicKey>, presented: Box<PublicKey> },
     #[error("{code}: {message}")]
     Server { code: ErrorCode, message: String },
     #[error("connection lost: {0}")]
@@ -177,7 +177,7 @@ impl Client {
             }
             Err(e) => match (pin, verifier.seen()) {
                 (Pin::Key(pinned), Some(presented)) if pinned != presented => {
-                    Err(ClientError::KeyMismatch { pinned, presented })
+                    Err(ClientError::KeyMismatch { pinned: Box::new(pinned), presented: Box::new(presented) })
                 }
                 _ => Err(cerr(e.to_string())),
             },

@@ -1,5 +1,6 @@
 //! How the CLI prints things: one readable line per item, or with `--json` one JSON object
-//! per line. Every JSON object has a `type`: `message`, `sent`, `page`, `session`, `synced`.
+//! per line. Every JSON object has a `type` (`message`, `sent`, `receipt`, `page`, `session`,
+//! `synced`, `queued`, `device`, `presence`, `typing`, `ok`), listed in `missive --help`.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -112,16 +113,6 @@ pub fn utc(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_dates() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
-        assert_eq!(super::utc(1_795_366_800_000), "2026-11-22 17:00:00");
-    }
-}
-
 /// `{"type":"presence","user":…,"online":…,"last_seen":…}` or
 /// `{"type":"typing","user":…,"conv":…,"until":…}`
 pub fn ephemeral_json(e: &Ephemeral) -> String {
@@ -142,5 +133,15 @@ pub fn ephemeral_line(e: &Ephemeral) -> String {
         },
         Ephemeral::Typing(t) => format!("-- {} is typing…", t.user),
         Ephemeral::Unknown(kind) => format!("-- ({kind} update; this missive version cannot show it)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_795_366_800_000), "2026-11-22 17:00:00");
     }
 }

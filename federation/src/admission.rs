@@ -34,16 +34,7 @@ pub fn releasable(head: u64, held: impl IntoIterator<Item = u64>) -> Vec<u64> {
     let mut held: Vec<u64> = held.into_iter().filter(|s| *s > head).collect();
     held.sort_unstable();
     held.dedup();
-    let mut out = Vec::new();
-    let mut next = head + 1;
-    for s in held {
-        if s != next {
-            break;
-        }
-        out.push(s);
-        next += 1;
-    }
-    out
+    held.into_iter().zip(head + 1..).take_while(|(s, want)| s == want).map(|(s, _)| s).collect()
 }
 
 /// The ranges still missing below the highest held seq, given what is held.

@@ -110,8 +110,11 @@ pub struct Discovery {
     negative_ttl: Duration,
     dns: Arc<TokioResolver>,
     http: reqwest::Client,
-    cache: Mutex<HashMap<ServerName, (Instant, Result<PeerInfo, DiscoveryError>)>>,
+    cache: Mutex<HashMap<ServerName, Cached>>,
 }
+
+/// A lookup result and when it stops being good.
+type Cached = (Instant, Result<PeerInfo, DiscoveryError>);
 
 struct HickoryForReqwest(Arc<TokioResolver>);
 

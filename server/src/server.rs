@@ -105,9 +105,8 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     endpoint.close(0u32.into(), b"server shutting down");
     fed_endpoint.close(0u32.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    match admin.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "admin socket"),
-        _ => {}
+    if let Ok(Err(e)) = admin.await {
+        tracing::warn!(error = %e, "admin socket");
     }
     sequencer.stop().await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;

@@ -76,10 +76,7 @@ async fn sigterm_stops_cleanly_and_operator_adds_users_offline_and_online() {
     // While running, through the admin socket.
     srv.add_user("alice", &password("alice")).await.unwrap();
     let alice = login(&srv, "alice").await;
-    assert_eq!(
-        srv.add_user("alice", &password("alice")).await.unwrap_err().to_string().contains("already exists"),
-        true
-    );
+    assert!(srv.add_user("alice", &password("alice")).await.unwrap_err().to_string().contains("already exists"));
     let mut c = connect(&srv).await;
     let e = c.register(&uid("mallory", &srv), "pw-mallory-x", None, None).await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::RegistrationClosed));

@@ -195,7 +195,7 @@ async fn backoff_resets_the_moment_the_peer_contacts_us() {
     bob.send_text(&alice_id, "hello alpha").await.unwrap();
     eventually("alice's message to reach bob", || async {
         let h = full_history(&bob, &alice_id, 10).await;
-        h.iter().any(|x| *x == m).then_some(())
+        h.contains(&m).then_some(())
     })
     .await;
     let waited = sent_at.elapsed();
