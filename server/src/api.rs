@@ -94,7 +94,8 @@ impl Api {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let api = self.clone();
-                    tokio::spawn(async move { api.stream(send, recv).await }.in_current_span());
+                    let from = conn.remote_address().ip();
+                    tokio::spawn(async move { api.stream(send, recv, from).await }.in_current_span());
                 }
                 Err(e) => {
                     tracing::debug!(reason = %e, "connection closed");
@@ -104,7 +105,7 @@ impl Api {
         }
     }
 
-    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, from: std::net::IpAddr) {
         let _guard = self.inflight.enter();
         if *self.shutdown.borrow() {
             let _ = write_frame(&mut send, &error_frame(ErrorCode::ShuttingDown, "server is shutting down")).await;
@@ -142,7 +143,7 @@ impl Api {
             let _ = send.finish();
             return;
         }
-        let res = self.service.handle(frame).await;
+        let res = self.service.handle(frame, from).await;
         if write_frame(&mut send, &response(res)).await.is_ok() {
             let _ = send.finish();
         }

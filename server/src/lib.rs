@@ -17,6 +17,7 @@ pub mod error;
 pub mod federation;
 pub mod hub;
 pub mod presence;
+pub mod ratelimit;
 pub mod records;
 pub mod sequencer;
 pub mod server;

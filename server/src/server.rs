@@ -40,6 +40,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     let (edu_tx, edu_rx) = tokio::sync::mpsc::unbounded_channel();
     let presence = crate::presence::Presence::new(config.server_name.clone(), store.clone(), hub.clone(), edu_tx);
     let service = Arc::new(Service {
+        limits: Default::default(),
         store: store.clone(),
         sequencer: sequencer.clone(),
         hub,

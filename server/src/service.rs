@@ -1,6 +1,8 @@
 //! What each client request does (spec §6), independent of the transport that carried it.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -13,6 +15,7 @@ use crate::accounts;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::records::{self, DeviceRecord, TokenRecord, UserRecord};
+use crate::ratelimit::FailureLimiter;
 use crate::sequencer::{NewDevice, Sequencer};
 use crate::store::{keys, Cf, Direction, Store};
 
@@ -23,7 +26,28 @@ pub struct Registration {
     pub token: Option<String>,
 }
 
+/// Failed logins allowed per account, and per source address, in [`LOGIN_WINDOW`] (§6.2).
+pub const LOGIN_FAILURES_PER_ACCOUNT: u32 = 5;
+pub const LOGIN_FAILURES_PER_ADDRESS: u32 = 20;
+pub const LOGIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Brute-force brakes on password and registration-token guessing.
+pub struct Limits {
+    pub accounts: FailureLimiter<UserId>,
+    pub addresses: FailureLimiter<IpAddr>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            accounts: FailureLimiter::new(LOGIN_FAILURES_PER_ACCOUNT, LOGIN_WINDOW),
+            addresses: FailureLimiter::new(LOGIN_FAILURES_PER_ADDRESS, LOGIN_WINDOW),
+        }
+    }
+}
+
 pub struct Service {
+    pub limits: Limits,
     pub store: Arc<dyn Store>,
     pub sequencer: Sequencer,
     pub hub: Arc<Hub>,
@@ -60,15 +84,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Service {
-    /// Answers every request but `subscribe`, which the transport streams itself.
-    pub async fn handle(&self, frame: RequestFrame) -> Response {
-        match self.dispatch(frame).await {
+    /// Answers every request but `subscribe`, which the transport streams itself. `from` is
+    /// the client's address, for brute-force limits.
+    pub async fn handle(&self, frame: RequestFrame, from: IpAddr) -> Response {
+        match self.dispatch(frame, from).await {
             Ok(r) => r,
             Err(e) => Response::Error { code: e.code, message: e.message },
         }
     }
 
-    async fn dispatch(&self, frame: RequestFrame) -> Result<Response, ApiError> {
+    async fn dispatch(&self, frame: RequestFrame, from: IpAddr) -> Result<Response, ApiError> {
         let auth = frame.auth.as_deref();
         match frame.req {
             Request::Info {} => Ok(Response::Info {
@@ -77,9 +102,28 @@ impl Service {
                 registration: self.registration.policy,
             }),
             Request::Register { user, token, password, device_name } => {
-                self.register(user, token, password, device_name).await
+                self.limited(&from, None)?;
+                let r = self.register(user, token, password, device_name).await;
+                if matches!(&r, Err(e) if e.code == ErrorCode::RegistrationClosed) {
+                    self.limits.addresses.failed(&from, Instant::now());
+                }
+                r
             }
-            Request::Login { user, password, device_name } => self.login(user, password, device_name).await,
+            Request::Login { user, password, device_name } => {
+                self.limited(&from, Some(&user))?;
+                let r = self.login(user.clone(), password, device_name).await;
+                match &r {
+                    Err(e) if e.code == ErrorCode::BadCredentials => {
+                        let now = Instant::now();
+                        self.limits.accounts.failed(&user, now);
+                        self.limits.addresses.failed(&from, now);
+                        tracing::info!(%user, %from, "failed login");
+                    }
+                    Ok(_) => self.limits.accounts.succeeded(&user),
+                    Err(_) => {}
+                }
+                r
+            }
             Request::Logout {} => {
                 let c = self.authenticate(auth)?;
                 self.sequencer.remove_device(c.user, c.device).await?;
@@ -162,6 +206,18 @@ impl Service {
                 tracing::info!(user = %c.user, %device, by = %c.device, "device revoked");
                 Ok(Response::Ok {})
             }
+        }
+    }
+
+    /// Refuses a login or registration while the account or the address is over its limit.
+    fn limited(&self, from: &IpAddr, user: Option<&UserId>) -> Result<(), ApiError> {
+        let now = Instant::now();
+        let wait = user
+            .and_then(|u| self.limits.accounts.check(u, now).err())
+            .or_else(|| self.limits.addresses.check(from, now).err());
+        match wait {
+            Some(w) => Err(err(ErrorCode::RateLimited, format!("too many failed attempts; try again in {} s", w.as_secs() + 1))),
+            None => Ok(()),
         }
     }
 

@@ -115,3 +115,31 @@ async fn a_connection_that_floods_garbage_does_not_stall_another_client() {
     }
     assert_eq!(messages(&bob.sync(0, None).await.unwrap().1), acks);
 }
+
+#[tokio::test]
+async fn password_guessing_is_rate_limited_per_account_and_per_address() {
+    let (_d, srv) = server("alpha.test", "open").await;
+    let alice = register(&srv, "alice").await;
+    let _bob = register(&srv, "bob").await;
+    let alice_id = uid("alice", &srv);
+    let mut guesser = connect(&srv).await;
+    for i in 0..5 {
+        assert_eq!(code(guesser.login(&alice_id, &format!("guess-{i}-xx"), None).await), Some(ErrorCode::BadCredentials));
+    }
+    // The account is locked for the window: even the right password is turned away.
+    assert_eq!(code(guesser.login(&alice_id, "guess-5-xx", None).await), Some(ErrorCode::RateLimited));
+    assert_eq!(code(guesser.login(&alice_id, &password("alice"), None).await), Some(ErrorCode::RateLimited));
+    // Another account from the same address still works (5 of 20 address failures used).
+    let mut bob2 = connect(&srv).await;
+    bob2.login(&uid("bob", &srv), &password("bob"), None).await.unwrap();
+    // Spraying other accounts from the same address: 15 more failures use up the address.
+    for i in 0..15 {
+        assert_eq!(code(guesser.login(&uid(&format!("u{i}"), &srv), "wrong-password", None).await), Some(ErrorCode::BadCredentials));
+    }
+    let mut bob3 = connect(&srv).await;
+    assert_eq!(code(bob3.login(&uid("bob", &srv), &password("bob"), None).await), Some(ErrorCode::RateLimited));
+    // Devices already logged in are not affected.
+    let m = alice.send_text(&uid("bob", &srv), "still here").await.unwrap();
+    assert_eq!(m.seq, 1);
+    assert!(bob2.sync(0, None).await.unwrap().1.len() == 1);
+}
