@@ -51,6 +51,46 @@ pub struct Api {
     pub service: Arc<Service>,
     pub shutdown: watch::Receiver<bool>,
     pub inflight: Arc<Inflight>,
+    pub slots: Arc<Slots>,
+}
+
+/// Connection slots, in all and per address.
+pub struct Slots {
+    max: usize,
+    max_per_address: usize,
+    used: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+pub struct Slot(Arc<Slots>, std::net::IpAddr);
+
+impl Slots {
+    pub fn new(max: usize, max_per_address: usize) -> Arc<Slots> {
+        Arc::new(Slots { max, max_per_address, used: Default::default() })
+    }
+
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let per = used.1.get(&ip).copied().unwrap_or(0);
+        if used.0 >= self.max || per >= self.max_per_address {
+            return None;
+        }
+        used.0 += 1;
+        used.1.insert(ip, per + 1);
+        Some(Slot(self.clone(), ip))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut used = self.0.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.0 = used.0.saturating_sub(1);
+        if let Some(n) = used.1.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                used.1.remove(&self.1);
+            }
+        }
+    }
 }
 
 fn response(res: Response) -> Vec<u8> {
@@ -69,10 +109,18 @@ impl Api {
             tokio::select! {
                 incoming = endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        let api = self.clone();
                         let peer = incoming.remote_address();
-                        tokio::spawn(async move { api.connection(incoming).await }
-                            .instrument(tracing::info_span!("client", %peer)));
+                        let Some(slot) = self.slots.take(peer.ip()) else {
+                            tracing::warn!(%peer, "connection refused: connection limit reached");
+                            incoming.refuse();
+                            continue;
+                        };
+                        let api = self.clone();
+                        tokio::spawn(async move {
+                            api.connection(incoming).await;
+                            drop(slot);
+                        }
+                        .instrument(tracing::info_span!("client", %peer)));
                     }
                     None => break,
                 },

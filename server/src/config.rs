@@ -66,6 +66,12 @@ pub struct PeerEntry {
 pub struct ClientSection {
     #[serde(default = "default_client_listen")]
     pub listen: SocketAddr,
+    /// Most client connections at once; more are refused at the handshake.
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    /// Most client connections at once from one IP address.
+    #[serde(default = "max_connections_per_address")]
+    pub max_connections_per_address: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +98,12 @@ fn key_file() -> PathBuf {
 fn default_client_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT))
 }
+fn max_connections() -> usize {
+    10_000
+}
+fn max_connections_per_address() -> usize {
+    64
+}
 fn default_federation_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], DEFAULT_FEDERATION_PORT))
 }
@@ -113,7 +125,11 @@ fn info() -> String {
 
 impl Default for ClientSection {
     fn default() -> Self {
-        ClientSection { listen: default_client_listen() }
+        ClientSection {
+            listen: default_client_listen(),
+            max_connections: max_connections(),
+            max_connections_per_address: max_connections_per_address(),
+        }
     }
 }
 impl Default for RegistrationSection {
@@ -225,6 +241,10 @@ key_file = "{KEY_FILE}"
 # UDP address of the client API (QUIC). The default serves this machine only; use
 # 0.0.0.0:{DEFAULT_CLIENT_PORT} to serve the network.
 listen = "{listen}"
+# Connections at once, in all and from one IP address; more are refused. Connections
+# silent for 15 s are closed (clients send keep-alives every 3 s).
+max_connections = 10000
+max_connections_per_address = 64
 
 [registration]
 # Who may create an account with `missive register`:

@@ -79,7 +79,8 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     federation.start(queued_rx)?;
     federation.start_edus(edu_rx);
     let inflight = Arc::new(Inflight::default());
-    let api = Arc::new(Api { service, shutdown: shutdown_rx.clone(), inflight: inflight.clone() });
+    let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
+    let api = Arc::new(Api { service, shutdown: shutdown_rx.clone(), inflight: inflight.clone(), slots });
     let serving = tokio::spawn(api.serve(endpoint.clone()));
     let admin_path = config.admin_socket();
     let admin = tokio::spawn({

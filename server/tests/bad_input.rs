@@ -143,3 +143,32 @@ async fn password_guessing_is_rate_limited_per_account_and_per_address() {
     assert_eq!(m.seq, 1);
     assert!(bob2.sync(0, None).await.unwrap().1.len() == 1);
 }
+
+#[tokio::test]
+async fn a_connection_flood_is_refused_at_the_limit_and_slots_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    missive_conformance::harness::ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let cfg = data.join("missived.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_connections_per_address = 64", "max_connections_per_address = 4");
+    std::fs::write(&cfg, text).unwrap();
+    let srv = missive_conformance::harness::ServerProcess::start(missived(), &data, "alpha.test").await.unwrap();
+    let alice = register(&srv, "alice").await;
+    let _bob = register(&srv, "bob").await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        others.push(connect(&srv).await);
+    }
+    // alice, bob and two more hold the four slots of 127.0.0.1: the fifth is refused.
+    let name = missive_spec::ServerName::parse("alpha.test").unwrap();
+    let refused = missive_cli::Client::connect(srv.addr, &name, missive_federation::tls::Pin::FirstUse).await;
+    assert!(matches!(refused, Err(missive_cli::ClientError::Connect { .. })), "the fifth connection must be refused");
+    // Those holding slots are served as before.
+    alice.send_text(&uid("bob", &srv), "still served").await.unwrap();
+    // A slot freed is a slot reusable.
+    others.pop().unwrap().close().await;
+    eventually("a slot to come back", || async {
+        missive_cli::Client::connect(srv.addr, &name, missive_federation::tls::Pin::FirstUse).await.ok().map(|_| ())
+    })
+    .await;
+}
