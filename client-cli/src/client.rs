@@ -198,10 +198,6 @@ impl Client {
         self.token = token;
     }
 
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
-    }
-
     /// Sends one request on its own stream and returns the response; error frames become
     /// [`ClientError::Server`].
     pub async fn request(&self, req: Request) -> Result<Response, ClientError> {

@@ -288,6 +288,29 @@ fn print_message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
     }
 }
 
+/// A message from a history page; one's own carry their state (sent, delivered, read).
+fn print_page_message(json: bool, m: &Message, me: &UserId, page: &missive_cli::Page) {
+    let state = (m.from == *me).then(|| message_state(m, &page.read, &page.delivered));
+    if json {
+        println!("{}", message_json_with_state("message", m, None, state));
+    } else {
+        println!("{}", message_line_with_state(m, state));
+    }
+}
+
+/// Reconnect delays: the project's backoff, doubling from 250 ms to at most 5 s, with
+/// jitter so that many clients do not return to a restarted server at the same instant.
+fn reconnect_backoff() -> missive_federation::backoff::Backoff {
+    missive_federation::backoff::Backoff::new(std::time::Duration::from_millis(250), std::time::Duration::from_secs(5))
+}
+
+/// How long to wait before the next connection attempt.
+fn next_delay(b: &mut missive_federation::backoff::Backoff) -> std::time::Duration {
+    use rand::Rng;
+    let now = std::time::Instant::now();
+    b.failure(now, rand::thread_rng().gen()).saturating_duration_since(now)
+}
+
 fn print_event(json: bool, e: &Event) {
     match &e.event {
         EventKind::Message(m) => print_message(json, "message", m, Some(e.pos)),
@@ -406,12 +429,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (c, s) = session_client(&profile).await?;
             let page = c.history(&with, limit, before.map(Cursor), after.map(Cursor)).await?;
             for m in &page.messages {
-                let state = (m.from == s.user).then(|| message_state(m, &page.read, &page.delivered));
-                if json {
-                    println!("{}", message_json_with_state("message", m, None, state));
-                } else {
-                    println!("{}", message_line_with_state(m, state));
-                }
+                print_page_message(json, m, &s.user, &page);
             }
             // Shown means read.
             if let Some(newest) = page.messages.first() {
@@ -572,22 +590,22 @@ fn finish_login(
 
 async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
     let mut announced = false;
-    let mut delay = std::time::Duration::from_millis(250);
+    let mut backoff = reconnect_backoff();
     loop {
         let (c, mut s) = match session_client(profile).await {
             Ok(x) => x,
             Err(e) if unreachable(&e) => {
+                let delay = next_delay(&mut backoff);
                 eprintln!("server unreachable; retrying in {delay:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = tokio::signal::ctrl_c() => return Ok(()),
                 }
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
                 continue;
             }
             Err(e) => return Err(e),
         };
-        delay = std::time::Duration::from_millis(250);
+        backoff.reset();
         let (mut sub, mut next, mut events) = c.subscribe(s.sync_pos).await?;
         if !json && !announced {
             eprintln!("listening as {} (Ctrl-C to stop)", s.user);
@@ -643,7 +661,7 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
     });
     let mut shown = HashSet::new();
     let mut first = true;
-    let mut delay = std::time::Duration::from_millis(250);
+    let mut backoff = reconnect_backoff();
     loop {
         let (c, s) = match session_client(profile).await {
             Ok(x) => x,
@@ -653,7 +671,7 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
                     first = false;
                 }
                 // Keep taking lines while offline.
-                let wait = tokio::time::sleep(delay);
+                let wait = tokio::time::sleep(next_delay(&mut backoff));
                 tokio::pin!(wait);
                 loop {
                     tokio::select! {
@@ -666,22 +684,15 @@ async fn chat(profile: &Profile, with: &UserId, json: bool) -> anyhow::Result<()
                         _ = tokio::signal::ctrl_c() => return Ok(()),
                     }
                 }
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
                 continue;
             }
             Err(e) => return Err(e),
         };
-        delay = std::time::Duration::from_millis(250);
+        backoff.reset();
         let page = c.history(with, Some(20), None, None).await?;
         for m in page.messages.iter().rev() {
-            if !shown.insert((m.origin.clone(), m.seq)) {
-                continue;
-            }
-            let state = (m.from == s.user).then(|| message_state(m, &page.read, &page.delivered));
-            if json {
-                println!("{}", message_json_with_state("message", m, None, state));
-            } else {
-                println!("{}", message_line_with_state(m, state));
+            if shown.insert((m.origin.clone(), m.seq)) {
+                print_page_message(json, m, &s.user, &page);
             }
         }
         if let Some(newest) = page.messages.first() {

@@ -57,6 +57,20 @@ async fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
     serde_json::from_str(&line.expect("output ended")).unwrap()
 }
 
+/// `missive --json listen` running for `profile`, and its output lines.
+fn listen_json(profile: &Path) -> (tokio::process::Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = missive()
+        .arg("--profile")
+        .arg(profile)
+        .args(["--json", "listen"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 /// The next JSON line of the given type, skipping others (receipts interleave).
 async fn next_of(lines: &mut Lines<BufReader<ChildStdout>>, kind: &str, skipped: &mut Vec<Value>) -> Value {
     loop {
@@ -93,15 +107,7 @@ async fn setup() -> Setup {
 #[tokio::test]
 async fn send_listen_sync_and_paged_history() {
     let s = setup().await;
-    let mut listen = missive()
-        .arg("--profile")
-        .arg(&s.bob)
-        .args(["--json", "listen"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    let (mut listen, mut lines) = listen_json(&s.bob);
 
     for i in 0..5 {
         let out = ok(&s.alice, &["--json", "send", "@bob:alpha.test", &format!("hello {i}")], None).await;
@@ -315,15 +321,7 @@ async fn killing_the_cli_mid_flush_and_rerunning_sends_no_duplicate() {
 #[tokio::test]
 async fn listen_reconnects_after_the_server_restarts() {
     let mut s = setup().await;
-    let mut listen = missive()
-        .arg("--profile")
-        .arg(&s.bob)
-        .args(["--json", "listen"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    let (mut listen, mut lines) = listen_json(&s.bob);
     ok(&s.alice, &["send", "@bob:alpha.test", "before the restart"], None).await;
     let mut skipped = Vec::new();
     assert_eq!(next_of(&mut lines, "message", &mut skipped).await["text"], "before the restart");

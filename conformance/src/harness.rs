@@ -137,10 +137,6 @@ impl ServerProcess {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
-    }
-
     /// SIGKILL, no chance to flush anything.
     pub async fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -168,10 +164,6 @@ impl ServerProcess {
         self.addr = addr;
         self.federation = federation;
         Ok(())
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
     }
 
     /// `missived user add` (works whether or not the server runs).

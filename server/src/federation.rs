@@ -577,6 +577,8 @@ impl Federation {
         let mut results = vec![UnitResult::Retry; units.len()];
         let mut accepted = Vec::new();
         let mut slots = Vec::new();
+        let mut receipts = Vec::new();
+        let mut receipt_slots = Vec::new();
         for (i, env) in units.into_iter().enumerate() {
             match self.check_unit(peer, &keys, env) {
                 Ok(Checked::Message(u)) => {
@@ -584,16 +586,23 @@ impl Federation {
                     slots.push(i);
                 }
                 Ok(Checked::Receipt(r)) => {
-                    results[i] = match self.sequencer.receipt(r, None).await {
-                        Ok(true) => UnitResult::Accepted,
-                        Ok(false) => UnitResult::Duplicate,
-                        Err(_) => UnitResult::Retry,
-                    };
+                    receipts.push((r, None));
+                    receipt_slots.push(i);
                 }
                 Err(r) => {
                     tracing::warn!(result = ?r, "refused unit");
                     results[i] = r;
                 }
+            }
+        }
+        if !receipts.is_empty() {
+            match self.sequencer.receipts(receipts).await {
+                Ok(moved) => {
+                    for (i, m) in receipt_slots.into_iter().zip(moved) {
+                        results[i] = if m { UnitResult::Accepted } else { UnitResult::Duplicate };
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot store inbound receipts; the peer will retry"),
             }
         }
         if accepted.is_empty() {

@@ -58,9 +58,9 @@ type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 pub enum Cmd {
     Send { from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content, reply: Reply<Message> },
     Inbound { units: Vec<InboundUnit>, reply: Reply<Vec<InboundOutcome>> },
-    /// Max-merges a receipt; `device` is set when a local device sent it. Replies whether
-    /// the watermark moved.
-    Receipt { receipt: Receipt, device: Option<DeviceId>, reply: Reply<bool> },
+    /// Max-merges receipts; `device` is set when a local device sent one. Replies, per
+    /// receipt, whether the watermark moved.
+    Receipts { receipts: Vec<(Receipt, Option<DeviceId>)>, reply: Reply<Vec<bool>> },
     CreateUser { user: UserId, password_hash: String, device: Option<NewDevice>, reply: Reply<()> },
     AddDevice { user: UserId, device: NewDevice, reply: Reply<()> },
     RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
@@ -115,8 +115,9 @@ impl Sequencer {
     pub async fn inbound(&self, units: Vec<InboundUnit>) -> Result<Vec<InboundOutcome>, ApiError> {
         self.call(|reply| Cmd::Inbound { units, reply }).await
     }
-    pub async fn receipt(&self, receipt: Receipt, device: Option<DeviceId>) -> Result<bool, ApiError> {
-        self.call(|reply| Cmd::Receipt { receipt, device, reply }).await
+    /// Max-merges receipts in one write; per receipt, whether its watermark moved.
+    pub async fn receipts(&self, receipts: Vec<(Receipt, Option<DeviceId>)>) -> Result<Vec<bool>, ApiError> {
+        self.call(|reply| Cmd::Receipts { receipts, reply }).await
     }
     pub async fn create_user(&self, user: UserId, password_hash: String, device: Option<NewDevice>) -> Result<(), ApiError> {
         self.call(|reply| Cmd::CreateUser { user, password_hash, device, reply }).await
@@ -224,8 +225,8 @@ impl Writer {
                 let r = units.into_iter().map(|u| self.inbound(g, u)).collect::<Result<Vec<_>, _>>();
                 g.done.push(completion(reply, r));
             }
-            Cmd::Receipt { receipt, device, reply } => {
-                let r = self.receipt(g, receipt, device);
+            Cmd::Receipts { receipts, reply } => {
+                let r = receipts.into_iter().map(|(r, d)| self.receipt(g, r, d)).collect::<Result<Vec<_>, _>>();
                 g.done.push(completion(reply, r));
             }
             Cmd::CreateUser { user, password_hash, device, reply } => {
@@ -539,6 +540,12 @@ impl Writer {
         if let Some(h) = hash {
             g.batch.delete(Cf::Tokens, keys::token(&h));
             g.batch.delete(Cf::Devices, keys::device(user.localpart(), &device));
+            // Its read cursors go with it; the user's read watermarks stay.
+            let prefix = keys::read_cursors_of(user.localpart(), &device);
+            for (k, _) in self.store.scan(Cf::ReadCursors, &prefix, None, Direction::Forward, usize::MAX)? {
+                g.watermarks.remove(&k);
+                g.batch.delete(Cf::ReadCursors, k);
+            }
         }
         g.removed.insert(id);
         Ok(())

@@ -160,7 +160,7 @@ impl Service {
                     return Err(ApiError::invalid("up_to names no message of this conversation"));
                 }
                 let receipt = Receipt { conv, kind, peer: with, user: c.user, up_to };
-                self.sequencer.receipt(receipt, Some(c.device)).await?;
+                self.sequencer.receipts(vec![(receipt, Some(c.device))]).await?;
                 Ok(Response::Ok {})
             }
             Request::Devices {} => {

@@ -119,9 +119,6 @@ impl Batch {
     pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
         self.ops.push(Op::Delete(cf, key));
     }
-    pub fn append(&mut self, other: Batch) {
-        self.ops.extend(other.ops);
-    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
