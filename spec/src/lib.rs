@@ -7,6 +7,7 @@
 //!   [`Message`], [`Event`]) — §5, §6, with error codes ([`ErrorCode`]) — §7.
 //! - [`codec`]: deterministic CBOR and length-prefixed framing with bounded decoding — §5.2.
 //! - [`limits`]: every size limit — §8.
+//! - [`requirements`]: the spec's requirement ids (`[C2S-SEND-3]`) and their text.
 //! - [`federation`]: server-to-server frames: signed units, transactions, backfill —
 //!   `federation.md`.
 //!
@@ -19,6 +20,7 @@ pub mod federation;
 pub mod ids;
 pub mod limits;
 pub mod ordering;
+pub mod requirements;
 pub mod wire;
 
 pub use ids::{ClientMsgId, ConversationId, DeviceId, IdError, ServerName, UserId};
