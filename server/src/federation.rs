@@ -623,7 +623,12 @@ impl Federation {
     }
 
     fn check_unit(&self, peer: &ServerName, keys: &[PublicKey], env: SignedUnit) -> Result<Checked, UnitResult> {
-        let msg = match envelope::verify(&env, keys).map_err(|e| e.result())? {
+        let opened = if crate::sabotage::active(crate::sabotage::Fault::SkipSignatureCheck) {
+            envelope::open_trusted(&env).map_err(|e| e.result())
+        } else {
+            envelope::verify(&env, keys).map_err(|e| e.result())
+        };
+        let msg = match opened? {
             Unit::Message(m) => m,
             Unit::Receipt(r) => return self.check_receipt(peer, r).map(Checked::Receipt),
         };

@@ -19,6 +19,7 @@ pub mod hub;
 pub mod presence;
 pub mod ratelimit;
 pub mod records;
+pub mod sabotage;
 pub mod sequencer;
 pub mod server;
 pub mod service;

@@ -44,6 +44,10 @@ enum Command {
         /// Who may register accounts.
         #[arg(long, value_enum, default_value_t = Policy::Closed)]
         registration: Policy,
+        /// Use this ed25519 key (PKCS#8 PEM) instead of generating a new one; it is copied
+        /// into the data directory.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Serve until SIGTERM or Ctrl-C.
     Run {
@@ -114,8 +118,8 @@ fn main() {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { server_name, data_dir, client_listen, federation_listen, registration } => {
-            init(&server_name, &data_dir, client_listen, federation_listen, registration)
+        Command::Init { server_name, data_dir, client_listen, federation_listen, registration, key } => {
+            init(&server_name, &data_dir, client_listen, federation_listen, registration, key.as_deref())
         }
         Command::Run { config: path } => {
             let config = Config::load(&path)?;
@@ -157,7 +161,7 @@ async fn stop_signal() {
     }
 }
 
-fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, policy: Policy) -> anyhow::Result<()> {
+fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, policy: Policy, key: Option<&Path>) -> anyhow::Result<()> {
     let name = ServerName::parse(name)?;
     let policy = match policy {
         Policy::Closed => RegistrationPolicy::Closed,
@@ -170,7 +174,10 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
     if config_path.exists() || key_path.exists() {
         bail!("{} already holds a Missive server; refusing to overwrite it", dir.display());
     }
-    let key = ServerKey::generate();
+    let key = match key {
+        Some(path) => ServerKey::load(path)?,
+        None => ServerKey::generate(),
+    };
     key.save_new(&key_path)?;
     let mut text = config::template(&name, listen, federation, policy);
     if policy == RegistrationPolicy::Token {

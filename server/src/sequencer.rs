@@ -413,7 +413,11 @@ impl Writer {
         }
         let id: Identity = (m.conv, m.origin.clone(), m.seq);
         let head = conv.heads.get(&m.origin);
-        match admission::admit(head, m.seq, self.known(g, &id)?, u.hash) {
+        let mut decision = admission::admit(head, m.seq, self.known(g, &id)?, u.hash);
+        if decision == Decision::Duplicate && m.seq <= head && crate::sabotage::active(crate::sabotage::Fault::StoreTwice) {
+            decision = Decision::Store;
+        }
+        match decision {
             Decision::Duplicate => {
                 // A repeat of a held unit still waits on its gap: ask again.
                 let backfill = (m.seq > head).then(|| Backfill { conv: m.conv, origin: m.origin.clone(), first: head + 1, last: m.seq - 1 });

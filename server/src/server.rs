@@ -30,6 +30,7 @@ const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs the server until `stop` resolves, then shuts down without losing accepted work.
 pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     tls::install_provider();
+    crate::sabotage::announce();
     let key = Arc::new(ServerKey::load(&config.key_file)?);
     let rocks = Arc::new(RocksStore::open(&config.db_dir())?);
     let store: Arc<dyn Store> = rocks.clone();

@@ -381,6 +381,9 @@ impl Service {
             if dir == Direction::Forward {
                 rows.reverse();
             }
+            if rows.len() > 1 && crate::sabotage::active(crate::sabotage::Fault::ReorderPage) {
+                rows.swap(0, 1);
+            }
             let messages = rows
                 .iter()
                 .map(|(_, v)| records::stored_message(v))

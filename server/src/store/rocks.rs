@@ -122,7 +122,11 @@ impl Store for RocksStore {
             }
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(true);
+        if crate::sabotage::active(crate::sabotage::Fault::AckBeforeSync) {
+            wo.disable_wal(true);
+        } else {
+            wo.set_sync(true);
+        }
         self.db.write_opt(wb, &wo).map_err(engine)
     }
 }
