@@ -36,6 +36,15 @@ impl Hub {
         }
     }
 
+    /// Wakes `localpart`'s subscriptions without new events, so that each checks its
+    /// token again (a device was logged out or revoked).
+    pub fn wake(&self, localpart: &str) {
+        let m = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = m.get(localpart) {
+            tx.send_modify(|_| {});
+        }
+    }
+
     pub fn subscribe_ephemeral(&self, localpart: &str) -> broadcast::Receiver<Ephemeral> {
         let mut m = self.ephemeral.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(localpart.to_owned()).or_insert_with(|| broadcast::channel(EPHEMERAL_BACKLOG).0).subscribe()

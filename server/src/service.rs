@@ -126,7 +126,8 @@ impl Service {
             }
             Request::Logout {} => {
                 let c = self.authenticate(auth)?;
-                self.sequencer.remove_device(c.user, c.device).await?;
+                self.sequencer.remove_device(c.user.clone(), c.device).await?;
+                self.hub.wake(c.user.localpart());
                 Ok(Response::Ok {})
             }
             Request::Send { to, content, client_msg_id } => {
@@ -203,6 +204,7 @@ impl Service {
                     return Err(ApiError::invalid(format!("you have no device {device}")));
                 }
                 self.sequencer.remove_device(c.user.clone(), device.clone()).await?;
+                self.hub.wake(c.user.localpart());
                 tracing::info!(user = %c.user, %device, by = %c.device, "device revoked");
                 Ok(Response::Ok {})
             }
