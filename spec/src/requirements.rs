@@ -90,7 +90,7 @@ fn section_at(document: &str, text: &str, at: usize) -> String {
         let number: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
         let dotted = number.trim_end_matches('.');
         let numbered = number.ends_with('.') && !dotted.is_empty() && rest[number.len()..].starts_with(' ');
-        if numbered && (heading || (dotted.contains('.') && rest[number.len()..].starts_with(" **"))) {
+        if numbered && (heading || dotted.contains('.')) {
             section = if prefix.is_empty() { format!("§{dotted}") } else { format!("F{dotted}") };
         }
     }
@@ -182,6 +182,7 @@ mod tests {
         assert_eq!(find("FED-RECV-3").section, "F6.2");
         assert!(find("CLI-TLS-2").is_client_duty());
         assert_eq!(find("CORE-ORDER-1").section, "§4.6");
+        assert_eq!(find("CORE-CBOR-2").section, "§1.1");
         assert_eq!(find("C2S-LOGIN-4").section, "§6.2");
         assert_eq!(find("C2S-TYPE-2").section, "§13");
         assert_eq!(find("FED-BACKFILL-3").section, "F7");
