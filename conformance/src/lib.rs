@@ -1,13 +1,21 @@
-//! Missive's black-box test tooling.
+//! Missive's black-box conformance suite and test tooling.
 //!
-//! - [`harness`]: starts, kills and restarts real `missived` processes
-//!   ([`harness::ServerProcess`]) for integration tests and, later, the conformance runner.
-//!
+//! - [`suite`]: the conformance tests ([`suite::Test`]), each naming the spec requirement
+//!   ids it checks, and [`runner`] which selects and runs them against any implementation
+//!   described by an `impl.toml` ([`implementation::ImplFile`], servers as
+//!   [`implementation::Sut`]); [`report`] writes the results for people and CI systems.
 //! - [`mock_peer`]: a fake homeserver with its own key and federation endpoint
-//!   ([`mock_peer::MockPeer`]) that sends honest or forged transactions and answers
-//!   backfill requests.
+//!   ([`mock_peer::MockPeer`]) that sends honest or forged transactions, answers backfill
+//!   requests, and misbehaves on purpose as a receiver ([`mock_peer::Misbehaviour`]).
+//! - [`harness`]: starts, kills and restarts real `missived` processes
+//!   ([`harness::ServerProcess`]) for this workspace's own integration tests.
 //!
-//! The conformance runner, fault proxy and load generator grow here.
+//! The binary `missive-conformance` is the command-line front end (`run`, `list`,
+//! `coverage`).
 
 pub mod harness;
+pub mod implementation;
 pub mod mock_peer;
+pub mod report;
+pub mod runner;
+pub mod suite;

@@ -5,8 +5,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use missive_federation::framing::{read_frame, write_frame};
@@ -18,13 +19,91 @@ use missive_spec::federation::{
 };
 use missive_spec::{codec, Content, ConversationId, Deps, Message, ServerName, UserId, PROTOCOL_VERSION};
 
-/// What the mock saw the server under test ask for.
+/// What the mock saw the server under test do.
 #[derive(Debug, Default)]
 pub struct Observed {
     pub backfills: Vec<(ConversationId, u64, u64)>,
+    /// Units of every transaction it answered, one list per transaction.
     pub txns: Vec<Vec<SignedUnit>>,
+    /// Every transaction that arrived, answered or not, in arrival order.
+    pub attempts: Vec<Attempt>,
+    /// Units it answered `accepted`, each once, in the order accepted.
+    pub accepted: Vec<SignedUnit>,
+    /// Units that came again after it had answered them `accepted`.
+    pub resent_after_ack: Vec<SignedUnit>,
     /// Ephemeral requests received: their presence updates, one list per request.
     pub edus: Vec<Vec<missive_spec::PresenceUpdate>>,
+}
+
+/// One transaction as it arrived.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub at: Instant,
+    pub id: Vec<u8>,
+    pub units: usize,
+    /// What the mock did with it.
+    pub fate: Fate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    Answered,
+    /// Read, then the stream was reset with no answer.
+    Dropped,
+    /// Read, then the whole connection was closed.
+    Disconnected,
+    /// Never answered (a stalled conversation).
+    Stalled,
+}
+
+/// Ways the mock misbehaves on purpose, as a receiver of transactions. Each count is
+/// used up by the transactions that trigger it, in this order: drop, disconnect, partial.
+#[derive(Debug, Clone, Default)]
+pub struct Misbehaviour {
+    /// Read the next N transactions, then reset their streams without answering.
+    pub drop_next: usize,
+    /// Read the next N transactions, then close the connection they came on.
+    pub disconnect_next: usize,
+    /// For the next N transactions, accept only the units at even positions and answer
+    /// `retry` for the others.
+    pub partial_next: usize,
+    /// Wait this long before every answer.
+    pub reply_delay: Duration,
+}
+
+/// What a transaction should meet, decided as it arrives.
+enum Action {
+    Drop,
+    Disconnect,
+    Answer { partial: bool, delay: Duration },
+}
+
+impl Misbehaviour {
+    fn next_action(&mut self) -> Action {
+        if self.drop_next > 0 {
+            self.drop_next -= 1;
+            return Action::Drop;
+        }
+        if self.disconnect_next > 0 {
+            self.disconnect_next -= 1;
+            return Action::Disconnect;
+        }
+        let partial = self.partial_next > 0;
+        self.partial_next = self.partial_next.saturating_sub(1);
+        Action::Answer { partial, delay: self.reply_delay }
+    }
+}
+
+type UnitLog = Arc<Mutex<HashMap<(ConversationId, u64), SignedUnit>>>;
+
+#[derive(Default)]
+struct Shared {
+    log: UnitLog,
+    observed: Arc<Mutex<Observed>>,
+    stalled: Arc<Mutex<HashSet<ConversationId>>>,
+    misbehave: Arc<Mutex<Misbehaviour>>,
+    /// Content hashes it accepted, by identity, to answer repeats `duplicate`.
+    seen: Mutex<HashMap<(ConversationId, String, u64), [u8; 32]>>,
 }
 
 pub struct MockPeer {
@@ -33,11 +112,15 @@ pub struct MockPeer {
     pub endpoint: quinn::Endpoint,
     pub addr: SocketAddr,
     /// Units it answers backfill requests from, by (conversation, seq).
-    pub log: Arc<Mutex<HashMap<(ConversationId, u64), SignedUnit>>>,
+    pub log: UnitLog,
     pub observed: Arc<Mutex<Observed>>,
     /// Transactions carrying a unit of one of these conversations are never answered
     /// (a slow peer, as seen by the sender).
     pub stalled: Arc<Mutex<HashSet<ConversationId>>>,
+    /// How it misbehaves from now on.
+    pub misbehave: Arc<Mutex<Misbehaviour>>,
+    /// Connection attempts it has seen, complete or not.
+    pub handshakes: Arc<AtomicUsize>,
 }
 
 impl MockPeer {
@@ -52,55 +135,46 @@ impl MockPeer {
         let sc = tls::federation_server_config(&key, name.as_str(), FEDERATION_ALPN, Duration::from_secs(30))?;
         let endpoint = quinn::Endpoint::server(sc, SocketAddr::new(ip, 0))?;
         let addr = endpoint.local_addr()?;
-        let log: Arc<Mutex<HashMap<(ConversationId, u64), SignedUnit>>> = Arc::default();
-        let observed: Arc<Mutex<Observed>> = Arc::default();
-        let stalled: Arc<Mutex<HashSet<ConversationId>>> = Arc::default();
-        let (ep, l, o, st) = (endpoint.clone(), log.clone(), observed.clone(), stalled.clone());
+        let shared = Arc::new(Shared::default());
+        let ep = endpoint.clone();
+        let sh = shared.clone();
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let hs = handshakes.clone();
         tokio::spawn(async move {
             while let Some(inc) = ep.accept().await {
-                let (l, o, st) = (l.clone(), o.clone(), st.clone());
+                hs.fetch_add(1, Ordering::SeqCst);
+                let sh = sh.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = inc.await else { return };
-                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        let (l, o, st) = (l.clone(), o.clone(), st.clone());
-                        tokio::spawn(async move {
-                            let Ok(Some(body)) = read_frame(&mut recv, MAX_FEDERATION_FRAME).await else { return };
-                            let Ok(f) = codec::decode::<FedRequestFrame>(&body) else { return };
-                            let res = match f.req {
-                                FedRequest::Backfill { conv, last, first } => {
-                                    o.lock().unwrap().backfills.push((conv, first, last));
-                                    let log = l.lock().unwrap();
-                                    let units = (first..=last).map_while(|s| log.get(&(conv, s)).cloned()).collect();
-                                    FedResponse::Units { units }
-                                }
-                                FedRequest::Edu { presence, .. } => {
-                                    o.lock().unwrap().edus.push(presence);
-                                    FedResponse::Ok {}
-                                }
-                                FedRequest::Txn { id, units } => {
-                                    let stall = units.iter().any(|u| match envelope::open_trusted(u) {
-                                        Ok(Unit::Message(m)) => st.lock().unwrap().contains(&m.conv),
-                                        Ok(Unit::Receipt(r)) => st.lock().unwrap().contains(&r.conv),
-                                        Err(_) => false,
-                                    });
-                                    if stall {
-                                        // Keep the stream open and never answer.
-                                        std::future::pending::<()>().await;
-                                    }
-                                    let results = vec![UnitResult::Accepted; units.len()];
-                                    o.lock().unwrap().txns.push(units);
-                                    FedResponse::TxnResult { id, results }
-                                }
-                            };
-                            let body = codec::encode(&FedResponseFrame { v: PROTOCOL_VERSION, res });
-                            let _ = write_frame(&mut send, &body).await;
-                            let _ = send.finish();
-                        });
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(serve_stream(sh.clone(), conn.clone(), send, recv));
                     }
                 });
             }
         });
-        Ok(MockPeer { name, key, endpoint, addr, log, observed, stalled })
+        Ok(MockPeer {
+            name,
+            key,
+            endpoint,
+            addr,
+            log: shared.log.clone(),
+            observed: shared.observed.clone(),
+            stalled: shared.stalled.clone(),
+            misbehave: shared.misbehave.clone(),
+            handshakes,
+        })
+    }
+
+    /// Messages it accepted, in order, as (seq, text).
+    pub fn accepted_messages(&self) -> Vec<Message> {
+        let o = self.observed.lock().unwrap();
+        o.accepted
+            .iter()
+            .filter_map(|u| match envelope::open_trusted(u) {
+                Ok(Unit::Message(m)) => Some(m),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Texts of the message units it has received in transactions.
@@ -189,6 +263,89 @@ impl MockPeer {
         match Self::request(conn, FedRequest::Txn { id: id.clone(), units }).await? {
             FedResponse::TxnResult { id: got, results } if got == id => Ok(results),
             other => Err(anyhow!("unexpected answer: {other:?}")),
+        }
+    }
+}
+
+fn conv_of(u: &SignedUnit) -> Option<ConversationId> {
+    match envelope::open_trusted(u) {
+        Ok(Unit::Message(m)) => Some(m.conv),
+        Ok(Unit::Receipt(r)) => Some(r.conv),
+        Err(_) => None,
+    }
+}
+
+/// Answers one request stream of the server under test.
+async fn serve_stream(sh: Arc<Shared>, conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let Ok(Some(body)) = read_frame(&mut recv, MAX_FEDERATION_FRAME).await else { return };
+    let Ok(f) = codec::decode::<FedRequestFrame>(&body) else { return };
+    let res = match f.req {
+        FedRequest::Backfill { conv, last, first } => {
+            sh.observed.lock().unwrap().backfills.push((conv, first, last));
+            let log = sh.log.lock().unwrap();
+            let units = (first..=last).map_while(|s| log.get(&(conv, s)).cloned()).collect();
+            FedResponse::Units { units }
+        }
+        FedRequest::Edu { presence, .. } => {
+            sh.observed.lock().unwrap().edus.push(presence);
+            FedResponse::Ok {}
+        }
+        FedRequest::Txn { id, units } => {
+            let stall = {
+                let st = sh.stalled.lock().unwrap();
+                units.iter().any(|u| conv_of(u).is_some_and(|c| st.contains(&c)))
+            };
+            let action = if stall { None } else { Some(sh.misbehave.lock().unwrap().next_action()) };
+            let fate = match action {
+                None => Fate::Stalled,
+                Some(Action::Drop) => Fate::Dropped,
+                Some(Action::Disconnect) => Fate::Disconnected,
+                Some(Action::Answer { .. }) => Fate::Answered,
+            };
+            sh.observed.lock().unwrap().attempts.push(Attempt { at: Instant::now(), id: id.clone(), units: units.len(), fate });
+            let (partial, delay) = match action {
+                // Keep the stream open and never answer.
+                None => return std::future::pending().await,
+                Some(Action::Drop) => {
+                    let _ = send.reset(0u32.into());
+                    return;
+                }
+                Some(Action::Disconnect) => {
+                    conn.close(0u32.into(), b"mock peer disconnects");
+                    return;
+                }
+                Some(Action::Answer { partial, delay }) => (partial, delay),
+            };
+            tokio::time::sleep(delay).await;
+            let results = units.iter().enumerate().map(|(i, u)| if partial && i % 2 == 1 { UnitResult::Retry } else { admit(&sh, u) }).collect();
+            sh.observed.lock().unwrap().txns.push(units);
+            FedResponse::TxnResult { id, results }
+        }
+    };
+    let body = codec::encode(&FedResponseFrame { v: PROTOCOL_VERSION, res });
+    let _ = write_frame(&mut send, &body).await;
+    let _ = send.finish();
+}
+
+/// A well-behaved receiver's answer for one unit (no checks beyond dedupe).
+fn admit(sh: &Shared, u: &SignedUnit) -> UnitResult {
+    let Ok(unit) = envelope::open_trusted(u) else { return UnitResult::BadUnit };
+    let Unit::Message(m) = unit else {
+        sh.observed.lock().unwrap().accepted.push(u.clone());
+        return UnitResult::Accepted;
+    };
+    let hash = u.hash();
+    let mut seen = sh.seen.lock().unwrap();
+    match seen.get(&(m.conv, m.origin.to_string(), m.seq)) {
+        Some(h) if *h == hash => {
+            sh.observed.lock().unwrap().resent_after_ack.push(u.clone());
+            UnitResult::Duplicate
+        }
+        Some(_) => UnitResult::Equivocation,
+        None => {
+            seen.insert((m.conv, m.origin.to_string(), m.seq), hash);
+            sh.observed.lock().unwrap().accepted.push(u.clone());
+            UnitResult::Accepted
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use missive_cli::client::{Client, Subscription};
 use missive_conformance::harness::ServerProcess;
 use missive_federation::tls::Pin;
-use missive_spec::{Event, EventKind, Message, ServerName, UserId};
+use missive_spec::{Event, Message, ServerName, UserId};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -48,16 +48,8 @@ pub async fn login(srv: &ServerProcess, local: &str) -> Client {
     c
 }
 
-/// The messages among `events` (receipt events left out).
-pub fn messages(events: &[Event]) -> Vec<Message> {
-    events
-        .iter()
-        .filter_map(|e| match &e.event {
-            EventKind::Message(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
+#[allow(unused_imports)]
+pub use missive_conformance::suite::messages;
 
 /// Reads the subscription until `n` messages arrived (failing after the deadline).
 pub async fn collect(sub: &mut Subscription, mut got: Vec<Event>, n: usize) -> Vec<Event> {

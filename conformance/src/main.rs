@@ -1,0 +1,118 @@
+//! `missive-conformance`: runs the Missive conformance suite against any implementation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use missive_conformance::implementation::ImplFile;
+use missive_conformance::report;
+use missive_conformance::runner::{self, Coverage, TierChoice};
+
+#[derive(Parser)]
+#[command(name = "missive-conformance", version, about = "Missive conformance suite: checks a homeserver against the spec")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the suite against the implementation described by an impl.toml.
+    Run {
+        /// The implementation file (see conformance/README.md).
+        #[arg(long = "impl")]
+        implementation: PathBuf,
+        /// Run only tests whose name contains this, or matches it with `*` wildcards
+        /// (repeat for several: a test runs if it matches any).
+        #[arg(long)]
+        filter: Vec<String>,
+        /// required, recommended or all.
+        #[arg(long, default_value = "all")]
+        tier: String,
+        /// Also write JUnit XML here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Also write JSON lines here (one per test, then a summary).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Tests run at once (each starts its own servers).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
+    /// List the tests: name, tier, features needed, spec ids.
+    List,
+    /// Which spec requirements the suite checks, and which it does not.
+    Coverage,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("missive-conformance: cannot start runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(real_main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("missive-conformance: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { implementation, filter, tier, junit, json, jobs } => {
+            let tier = TierChoice::parse(&tier).with_context(|| format!("--tier {tier:?}: expected required, recommended or all"))?;
+            let imp = Arc::new(ImplFile::load(&implementation)?);
+            let tests = runner::select(&filter, tier);
+            if tests.is_empty() {
+                anyhow::bail!("no test matches the filter");
+            }
+            println!("{}", report::banner(&imp.name));
+            println!("running {} tests, {} at a time", tests.len(), jobs.max(1));
+            let results = runner::run(imp.clone(), tests, jobs, |r| println!("{}", report::line(r))).await;
+            println!("{}", report::summary(&results));
+            if let Some(p) = junit {
+                std::fs::write(&p, report::junit(&imp.name, &results)).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            if let Some(p) = json {
+                std::fs::write(&p, report::json_lines(&imp.name, &results)).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            let failed = report::counts(&results, None).failed;
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::List => {
+            for t in missive_conformance::suite::all() {
+                let needs: Vec<&str> = t.needs.iter().map(|f| f.name()).collect();
+                println!("{:<36} {:<12} {:<20} {}", t.name, t.tier.name(), needs.join(","), t.ids.join(" "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Coverage => {
+            let tests = missive_conformance::suite::all();
+            let cov = Coverage::of(tests.iter().flat_map(|t| t.ids.iter().copied()));
+            let reqs = missive_spec::requirements::all();
+            println!(
+                "{} of {} server requirements are checked by at least one test ({:.1}%)",
+                cov.tested.len(),
+                cov.total(),
+                cov.percent()
+            );
+            println!("not checked:");
+            for id in &cov.untested {
+                if let Some(r) = reqs.iter().find(|r| &r.id == id) {
+                    let text: String = r.text.chars().take(90).collect();
+                    println!("  {:<15} {:<6} {text}", r.id, r.section);
+                }
+            }
+            println!("client duties (out of a server suite's reach): {}", cov.client_duties);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
