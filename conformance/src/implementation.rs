@@ -312,6 +312,11 @@ impl Sut {
         }
     }
 
+    /// Whether `start` ran and the process has not been stopped or killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// SIGKILL: nothing gets a chance to flush.
     pub async fn kill9(&mut self) {
         self.signal("-KILL");

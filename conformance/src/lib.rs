@@ -13,9 +13,11 @@
 //! The binary `missive-conformance` is the command-line front end (`run`, `list`,
 //! `coverage`).
 
+pub mod chaos;
 pub mod harness;
 pub mod implementation;
 pub mod mock_peer;
+pub mod proxy;
 pub mod report;
 pub mod runner;
 pub mod suite;

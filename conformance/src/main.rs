@@ -41,6 +41,32 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         jobs: usize,
     },
+    /// Chaos run: servers behind fault proxies, partitions, loss, kill -9s; then an
+    /// independent check that nothing acknowledged was lost, duplicated or misordered.
+    Chaos {
+        /// The implementation file.
+        #[arg(long = "impl", default_value = "conformance/impls/missived.toml")]
+        implementation: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+        #[arg(long, default_value_t = 3)]
+        users_per_server: usize,
+        /// Sends in all, spread evenly over the run.
+        #[arg(long, default_value_t = 300)]
+        messages: usize,
+        /// How long faults are injected.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Seeds the plan and every fault: the same seed replays the same schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How long queues may take to drain once everything is healed.
+        #[arg(long, default_value_t = 90)]
+        drain_seconds: u64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// List the tests: name, tier, features needed, spec ids.
     List,
     /// Which spec requirements the suite checks, and which it does not.
@@ -66,6 +92,14 @@ fn main() -> ExitCode {
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The reference implementation file finds missived through MISSIVED; default to the
+    // one built beside this binary.
+    if std::env::var_os("MISSIVED").is_none() {
+        let beside = missive_conformance::harness::workspace_bin("missived");
+        if beside.exists() {
+            std::env::set_var("MISSIVED", beside);
+        }
+    }
     match cli.command {
         Command::Run { implementation, filter, tier, junit, json, jobs } => {
             let tier = TierChoice::parse(&tier).with_context(|| format!("--tier {tier:?}: expected required, recommended or all"))?;
@@ -86,6 +120,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let failed = report::counts(&results, None).failed;
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Chaos { implementation, servers, users_per_server, messages, seconds, seed, drain_seconds, json } => {
+            let imp = Arc::new(ImplFile::load(&implementation)?);
+            let opts = missive_conformance::chaos::ChaosOptions { servers, users_per_server, messages, seconds, seed, drain_seconds };
+            println!("{}", report::banner(&imp.name));
+            let r = missive_conformance::chaos::run(imp, &opts, |m| println!("... {m}")).await?;
+            println!("{}", missive_conformance::chaos::table(&r));
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&r)?).with_context(|| format!("cannot write {}", p.display()))?;
+            }
+            Ok(if r.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::List => {
             for t in missive_conformance::suite::all() {
