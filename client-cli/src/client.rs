@@ -49,7 +49,9 @@ impl From<FrameError> for ClientError {
     }
 }
 
-/// A QUIC connection to one homeserver, optionally logged in as a device.
+/// A QUIC connection to one homeserver, optionally logged in as a device. Clones share the
+/// connection; [`Client::as_device`] gives a handle that speaks for another device over it.
+#[derive(Clone)]
 pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
@@ -187,6 +189,12 @@ impl Client {
     /// The key the server presented (pinned or first seen).
     pub fn server_key(&self) -> PublicKey {
         self.server_key
+    }
+
+    /// A handle on the same connection whose requests carry `token` (requests are
+    /// authenticated one by one, so many devices can share a connection).
+    pub fn as_device(&self, token: Option<String>) -> Client {
+        Client { token, ..self.clone() }
     }
 
     /// The access token requests carry, if logged in.

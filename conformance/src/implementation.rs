@@ -312,6 +312,11 @@ impl Sut {
         }
     }
 
+    /// The process id of the running `start` command.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Whether `start` ran and the process has not been stopped or killed since.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

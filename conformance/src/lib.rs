@@ -16,6 +16,7 @@
 pub mod chaos;
 pub mod harness;
 pub mod implementation;
+pub mod load;
 pub mod mock_peer;
 pub mod proxy;
 pub mod report;

@@ -67,6 +67,41 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Load generator: users on one server (local) or two (federated), messages offered
+    /// at a fixed rate, latency from each message's intended send time.
+    Load {
+        #[arg(long = "impl", default_value = "conformance/impls/missived.toml")]
+        implementation: PathBuf,
+        /// local or federated.
+        #[arg(long, default_value = "local")]
+        mode: String,
+        /// Users in all: half send, half receive (live subscriptions).
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// QUIC connections per server that the users share.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Messages offered per second (open loop).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Message body bytes.
+        #[arg(long, default_value_t = 100)]
+        body: usize,
+        /// Search for the highest rate whose delivery p99 stays under --p99-bound-ms,
+        /// starting at --rate and doubling, then bisecting.
+        #[arg(long)]
+        saturate: bool,
+        #[arg(long, default_value_t = 5.0)]
+        p99_bound_ms: f64,
+        /// Print JSON (one object per run) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List the tests: name, tier, features needed, spec ids.
     List,
     /// Which spec requirements the suite checks, and which it does not.
@@ -131,6 +166,36 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&p, serde_json::to_string_pretty(&r)?).with_context(|| format!("cannot write {}", p.display()))?;
             }
             Ok(if r.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Load { implementation, mode, users, connections, rate, seconds, body, saturate, p99_bound_ms, json, quiet } => {
+            use missive_conformance::load::{self, Bench, LoadOptions, Mode};
+            let mode = match mode.as_str() {
+                "local" => Mode::Local,
+                "federated" => Mode::Federated,
+                other => anyhow::bail!("--mode {other:?}: expected local or federated"),
+            };
+            let imp = Arc::new(ImplFile::load(&implementation)?);
+            let bench = Bench::setup(imp, mode, users, connections).await?;
+            let opts = LoadOptions { mode, users, connections, rate, seconds, body, progress: !quiet && !json };
+            let show = |r: &load::LoadReport| {
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    println!("{}\n", load::text(r));
+                }
+            };
+            if saturate {
+                let bound = std::time::Duration::from_secs_f64(p99_bound_ms / 1000.0);
+                let (best, _) = load::saturate(&bench, &opts, bound, show).await?;
+                if json {
+                    println!("{}", serde_json::json!({"saturation": {"mode": mode, "p99_bound_ms": p99_bound_ms, "highest_rate": best}}));
+                } else {
+                    println!("saturation: {best:.0} msg/s is the highest offered rate with every message delivered and delivery p99 under {p99_bound_ms} ms");
+                }
+            } else {
+                show(&bench.run(&opts).await?);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::List => {
             for t in missive_conformance::suite::all() {

@@ -39,12 +39,15 @@ pub struct Counters {
     pub partitioned: AtomicU64,
 }
 
+/// A datagram ready to go: the socket to send it from, where to, and its bytes.
+type Datagram = (Arc<UdpSocket>, SocketAddr, Vec<u8>);
+
 struct State {
     faults: Faults,
     partitioned: bool,
     rng: StdRng,
     /// One held datagram per direction (to client, to target), for reordering.
-    held: [Option<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>; 2],
+    held: [Option<Datagram>; 2],
 }
 
 /// What to do with one datagram, decided under the lock.
@@ -52,7 +55,7 @@ struct Fate {
     copies: usize,
     delay: Duration,
     /// Send the previously held datagram after this one.
-    release: Option<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>,
+    release: Option<Datagram>,
 }
 
 pub struct Proxy {
@@ -107,10 +110,10 @@ impl Drop for Proxy {
 }
 
 /// Datagrams to send now, in order.
-type Sender = tokio::sync::mpsc::UnboundedSender<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>;
+type Sender = tokio::sync::mpsc::UnboundedSender<Datagram>;
 
 async fn run(listen: Arc<UdpSocket>, target: SocketAddr, state: Arc<Mutex<State>>, counters: Arc<Counters>) {
-    let (sender, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<(Arc<UdpSocket>, SocketAddr, Vec<u8>)>();
+    let (sender, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Datagram>();
     let mut children = vec![tokio::spawn(async move {
         while let Some((s, to, d)) = outgoing.recv().await {
             let _ = s.send_to(&d, to).await;
