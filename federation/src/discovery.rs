@@ -248,14 +248,7 @@ impl Discovery {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
         let body = resp.bytes().await.map_err(|e| format!("{url}: {e}"))?;
-        if body.len() > 64 * 1024 {
-            return Err(format!("{url}: key document over 64 KiB"));
-        }
-        let doc: KeyDocument = serde_json::from_slice(&body).map_err(|e| format!("{url}: {e}"))?;
-        if doc.server_name != name.as_str() {
-            return Err(format!("{url}: document is for {:?}", doc.server_name));
-        }
-        Ok(doc)
+        parse_key_document(&body, name).map_err(|e| format!("{url}: {e}"))
     }
 
     async fn srv(&self, name: &ServerName) -> Option<SocketAddr> {
@@ -293,6 +286,21 @@ impl Discovery {
         let ips = self.dns.lookup_ip(format!("{host}.")).await.map_err(|e| format!("{host}: {e}"))?;
         ips.iter().next().map(|ip| SocketAddr::new(ip, port)).ok_or_else(|| format!("{host}: no address"))
     }
+}
+
+/// Most bytes a key document may have (F2.2).
+pub const MAX_KEY_DOCUMENT: usize = 64 * 1024;
+
+/// Reads a key document fetched for `name` (F2.2): bounded, JSON, and about `name`.
+pub fn parse_key_document(body: &[u8], name: &ServerName) -> Result<KeyDocument, String> {
+    if body.len() > MAX_KEY_DOCUMENT {
+        return Err("key document over 64 KiB".into());
+    }
+    let doc: KeyDocument = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if doc.server_name != name.as_str() {
+        return Err(format!("document is for {:?}", doc.server_name));
+    }
+    Ok(doc)
 }
 
 /// Current and retired keys of a document at time `now` (ms); malformed entries skipped.

@@ -159,8 +159,12 @@ impl Config {
     /// Reads and validates a config file; relative paths are taken from the file's folder.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let mut c: Config = toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, path.parent().unwrap_or(Path::new("."))).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses and validates config text; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> anyhow::Result<Config> {
+        let mut c: Config = toml::from_str(text)?;
         c.data_dir = base.join(&c.data_dir);
         c.key_file = c.data_dir.join(&c.key_file);
         if c.registration.policy == RegistrationPolicy::Token

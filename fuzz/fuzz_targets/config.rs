@@ -1,0 +1,7 @@
+//! Fuzz target `config`: see fuzz/decoders.rs for what it decodes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+include!("../decoders.rs");
+
+fuzz_target!(|data: &[u8]| decode_all("config", data));
