@@ -199,11 +199,24 @@ impl Bench {
             b
         });
         let mut peak = vec![0f64; self.servers.len()];
-        let start = Instant::now();
+        let start = Instant::now() + Duration::from_millis(20);
+        // The pacer: a thread of its own, because the runtime's timers tick in whole
+        // milliseconds and would add up to one to every measured latency.
+        let (pace_tx, mut paced) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+        std::thread::spawn(move || {
+            for n in 0..total {
+                let t0 = start + interval.mul_f64(n as f64);
+                let now = Instant::now();
+                if t0 > now {
+                    std::thread::sleep(t0 - now);
+                }
+                if pace_tx.send((n, t0)).is_err() {
+                    return;
+                }
+            }
+        });
         let mut inflight = tokio::task::JoinSet::new();
-        for n in 0..total {
-            let t0 = start + interval.mul_f64(n as f64);
-            tokio::time::sleep_until(t0.into()).await;
+        while let Some((n, t0)) = paced.recv().await {
             let (from, to) = {
                 let i = (n as usize) % self.senders.len();
                 (&self.senders[i].1, &self.recipients[i].0)
@@ -305,6 +318,33 @@ fn body_number(body: &[u8], tag: &str) -> Option<u64> {
     let s = std::str::from_utf8(&body[..body.len().min(40)]).ok()?;
     let rest = s.strip_prefix(tag)?.strip_prefix(':')?;
     rest.split(':').next()?.parse().ok()
+}
+
+/// The disk's fsync latency where the servers keep their data: `n` appends of 4 KiB, each
+/// followed by `fdatasync`, as a WAL write is. Benchmarks print it so that figures from
+/// different machines can be compared.
+pub fn fsync_latency(dir: &std::path::Path, n: usize) -> anyhow::Result<Percentiles> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let block = vec![0x5au8; 4096];
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        h.record((t.elapsed().as_micros() as u64).max(1))?;
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    Ok(Percentiles::of(&h))
+}
+
+impl Bench {
+    /// Where the servers keep their data.
+    pub fn work_dir(&self) -> &std::path::Path {
+        self._work.path()
+    }
 }
 
 /// One report as text.

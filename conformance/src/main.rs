@@ -176,6 +176,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let imp = Arc::new(ImplFile::load(&implementation)?);
             let bench = Bench::setup(imp, mode, users, connections).await?;
+            let disk = load::fsync_latency(bench.work_dir(), 200)?;
+            if json {
+                println!("{}", serde_json::json!({"fsync": disk}));
+            } else {
+                println!(
+                    "disk: fsync p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (200 appends of 4 KiB + fdatasync in the data directory)",
+                    disk.p50_us as f64 / 1000.0,
+                    disk.p99_us as f64 / 1000.0,
+                    disk.max_us as f64 / 1000.0
+                );
+            }
             let opts = LoadOptions { mode, users, connections, rate, seconds, body, progress: !quiet && !json };
             let show = |r: &load::LoadReport| {
                 if json {
