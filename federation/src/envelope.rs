@@ -35,6 +35,12 @@ pub fn sign(key: &ServerKey, unit: &Unit) -> SignedUnit {
     SignedUnit { key: key.public().key_id(), sig: sig.to_bytes().to_vec(), unit: bytes }
 }
 
+/// Wraps a unit that never leaves this server in an envelope without a signature, so that
+/// it is stored like every other. [`verify`] refuses it (it names no key).
+pub fn unsigned(unit: &Unit) -> SignedUnit {
+    SignedUnit { key: String::new(), sig: Vec::new(), unit: codec::encode(unit) }
+}
+
 /// Checks the signature with whichever of `keys` the envelope names, then decodes.
 pub fn verify(env: &SignedUnit, keys: &[PublicKey]) -> Result<Unit, VerifyError> {
     let key = keys
@@ -94,5 +100,13 @@ mod tests {
         let mut short = env.clone();
         short.sig.truncate(10);
         assert_eq!(verify(&short, &[k.public()]), Err(VerifyError::BadSignature));
+    }
+
+    #[test]
+    fn an_unsigned_envelope_opens_but_never_verifies() {
+        let k = ServerKey::generate();
+        let env = unsigned(&unit());
+        assert_eq!(open_trusted(&env).unwrap(), unit());
+        assert_eq!(verify(&env, &[k.public()]), Err(VerifyError::UnknownKey(String::new())));
     }
 }

@@ -89,7 +89,7 @@ pub async fn add_user_offline(config: &crate::config::Config, user: missive_spec
         hub: Arc::new(crate::hub::Hub::default()),
         outbound: None,
     };
-    let (seq, writer) = crate::sequencer::Sequencer::start(store, ctx);
+    let (seq, writer) = crate::sequencer::Sequencer::start(store, ctx)?;
     let result = seq.create_user(user, hash, None).await;
     seq.stop().await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;

@@ -298,12 +298,15 @@ impl Federation {
     async fn sender(self: Arc<Self>, peer: Arc<Peer>, lane: u8) {
         let mut shutdown = self.shutdown.clone();
         let wake = &peer.wake[usize::from(lane)];
+        // The last queue key known removed: later scans start after it, so they do not
+        // walk the deletion markers of everything already delivered.
+        let mut after: Option<Vec<u8>> = None;
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let prefix = keys::queue_lane(&peer.name, lane);
-            let rows = match self.store.scan(Cf::OutQueue, &prefix, None, Direction::Forward, MAX_TXN_UNITS) {
+            let rows = match self.store.scan(Cf::OutQueue, &prefix, after.as_deref(), Direction::Forward, MAX_TXN_UNITS) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbound queue");
@@ -315,7 +318,9 @@ impl Federation {
                 (true, _) => None,
                 (false, Some(at)) if at > Instant::now() => Some(at),
                 (false, _) => {
-                    self.deliver_batch(&peer, rows).await;
+                    if let Some(k) = self.deliver_batch(&peer, rows).await {
+                        after = Some(k);
+                    }
                     continue;
                 }
             };
@@ -333,7 +338,9 @@ impl Federation {
         }
     }
 
-    async fn deliver_batch(&self, peer: &Peer, rows: Vec<(Vec<u8>, Vec<u8>)>) {
+    /// Sends one transaction of queued rows and removes what the peer settled. Returns
+    /// the last key of the leading run of rows now removed from the queue, if any.
+    async fn deliver_batch(&self, peer: &Peer, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Vec<u8>> {
         let mut units = Vec::with_capacity(rows.len());
         let mut rows_ok = Vec::with_capacity(rows.len());
         for (k, v) in rows {
@@ -346,7 +353,7 @@ impl Federation {
             }
         }
         if units.is_empty() {
-            return;
+            return None;
         }
         let (to_send, sent_as) = coalesce_receipts(&units);
         match self.transact(peer, to_send).await {
@@ -354,20 +361,25 @@ impl Federation {
                 let results: Vec<UnitResult> = sent_as.iter().map(|i| sent_results[*i]).collect();
                 let mut batch = Batch::default();
                 let mut retry = false;
+                let mut removed_through = None;
                 for ((k, unit), r) in rows_ok.into_iter().zip(units).zip(results) {
                     if r.delivered() {
-                        batch.delete(Cf::OutQueue, k);
+                        batch.delete(Cf::OutQueue, k.clone());
                     } else if r.permanent() {
                         tracing::error!(result = ?r, "peer refused a unit for good; moved to dead letters");
                         let dl = DeadLetter { reason: format!("{r:?}"), unit };
                         batch.put(Cf::DeadLetters, k.clone(), records::encode(&dl));
-                        batch.delete(Cf::OutQueue, k);
+                        batch.delete(Cf::OutQueue, k.clone());
                     } else {
                         retry = true;
+                    }
+                    if !retry {
+                        removed_through = Some(k);
                     }
                 }
                 if let Err(e) = self.store.write(batch) {
                     tracing::error!(error = %e, "cannot record acknowledgements; units will be sent again");
+                    removed_through = None;
                 }
                 let mut st = peer.state();
                 if !st.up {
@@ -382,6 +394,7 @@ impl Federation {
                 } else {
                     st.backoff.reset();
                 }
+                removed_through
             }
             Err(e) => {
                 *peer.conn.lock().await = None;
@@ -396,6 +409,7 @@ impl Federation {
                 }
                 st.up = false;
                 st.last_error = Some(e);
+                None
             }
         }
     }

@@ -37,7 +37,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     let hub = Arc::new(Hub::default());
     let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = WriterContext { server: config.server_name.clone(), key: key.clone(), hub: hub.clone(), outbound: Some(queued_tx) };
-    let (sequencer, writer) = Sequencer::start(store.clone(), ctx);
+    let (sequencer, writer) = Sequencer::start(store.clone(), ctx)?;
     let (edu_tx, edu_rx) = tokio::sync::mpsc::unbounded_channel();
     let presence = crate::presence::Presence::new(config.server_name.clone(), store.clone(), hub.clone(), edu_tx);
     let service = Arc::new(Service {

@@ -202,3 +202,34 @@ async fn backoff_resets_the_moment_the_peer_contacts_us() {
     println!("delivered {waited:?} after beta contacted alpha (backoff had {retry_in} ms left)");
     assert!(waited.as_millis() < u128::from(retry_in) - 5_000, "alpha waited out its backoff ({waited:?})");
 }
+
+/// A queue that drains right after a restart must still take, and deliver, what comes
+/// next: queue positions are never handed out again in one process, even for a lane the
+/// writer first touches after its sender has emptied it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_drained_after_a_restart_still_delivers_what_comes_next() {
+    let (_d, mut s) = federated(&["alpha.test", "beta.test"]).await;
+    let alice = register(&s[0], "alice").await;
+    let bob = register(&s[1], "bob").await;
+    let bob_id = uid("bob", &s[1]);
+    let alice_id = uid("alice", &s[0]);
+    // Queue three while beta is down, then restart alpha with them queued.
+    s[1].kill9().await;
+    for i in 0..3 {
+        alice.send_text(&bob_id, &format!("queued {i}")).await.unwrap();
+    }
+    let (a_token, b_token) = (alice.token().map(str::to_owned), bob.token().map(str::to_owned));
+    drop((alice, bob));
+    s[0].restart().await.unwrap();
+    s[1].restart().await.unwrap();
+    let mut alice = connect(&s[0]).await;
+    alice.set_token(a_token);
+    let mut bob = connect(&s[1]).await;
+    bob.set_token(b_token);
+    history_of(&bob, &alice_id, 3).await;
+    eventually("alpha's queue to drain", || async { (queue_depth(&s[0], "beta.test").await == 0).then_some(()) }).await;
+    // The first message after the drain, in the same conversation and lane.
+    alice.send_text(&bob_id, "after the drain").await.unwrap();
+    let h = history_of(&bob, &alice_id, 4).await;
+    assert_eq!(h[0].content.as_text(), Some("after the drain"));
+}
