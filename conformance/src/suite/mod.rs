@@ -69,6 +69,16 @@ pub struct Ctx {
     servers: usize,
 }
 
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // MISSIVE_CONFORMANCE_KEEP=1 keeps every test's servers' data and logs.
+        if std::env::var_os("MISSIVE_CONFORMANCE_KEEP").is_some() {
+            let dir = std::mem::replace(&mut self.work, tempfile::tempdir().expect("a temporary directory"));
+            eprintln!("kept {}", dir.keep().display());
+        }
+    }
+}
+
 impl Ctx {
     pub fn new(imp: Arc<ImplFile>) -> anyhow::Result<Ctx> {
         Ok(Ctx { imp, work: tempfile::Builder::new().prefix("missive-conformance-").tempdir()?, servers: 0 })
