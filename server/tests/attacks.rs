@@ -40,13 +40,7 @@ fn squat(addr: SocketAddr, name: ServerName, n: usize) -> usize {
 
 #[tokio::test]
 async fn idle_connections_holding_slots_are_reclaimed_by_the_idle_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    missive_conformance::harness::ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
-    let cfg = data.join("missived.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_connections_per_address = 64", "max_connections_per_address = 6");
-    std::fs::write(&cfg, text).unwrap();
-    let srv = missive_conformance::harness::ServerProcess::start(missived(), &data, "alpha.test").await.unwrap();
+    let (_d, srv) = server_with_config("alpha.test", "open", |c| c.replace("max_connections_per_address = 64", "max_connections_per_address = 6")).await;
     let alice = register(&srv, "alice").await;
     let bob = register(&srv, "bob").await;
     let name = ServerName::parse("alpha.test").unwrap();

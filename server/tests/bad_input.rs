@@ -146,13 +146,7 @@ async fn password_guessing_is_rate_limited_per_account_and_per_address() {
 
 #[tokio::test]
 async fn a_connection_flood_is_refused_at_the_limit_and_slots_come_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    missive_conformance::harness::ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
-    let cfg = data.join("missived.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_connections_per_address = 64", "max_connections_per_address = 4");
-    std::fs::write(&cfg, text).unwrap();
-    let srv = missive_conformance::harness::ServerProcess::start(missived(), &data, "alpha.test").await.unwrap();
+    let (_d, srv) = server_with_config("alpha.test", "open", |c| c.replace("max_connections_per_address = 64", "max_connections_per_address = 4")).await;
     let alice = register(&srv, "alice").await;
     let _bob = register(&srv, "bob").await;
     let mut others = Vec::new();

@@ -22,6 +22,17 @@ pub async fn server(name: &str, registration: &str) -> (tempfile::TempDir, Serve
     (dir, srv)
 }
 
+/// A fresh server whose config is first passed through `edit`.
+pub async fn server_with_config(name: &str, registration: &str, edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, ServerProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ServerProcess::init(missived(), &data, name, registration).await.unwrap();
+    let cfg = data.join("missived.toml");
+    std::fs::write(&cfg, edit(std::fs::read_to_string(&cfg).unwrap())).unwrap();
+    let srv = ServerProcess::start(missived(), &data, name).await.unwrap();
+    (dir, srv)
+}
+
 pub fn uid(local: &str, srv: &ServerProcess) -> UserId {
     UserId::parse(&format!("@{local}:{}", srv.name)).unwrap()
 }
