@@ -54,7 +54,7 @@ pub fn decode_all(target: &str, data: &[u8]) {
         }
         "config" => {
             if let Ok(text) = std::str::from_utf8(data) {
-                let _ = missive_server::config::Config::parse(text, Path::new("/nonexistent"));
+                let _ = missive_server::config::Config::parse(text, std::path::Path::new("/nonexistent"));
             }
         }
         other => panic!("no decoder for {other}"),

@@ -34,8 +34,9 @@ fn the_seed_corpus_and_every_past_crash_decode_without_panicking() {
     println!("{n} inputs decoded");
 }
 
-fn seeds() -> Vec<(usize, Vec<u8>)> {
-    TARGETS.iter().enumerate().flat_map(|(i, t)| inputs("corpus", t).into_iter().map(move |(_, d)| (i, d))).collect()
+fn seeds() -> &'static [(usize, Vec<u8>)] {
+    static SEEDS: std::sync::OnceLock<Vec<(usize, Vec<u8>)>> = std::sync::OnceLock::new();
+    SEEDS.get_or_init(|| TARGETS.iter().enumerate().flat_map(|(i, t)| inputs("corpus", t).into_iter().map(move |(_, d)| (i, d))).collect())
 }
 
 proptest! {

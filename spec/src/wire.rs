@@ -260,22 +260,34 @@ pub struct Event {
     pub event: EventKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
     /// A message the user sent (from any of their devices) or received.
     Message(Message),
     /// A watermark of either user of one of the user's conversations moved (§10).
     Receipt(Receipt),
     /// A kind this version does not know (a later minor revision); skipped (§6.5).
-    #[serde(skip_serializing)]
+    /// Encoded again, it is its name with no fields: `{NAME: {}}`.
     Unknown(String),
 }
 
 /// Decodes `{NAME: VALUE}`, turning a NAME this version does not know into `unknown(NAME)`
-/// instead of an error, as §6.5 requires of clients.
+/// instead of an error, as §6.5 requires of clients; encodes `{NAME: VALUE}` (an unknown
+/// kind as `{NAME: {}}`, so that whatever decodes can be encoded again).
 macro_rules! tolerant_enum {
     ($t:ident { $($name:literal => $variant:ident($inner:ty)),+ $(,)? }) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(Some(1))?;
+                match self {
+                    $($t::$variant(v) => m.serialize_entry($name, v)?,)+
+                    $t::Unknown(name) => m.serialize_entry(name, &std::collections::BTreeMap::<String, ()>::new())?,
+                }
+                m.end()
+            }
+        }
+
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 struct V;
@@ -310,13 +322,11 @@ tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(R
 tolerant_enum!(Ephemeral { "presence" => Presence(PresenceUpdate), "typing" => Typing(TypingUpdate) });
 
 /// Updates pushed to live subscriptions and never stored (§12, §13).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ephemeral {
     Presence(PresenceUpdate),
     Typing(TypingUpdate),
-    /// A kind this version does not know; skipped (§12.3).
-    #[serde(skip_serializing)]
+    /// A kind this version does not know; skipped (§12.3). Encoded again: `{NAME: {}}`.
     Unknown(String),
 }
 
@@ -411,6 +421,12 @@ mod tests {
                 assert_eq!(next, 9);
                 assert_eq!(events[0].event, EventKind::Unknown("reaction".into()));
                 assert_eq!(ephemeral[0], Ephemeral::Unknown("call_ringing".into()));
+                // What decodes encodes again, and decodes to the same thing.
+                let again = crate::codec::encode(&Response::Events { next: 1, events: events.clone(), ephemeral: ephemeral.clone() });
+                match crate::codec::decode::<Response>(&again).unwrap() {
+                    Response::Events { events: e2, ephemeral: p2, .. } => assert_eq!((e2, p2), (events, ephemeral)),
+                    other => panic!("{other:?}"),
+                }
             }
             other => panic!("{other:?}"),
         }
