@@ -437,6 +437,9 @@ async fn schedule(suts: Arc<Vec<Mutex<Sut>>>, proxies: Arc<BTreeMap<(usize, usiz
     let log = |events: &mut Vec<String>, what: String| events.push(format!("{:>6.2}s {what}", start.elapsed().as_secs_f64()));
     let mut killed_once = false;
     let mut restarts = Vec::new();
+    // The newest cut of each link: a heal ends only the cut that scheduled it, so two
+    // overlapping cuts of one link last until the later one ends.
+    let cuts: Arc<std::sync::Mutex<HashMap<(usize, usize), u64>>> = Arc::default();
     while start.elapsed() < span {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(400..1500))).await;
         if start.elapsed() >= span {
@@ -453,10 +456,20 @@ async fn schedule(suts: Arc<Vec<Mutex<Sut>>>, proxies: Arc<BTreeMap<(usize, usiz
                 let p = proxies.clone();
                 p[&(a, b)].partition(true);
                 p[&(b, a)].partition(true);
+                let link = (a.min(b), a.max(b));
+                let epoch = {
+                    let mut c = cuts.lock().unwrap_or_else(|e| e.into_inner());
+                    let e = c.entry(link).or_default();
+                    *e += 1;
+                    *e
+                };
+                let cuts = cuts.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(cut_for).await;
-                    p[&(a, b)].partition(false);
-                    p[&(b, a)].partition(false);
+                    if cuts.lock().unwrap_or_else(|e| e.into_inner()).get(&link) == Some(&epoch) {
+                        p[&(a, b)].partition(false);
+                        p[&(b, a)].partition(false);
+                    }
                 });
             }
             r if r < 0.65 => {
