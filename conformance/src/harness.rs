@@ -29,9 +29,31 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// A free UDP port on `ip` right now (the OS picks it; a server binds it moments later).
+/// A UDP port on `ip` that is free now, for a server to bind moments later. It is drawn
+/// at random from below the kernel's ephemeral range, so that no other process binding
+/// port 0 in the meantime can be handed it, and never twice in one process.
 pub fn free_udp_port(ip: IpAddr) -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
+    use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = if ephemeral_low > 12_000 { (10_000, ephemeral_low - 1) } else { (49_152, 65_535) };
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(low..=high);
+        if given.contains(&port) {
+            continue;
+        }
+        // Free for UDP and TCP alike, so nothing else is listening there.
+        if UdpSocket::bind((ip, port)).is_ok() && std::net::TcpListener::bind((ip, port)).is_ok() {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free UDP port found on {ip} between {low} and {high}")
 }
 
 /// A `missived` process under test.
