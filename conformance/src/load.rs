@@ -7,7 +7,6 @@
 //! Users share a few QUIC connections (requests carry their own token), so the run does
 //! not hit the server's per-address connection cap.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,7 +107,7 @@ fn usage(pid: u32) -> Option<(f64, f64)> {
 
 /// Servers (one, or two pinned to each other) with their users, ready to load.
 pub struct Bench {
-    _work: tempfile::TempDir,
+    work: tempfile::TempDir,
     pub servers: Vec<Sut>,
     senders: Vec<(UserId, Client)>,
     recipients: Vec<(UserId, Client)>,
@@ -150,7 +149,7 @@ impl Bench {
                 list.push((id, pool[i % pool.len()].as_device(token)));
             }
         }
-        Ok(Bench { _work: work, servers, senders, recipients })
+        Ok(Bench { work, servers, senders, recipients })
     }
 
     /// One run at `rate` for `seconds`.
@@ -165,22 +164,26 @@ impl Bench {
         let ack = Arc::new(Mutex::new(new_hist()));
         let delivery = Arc::new(Mutex::new(new_hist()));
         let (acked, delivered, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        // Intended send times, by message number, for the recipients to measure against.
-        let intended: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
         let run_tag = format!("{:x}", rand::random::<u32>());
 
         // Recipients follow their streams live from where they are now.
-        let mut subs = Vec::new();
+        let mut live = Vec::new();
         for (_, c) in &self.recipients {
             let head = sync_head(c).await?;
-            let (mut sub, _, _) = c.subscribe(head).await?;
-            let (delivery, delivered, intended, tag) = (delivery.clone(), delivered.clone(), intended.clone(), run_tag.clone());
+            live.push(c.subscribe(head).await?.0);
+        }
+        // Message n is meant to leave at start + n × interval.
+        let start = Instant::now() + Duration::from_millis(20);
+        let intended = move |n: u64| start + interval.mul_f64(n as f64);
+        let mut subs = Vec::new();
+        for mut sub in live {
+            let (delivery, delivered, tag) = (delivery.clone(), delivered.clone(), run_tag.clone());
             subs.push(tokio::spawn(async move {
                 while let Ok(Some((_, events))) = sub.next().await {
                     let now = Instant::now();
                     for m in messages(&events) {
                         let Some(n) = body_number(&m.content.body, &tag) else { continue };
-                        let Some(t0) = intended.lock().unwrap().get(&n).copied() else { continue };
+                        let t0 = intended(n);
                         let us = now.saturating_duration_since(t0).as_micros() as u64;
                         let _ = delivery.lock().unwrap().record(us.max(1));
                         delivered.fetch_add(1, Ordering::Relaxed);
@@ -199,13 +202,12 @@ impl Bench {
             b
         });
         let mut peak = vec![0f64; self.servers.len()];
-        let start = Instant::now() + Duration::from_millis(20);
         // The pacer: a thread of its own, because the runtime's timers tick in whole
         // milliseconds and would add up to one to every measured latency.
         let (pace_tx, mut paced) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
         std::thread::spawn(move || {
             for n in 0..total {
-                let t0 = start + interval.mul_f64(n as f64);
+                let t0 = intended(n);
                 let now = Instant::now();
                 if t0 > now {
                     std::thread::sleep(t0 - now);
@@ -221,7 +223,6 @@ impl Bench {
                 let i = (n as usize) % self.senders.len();
                 (&self.senders[i].1, &self.recipients[i].0)
             };
-            intended.lock().unwrap().insert(n, t0);
             let mut b = format!("{run_tag}:{n}:").into_bytes();
             if b.len() < body.len() {
                 b.extend_from_slice(&body[b.len()..]);
@@ -343,7 +344,7 @@ pub fn fsync_latency(dir: &std::path::Path, n: usize) -> anyhow::Result<Percenti
 impl Bench {
     /// Where the servers keep their data.
     pub fn work_dir(&self) -> &std::path::Path {
-        self._work.path()
+        self.work.path()
     }
 }
 
