@@ -206,11 +206,12 @@ pub async fn run(imp: Arc<ImplFile>, opts: &ChaosOptions, mut progress: impl FnM
     let deadline = drain_start + Duration::from_secs(opts.drain_seconds);
     let mut histories: BTreeMap<(usize, usize), (Vec<Message>, Vec<Message>)> = BTreeMap::new();
     let mut drained = None;
+    let mut readers = Readers { addrs: &addrs, conns: vec![None; n] };
     loop {
         let mut complete = true;
         for (&(a, b), c) in &convs {
-            let ha = read_history(&addrs[users[a].server], &users[a], &users[b].id).await;
-            let hb = read_history(&addrs[users[b].server], &users[b], &users[a].id).await;
+            let ha = readers.history(&users[a], &users[b].id).await;
+            let hb = readers.history(&users[b], &users[a].id).await;
             let want = acked_texts(c);
             let has = |h: &[Message], t: &String| h.iter().any(|m| m.content.as_text() == Some(t.as_str()));
             if !want.iter().all(|t| has(&ha, t) && has(&hb, t)) || ha.len() != hb.len() {
@@ -326,13 +327,12 @@ pub async fn run(imp: Arc<ImplFile>, opts: &ChaosOptions, mut progress: impl FnM
     }
     // What each user's devices were shown: their event stream, from the start.
     for u in &users {
-        let Ok(c) = connect(&addrs[u.server], u.token.clone()).await else {
+        let Some(c) = readers.as_user(u).await else {
             r.lost += 1;
             push_example(&mut r.lost_examples, format!("{}'s server cannot be reached to read the stream", u.id));
             continue;
         };
         let stream = crate::suite::sync_all(&c).await.map(|e| crate::suite::messages(&e)).unwrap_or_default();
-        c.close().await;
         let mut count: HashMap<&str, usize> = HashMap::new();
         for m in &stream {
             *count.entry(m.content.as_text().unwrap_or("")).or_default() += 1;
@@ -377,11 +377,33 @@ async fn connect(addr: &ServerAddr, token: Option<String>) -> Result<Client, Cli
     Ok(c)
 }
 
-async fn read_history(addr: &ServerAddr, user: &User, with: &UserId) -> Vec<Message> {
-    let Ok(c) = connect(addr, user.token.clone()).await else { return Vec::new() };
-    let h = history_all(&c, with).await.unwrap_or_default();
-    c.close().await;
-    h
+/// The checker's connections, one per server, each user reading with their own token.
+struct Readers<'a> {
+    addrs: &'a [ServerAddr],
+    conns: Vec<Option<Client>>,
+}
+
+impl Readers<'_> {
+    async fn as_user(&mut self, u: &User) -> Option<Client> {
+        let slot = &mut self.conns[u.server];
+        if slot.is_none() {
+            *slot = connect(&self.addrs[u.server], None).await.ok();
+        }
+        slot.as_ref().map(|c| c.as_device(u.token.clone()))
+    }
+
+    /// `u`'s whole conversation with `with`; empty (and a new connection next time) when
+    /// the server cannot be read.
+    async fn history(&mut self, u: &User, with: &UserId) -> Vec<Message> {
+        let Some(c) = self.as_user(u).await else { return Vec::new() };
+        match history_all(&c, with).await {
+            Ok(h) => h,
+            Err(_) => {
+                self.conns[u.server] = None;
+                Vec::new()
+            }
+        }
+    }
 }
 
 /// One user's sends, each at its planned time; a send of unknown outcome is retried with
