@@ -28,6 +28,8 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub federation: FederationSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
     /// Peers pinned by hand (`missived peer add`).
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
@@ -49,6 +51,64 @@ pub struct FederationSection {
     pub retry_base_ms: u64,
     #[serde(default = "retry_cap_ms")]
     pub retry_cap_ms: u64,
+    /// Test-only: let discovery connect to loopback, private, link-local and other special
+    /// addresses it found through `.well-known`, SRV or the default port (static peer
+    /// entries may always name them).
+    #[serde(default)]
+    pub allow_special_addresses: bool,
+}
+
+/// Every bound on what an outsider can make the server spend (spec §8, F8). Each has a
+/// safe default; `missived.toml` lists them all under `[limits]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// How long a peer or client may take to deliver one request frame once its stream
+    /// opened; a slower one gets its stream reset.
+    pub request_read_timeout_ms: u64,
+    /// Password hashes (argon2id, 19 MiB each) computed at once; more logins wait.
+    pub password_hashes: usize,
+    /// Federation connections at once, in all and from one IP address.
+    pub federation_connections: usize,
+    pub federation_connections_per_address: usize,
+    /// Federation connections whose handshake or key discovery is still in progress.
+    pub federation_handshakes: usize,
+    /// Requests per second one peer may make (a bucket of this size, refilled per second).
+    pub federation_requests_per_second: u32,
+    /// Units held behind a gap, per (peer, conversation) and per peer in all; beyond them a
+    /// unit is answered `retry` and stays in the origin's queue.
+    pub held_per_conversation: u64,
+    pub held_per_peer: u64,
+    /// Held units released (stored) per write once their gap is filled.
+    pub held_release_batch: usize,
+    /// Users of other servers whose presence is remembered.
+    pub remote_presence_users: usize,
+    /// Discovery lookups in flight at once (one per server name at most).
+    pub discovery_lookups: usize,
+    /// Server names whose discovery result is cached.
+    pub discovery_cache_names: usize,
+    /// Largest key document read, in bytes (at most 65 536, F2.2).
+    pub key_document_bytes: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            request_read_timeout_ms: 10_000,
+            password_hashes: 2,
+            federation_connections: 1_000,
+            federation_connections_per_address: 8,
+            federation_handshakes: 64,
+            federation_requests_per_second: 500,
+            held_per_conversation: 1_000,
+            held_per_peer: 10_000,
+            held_release_batch: 256,
+            remote_presence_users: 100_000,
+            discovery_lookups: 32,
+            discovery_cache_names: 10_000,
+            key_document_bytes: missive_federation::discovery::MAX_KEY_DOCUMENT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +206,7 @@ impl Default for FederationSection {
             ca_file: None,
             retry_base_ms: retry_base_ms(),
             retry_cap_ms: retry_cap_ms(),
+            allow_special_addresses: false,
         }
     }
 }
