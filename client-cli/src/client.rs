@@ -84,11 +84,20 @@ impl Subscription {
             return Ok(None);
         };
         match decode_response(&body)? {
-            Response::Events { next, events, ephemeral } => Ok(Some(Frame { next, events, ephemeral })),
+            Response::Events { next, events, ephemeral, .. } => Ok(Some(Frame { next, events, ephemeral })),
             Response::Error { code, message } => Err(ClientError::Server { code, message }),
             other => Err(ClientError::Protocol(format!("unexpected frame on subscription: {other:?}"))),
         }
     }
+}
+
+/// One answer to `sync`.
+#[derive(Debug, Clone)]
+pub struct SyncPage {
+    /// The server stopped before the end of the stream: ask again from `next`.
+    pub more: bool,
+    pub next: u64,
+    pub events: Vec<Event>,
 }
 
 fn decode_response(body: &[u8]) -> Result<Response, ClientError> {
@@ -184,6 +193,11 @@ impl Client {
                 _ => Err(cerr(e.to_string())),
             },
         }
+    }
+
+    /// The QUIC connection, for callers that speak the framing themselves.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
     }
 
     /// The key the server presented (pinned or first seen).
@@ -344,8 +358,13 @@ impl Client {
     }
 
     pub async fn sync(&self, since: u64, limit: Option<u32>) -> Result<(u64, Vec<Event>), ClientError> {
+        self.sync_page(since, limit).await.map(|p| (p.next, p.events))
+    }
+
+    /// One `sync` answer; ask again from `next` while `more` is true (§6.5).
+    pub async fn sync_page(&self, since: u64, limit: Option<u32>) -> Result<SyncPage, ClientError> {
         match self.request(Request::Sync { limit, since }).await? {
-            Response::Events { next, events, .. } => Ok((next, events)),
+            Response::Events { more, next, events, .. } => Ok(SyncPage { more, next, events }),
             r => Err(unexpected(r)),
         }
     }

@@ -449,7 +449,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (c, mut s) = session_client(&profile).await?;
             let mut count = 0;
             loop {
-                let (next, events) = c.sync(s.sync_pos, None).await?;
+                let page = c.sync_page(s.sync_pos, None).await?;
+                let (next, events) = (page.next, page.events);
                 for e in &events {
                     print_event(json, e);
                 }
@@ -457,7 +458,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 count += events.len();
                 s.sync_pos = next;
                 profile.save_session(&s)?;
-                if events.len() < limits::SYNC_MAX_EVENTS as usize {
+                if !page.more && events.len() < limits::SYNC_MAX_EVENTS as usize {
                     break;
                 }
             }

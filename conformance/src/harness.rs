@@ -196,6 +196,17 @@ impl ServerProcess {
             .map(|_| ())
     }
 
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// The running server's resident memory, in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// The server's log so far (standard error), for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("missived.log")).unwrap_or_default()

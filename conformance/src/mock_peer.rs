@@ -146,6 +146,9 @@ impl MockPeer {
                 let sh = sh.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = inc.await else { return };
+                    // A federation endpoint lets a peer open streams only once it took it
+                    // for who it claims to be; the mock takes everyone.
+                    conn.set_max_concurrent_bi_streams(tls::FEDERATION_PEER_STREAMS.into());
                     while let Ok((send, recv)) = conn.accept_bi().await {
                         tokio::spawn(serve_stream(sh.clone(), conn.clone(), send, recv));
                     }

@@ -16,12 +16,14 @@ pub enum VerifyError {
     BadSignature,
     #[error("unit does not decode: {0}")]
     BadUnit(String),
+    #[error("key id {key:?} was retired at {until_ms} ms, before the unit's claimed time")]
+    KeyRetired { key: String, until_ms: u64 },
 }
 
 impl VerifyError {
     pub fn result(&self) -> UnitResult {
         match self {
-            VerifyError::UnknownKey(_) => UnitResult::UnknownKey,
+            VerifyError::UnknownKey(_) | VerifyError::KeyRetired { .. } => UnitResult::UnknownKey,
             VerifyError::BadSignature => UnitResult::BadSignature,
             VerifyError::BadUnit(_) => UnitResult::BadUnit,
         }
@@ -52,6 +54,23 @@ pub fn verify(env: &SignedUnit, keys: &[PublicKey]) -> Result<Unit, VerifyError>
         .verify_strict(&SignedUnit::signed_bytes(&env.unit), &sig)
         .map_err(|_| VerifyError::BadSignature)?;
     codec::decode(&env.unit).map_err(|e| VerifyError::BadUnit(e.to_string()))
+}
+
+/// Checks a unit from a peer whose keys are `current` and `retired` (with the end of each
+/// retired key's validity, ms). A retired key verifies only what it could have signed
+/// while valid: a message whose claimed time `ts` is at or before that end. A receipt
+/// carries no time, so only a current key verifies it (F2.1, F6.2).
+pub fn verify_for_peer(env: &SignedUnit, current: &[PublicKey], retired: &[(PublicKey, u64)]) -> Result<Unit, VerifyError> {
+    if current.iter().any(|k| k.key_id() == env.key) {
+        return verify(env, current);
+    }
+    let Some((key, until_ms)) = retired.iter().find(|(k, _)| k.key_id() == env.key) else {
+        return Err(VerifyError::UnknownKey(env.key.clone()));
+    };
+    match verify(env, std::slice::from_ref(key))? {
+        Unit::Message(m) if m.ts <= *until_ms => Ok(Unit::Message(m)),
+        _ => Err(VerifyError::KeyRetired { key: env.key.clone(), until_ms: *until_ms }),
+    }
 }
 
 /// Decodes a unit from an envelope this server stored itself (already verified).
@@ -100,6 +119,29 @@ mod tests {
         let mut short = env.clone();
         short.sig.truncate(10);
         assert_eq!(verify(&short, &[k.public()]), Err(VerifyError::BadSignature));
+    }
+
+    #[test]
+    fn a_retired_key_verifies_only_messages_claimed_before_its_end() {
+        let (old, new) = (ServerKey::generate(), ServerKey::generate());
+        let at = |ts| match unit() {
+            Unit::Message(m) => Unit::Message(Message { ts, ..m }),
+            u => u,
+        };
+        let retired = [(old.public(), 1_000)];
+        assert_eq!(verify_for_peer(&sign(&old, &at(1_000)), &[new.public()], &retired).unwrap(), at(1_000));
+        let late = sign(&old, &at(1_001));
+        assert_eq!(verify_for_peer(&late, &[new.public()], &retired).unwrap_err().result(), UnitResult::UnknownKey);
+        assert_eq!(verify_for_peer(&sign(&new, &at(5_000)), &[new.public()], &retired).unwrap(), at(5_000));
+        let receipt = Unit::Receipt(missive_spec::Receipt {
+            conv: ConversationId::one_to_one(&UserId::parse("@a:alpha.test").unwrap(), &UserId::parse("@b:beta.test").unwrap()),
+            kind: missive_spec::ReceiptKind::Read,
+            peer: UserId::parse("@b:beta.test").unwrap(),
+            user: UserId::parse("@a:alpha.test").unwrap(),
+            up_to: missive_spec::Watermark(missive_spec::OrderKey { rank: 1, origin: ServerName::parse("alpha.test").unwrap(), seq: 1 }),
+        });
+        assert!(matches!(verify_for_peer(&sign(&old, &receipt), &[new.public()], &retired), Err(VerifyError::KeyRetired { .. })));
+        assert!(verify_for_peer(&sign(&new, &receipt), &[new.public()], &retired).is_ok());
     }
 
     #[test]

@@ -202,13 +202,35 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<(PublicKey, Vec<String>
     Some((key, names))
 }
 
-fn transport(idle: Duration, keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
+/// What a peer may have in flight on one connection: the streams it may open, and the
+/// bytes we buffer for it per stream and per connection before it must wait for us to
+/// read. quinn's defaults buffer without a connection limit; a server must not.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    streams: u32,
+    stream_window: u32,
+    window: u32,
+}
+
+/// A client of the client API: requests are at most 64 KiB (§5.2).
+const CLIENT_API_FLOW: Flow = Flow { streams: 256, stream_window: 128 * 1024, window: 1024 * 1024 };
+/// A federation peer: no streams until it is authenticated (then
+/// [`FEDERATION_PEER_STREAMS`]); a frame is at most 4 MiB (F3.3).
+const FEDERATION_FLOW: Flow = Flow { streams: 0, stream_window: 4 * 1024 * 1024 + 64 * 1024, window: 8 * 1024 * 1024 };
+/// The server at the other end of a connection we opened: it answers, it opens nothing.
+const SERVER_FLOW: Flow = Flow { streams: 0, stream_window: 4 * 1024 * 1024 + 64 * 1024, window: 16 * 1024 * 1024 };
+/// Streams an authenticated federation peer may have open at once.
+pub const FEDERATION_PEER_STREAMS: u32 = 64;
+
+fn transport(idle: Duration, keep_alive: Option<Duration>, flow: Flow) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // The idle timeout is well within quinn's VarInt range.
     t.max_idle_timeout(Some(idle.try_into().expect("idle timeout in range")));
     t.keep_alive_interval(keep_alive);
-    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_bidi_streams(flow.streams.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(flow.stream_window.into());
+    t.receive_window(flow.window.into());
     Arc::new(t)
 }
 
@@ -255,19 +277,19 @@ fn quic_client(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(idle, Some(keep_alive)));
+    cfg.transport_config(transport(idle, Some(keep_alive), SERVER_FLOW));
     Ok(cfg)
 }
 
 /// QUIC server configuration presenting the server's certificate under `alpn`.
 pub fn server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
-    quic_server(key, server_name, alpn, transport(idle, None), false)
+    quic_server(key, server_name, alpn, transport(idle, None, CLIENT_API_FLOW), false)
 }
 
 /// QUIC server configuration for federation: presents the server's certificate and
 /// requires one from the peer.
 pub fn federation_server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
-    quic_server(key, server_name, alpn, transport(idle, Some(Duration::from_secs(5))), true)
+    quic_server(key, server_name, alpn, transport(idle, Some(Duration::from_secs(5)), FEDERATION_FLOW), true)
 }
 
 /// QUIC client configuration for federation: checks the peer against `verifier` and

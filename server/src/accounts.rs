@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -26,23 +26,63 @@ pub fn check_password(password: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// argon2id PHC string of `password` with a fresh salt. Slow on purpose: call off the
-/// async runtime.
-pub fn hash_password(password: &str) -> String {
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        // Hashing with default parameters and a generated salt cannot fail.
-        .expect("argon2id hashing")
-        .to_string()
+thread_local! {
+    /// Argon2 working memory (19 MiB with the default parameters), allocated once per
+    /// thread and reused: allocating it per hash lets the allocator keep a copy per
+    /// thread that ever hashed. Only the few hashing threads (`hashing.rs`) fill it.
+    static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Verifies `password` against a stored PHC string. Slow on purpose.
-pub fn verify_password(password: &str, phc: &str) -> bool {
-    match PasswordHash::new(phc) {
-        Ok(h) => Argon2::default().verify_password(password.as_bytes(), &h).is_ok(),
-        Err(_) => false,
+/// The raw argon2id output of `password` and `salt` under `params`, in this thread's
+/// reused working memory.
+fn argon2id(params: argon2::Params, password: &[u8], salt: &[u8], out: &mut [u8]) -> argon2::Result<()> {
+    let a = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    BLOCKS.with(|b| {
+        let mut blocks = b.borrow_mut();
+        let need = a.params().block_count();
+        if blocks.len() < need {
+            blocks.resize(need, argon2::Block::default());
+        }
+        a.hash_password_into_with_memory(password, salt, out, &mut blocks[..need])
+    })
+}
+
+/// argon2id PHC string of `password` with a fresh salt. Slow on purpose: call on a
+/// hashing thread.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    let mut raw_salt = [0u8; 64];
+    let params = argon2::Params::default();
+    let mut out = [0u8; argon2::Params::DEFAULT_OUTPUT_LEN];
+    // A generated salt decodes, and the default parameters hash any password under the
+    // length limit: none of these can fail.
+    let raw_salt = salt.as_salt().decode_b64(&mut raw_salt).expect("generated salt decodes");
+    argon2id(params.clone(), password.as_bytes(), raw_salt, &mut out).expect("argon2id hashing");
+    PasswordHash {
+        algorithm: argon2::ARGON2ID_IDENT,
+        version: Some(argon2::Version::V0x13.into()),
+        params: (&params).try_into().expect("default argon2 parameters"),
+        salt: Some(salt.as_salt()),
+        hash: Some(argon2::password_hash::Output::new(&out).expect("argon2 output length")),
     }
+    .to_string()
+}
+
+/// Verifies `password` against a stored PHC string (argon2id). Slow on purpose.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    let Ok(h) = PasswordHash::new(phc) else { return false };
+    let (Ok(params), Some(salt), Some(want)) = (argon2::Params::try_from(&h), h.salt, h.hash) else { return false };
+    if h.algorithm != argon2::ARGON2ID_IDENT {
+        return Argon2::default().verify_password(password.as_bytes(), &h).is_ok();
+    }
+    let mut raw_salt = [0u8; 64];
+    let Ok(raw_salt) = salt.decode_b64(&mut raw_salt) else { return false };
+    let mut out = vec![0u8; want.len()];
+    if argon2id(params, password.as_bytes(), raw_salt, &mut out).is_err() {
+        return false;
+    }
+    // `Output` compares in constant time.
+    argon2::password_hash::Output::new(&out).is_ok_and(|got| got == want)
 }
 
 /// Spends the same time as a real check, for logins to unknown users.
@@ -88,6 +128,7 @@ pub async fn add_user_offline(config: &crate::config::Config, user: missive_spec
         key: Arc::new(missive_federation::ServerKey::load(&config.key_file)?),
         hub: Arc::new(crate::hub::Hub::default()),
         outbound: None,
+        limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
     };
     let (seq, writer) = crate::sequencer::Sequencer::start(store, ctx)?;
     let result = seq.create_user(user, hash, None).await;
@@ -107,6 +148,16 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("correct horsf", &h));
         assert!(!verify_password("x", "not a phc string"));
+    }
+
+    #[test]
+    fn hashes_agree_with_the_argon2_crate_both_ways() {
+        use argon2::password_hash::PasswordHasher;
+        let ours = hash_password("pw-1234567");
+        assert!(Argon2::default().verify_password(b"pw-1234567", &PasswordHash::new(&ours).unwrap()).is_ok());
+        let theirs = Argon2::default().hash_password(b"pw-1234567", &SaltString::generate(&mut rand::rngs::OsRng)).unwrap().to_string();
+        assert!(verify_password("pw-1234567", &theirs));
+        assert!(!verify_password("pw-7654321", &theirs));
     }
 
     #[test]

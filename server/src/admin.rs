@@ -91,7 +91,7 @@ async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()
             }
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },
-        AdminRequest::Peers {} => match ctx.federation.status() {
+        AdminRequest::Peers {} => match ctx.federation.status().await {
             Ok(peers) => AdminResponse::Peers { peers },
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },

@@ -1,11 +1,13 @@
 //! The client API over QUIC (spec §5): one request per bidirectional stream, answered with
 //! one response frame; `subscribe` streams event frames until either side stops. A bad
 //! frame gets a typed error on its own stream; the connection and the server go on.
+//! A request frame must arrive within the read deadline, and request bodies being read
+//! share one byte budget (`framing::BodyBudget`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use missive_federation::framing::{read_frame, write_frame, FrameError};
+use missive_federation::framing::{read_request, write_frame, BodyBudget, FrameError};
 use missive_spec::codec::{self, DecodeError};
 use missive_spec::{limits, ErrorCode, Request, Response, ResponseFrame, PROTOCOL_VERSION};
 use tokio::sync::{watch, Notify};
@@ -52,6 +54,9 @@ pub struct Api {
     pub shutdown: watch::Receiver<bool>,
     pub inflight: Arc<Inflight>,
     pub slots: Arc<Slots>,
+    /// Time a client has to deliver one request frame, among others.
+    pub live: Arc<crate::limits::LiveLimits>,
+    pub bodies: BodyBudget,
 }
 
 /// Connection slots, in all and per address.
@@ -68,10 +73,15 @@ impl Slots {
         Arc::new(Slots { max, max_per_address, used: Default::default() })
     }
 
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
+    pub fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Slot> {
+        self.take_within(ip, self.max, self.max_per_address)
+    }
+
+    /// Takes a slot under limits given now (they may have changed since start-up).
+    pub fn take_within(self: &Arc<Self>, ip: std::net::IpAddr, max: usize, max_per_address: usize) -> Option<Slot> {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
         let per = used.1.get(&ip).copied().unwrap_or(0);
-        if used.0 >= self.max || per >= self.max_per_address {
+        if used.0 >= max || per >= max_per_address {
             return None;
         }
         used.0 += 1;
@@ -160,8 +170,8 @@ impl Api {
             let _ = send.finish();
             return;
         }
-        let frame = match read_frame(&mut recv, limits::MAX_REQUEST_FRAME).await {
-            Ok(Some(body)) => codec::decode_request(&body).map_err(FrameError::Decode),
+        let frame = match read_request(&mut recv, limits::MAX_REQUEST_FRAME, self.live.read_timeout(), &self.bodies).await {
+            Ok(Some(f)) => codec::decode_request(&f.body).map_err(FrameError::Decode),
             Ok(None) => return,
             Err(e) => Err(e),
         };
@@ -176,6 +186,10 @@ impl Api {
                     }
                     FrameError::Decode(d) => (d.code(), d.to_string()),
                     FrameError::Truncated => (ErrorCode::BadFrame, e.to_string()),
+                    FrameError::Timeout(_) => {
+                        let _ = recv.stop(0u32.into());
+                        (ErrorCode::BadFrame, e.to_string())
+                    }
                     FrameError::Read(_) => return,
                 };
                 tracing::debug!(%code, error = %msg, "rejected frame");
@@ -185,7 +199,7 @@ impl Api {
             }
         };
         if let Request::Subscribe { since } = frame.req {
-            if let Err(e) = self.subscribe(&mut send, frame.auth.as_deref(), since).await {
+            if let Err(e) = self.subscribe(&mut send, frame.auth, since).await {
                 let _ = write_frame(&mut send, &error_frame(e.code, e.message)).await;
             }
             let _ = send.finish();
@@ -200,36 +214,43 @@ impl Api {
     /// Streams the caller's events after `since`: first one frame with the backlog (empty
     /// when there is none, so the client knows it is subscribed), then a frame whenever
     /// more are durable.
-    async fn subscribe(&self, send: &mut quinn::SendStream, auth: Option<&str>, since: u64) -> Result<(), ApiError> {
-        let caller = self.service.authenticate(auth)?;
+    async fn subscribe(&self, send: &mut quinn::SendStream, auth: Option<String>, since: u64) -> Result<(), ApiError> {
+        let service = self.service.clone();
+        let token = auth.clone();
+        let caller = crate::store::blocking(move || service.authenticate(token.as_deref())).await??;
         let mut wake = self.service.hub.subscribe(caller.user.localpart());
         let mut ephemeral = self.service.hub.subscribe_ephemeral(caller.user.localpart());
         // Online while this subscription lives (the connection's keep-alives are the
         // heartbeat; a dead client's connection times out and ends it).
-        self.service.presence.connected(&caller.user);
-        struct Offline<'a>(&'a crate::presence::Presence, &'a missive_spec::UserId);
-        impl Drop for Offline<'_> {
+        self.service.presence.connected(&caller.user).await;
+        struct Offline(Arc<crate::presence::Presence>, missive_spec::UserId);
+        impl Drop for Offline {
             fn drop(&mut self) {
-                self.0.disconnected(self.1);
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(self.0.clone().disconnected(self.1.clone()));
+                }
             }
         }
-        let _offline = Offline(&self.service.presence, &caller.user);
+        let _offline = Offline(self.service.presence.clone(), caller.user.clone());
         let mut shutdown = self.shutdown.clone();
         let mut pos = since;
         let mut first = true;
         loop {
             wake.borrow_and_update();
-            // A logged-out device stops receiving at once.
-            self.service.authenticate(auth)?;
-            let (next, events) = self.service.events(&caller.user, pos, limits::SYNC_MAX_EVENTS).await?;
+            let (service, token, user) = (self.service.clone(), auth.clone(), caller.user.clone());
+            let (more, next, events) = crate::store::blocking(move || {
+                // A logged-out device stops receiving at once.
+                service.authenticate(token.as_deref())?;
+                service.events(&user, pos, limits::SYNC_MAX_EVENTS)
+            })
+            .await??;
             if first || !events.is_empty() {
                 first = false;
-                let full = events.len() as u32 == limits::SYNC_MAX_EVENTS;
                 pos = next;
-                if write_frame(send, &response(Response::Events { next, events, ephemeral: Vec::new() })).await.is_err() {
+                if write_frame(send, &response(Response::Events { more, next, events, ephemeral: Vec::new() })).await.is_err() {
                     return Ok(());
                 }
-                if full {
+                if more {
                     continue;
                 }
             }
@@ -237,7 +258,7 @@ impl Api {
                 changed = wake.changed() => if changed.is_err() { return Ok(()) },
                 e = ephemeral.recv() => match e {
                     Ok(e) => {
-                        let frame = Response::Events { next: pos, events: Vec::new(), ephemeral: vec![e] };
+                        let frame = Response::Events { more: false, next: pos, events: Vec::new(), ephemeral: vec![e] };
                         if write_frame(send, &response(frame)).await.is_err() {
                             return Ok(());
                         }

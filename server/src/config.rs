@@ -66,6 +66,10 @@ pub struct LimitsSection {
     /// How long a peer or client may take to deliver one request frame once its stream
     /// opened; a slower one gets its stream reset.
     pub request_read_timeout_ms: u64,
+    /// Bytes of request frames being read at once, over all client connections and over
+    /// all federation peers; a frame waits (within its deadline) for room.
+    pub client_request_bytes: usize,
+    pub federation_request_bytes: usize,
     /// Password hashes (argon2id, 19 MiB each) computed at once; more logins wait.
     pub password_hashes: usize,
     /// Federation connections at once, in all and from one IP address.
@@ -95,6 +99,8 @@ impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             request_read_timeout_ms: 10_000,
+            client_request_bytes: 16 * 1024 * 1024,
+            federation_request_bytes: 32 * 1024 * 1024,
             password_hashes: 2,
             federation_connections: 1_000,
             federation_connections_per_address: 8,
@@ -339,6 +345,40 @@ https_port = 443
 # jitter, never above retry_cap_ms. Nothing queued is ever dropped.
 retry_base_ms = 200
 retry_cap_ms = 60000
+# Test-only: let discovery connect to loopback, private, link-local and other special
+# addresses found through .well-known or DNS. [[peers]] entries may always name them.
+allow_special_addresses = false
+
+[limits]
+# Bounds on what clients, peers and strangers can make this server spend. SIGHUP
+# re-reads them where the running server can apply them.
+# Time a client or peer has to deliver one request frame once its stream opened.
+request_read_timeout_ms = 10000
+# Bytes of request frames being read at once, over all clients / all peers.
+client_request_bytes = 16777216
+federation_request_bytes = 33554432
+# Password hashes (argon2id, 19 MiB each) computed at once; more logins wait.
+password_hashes = 2
+# Federation connections at once: in all, from one IP address, and still in their
+# handshake or key discovery (a stranger's connection stays there until its keys are
+# found; it may open no stream before).
+federation_connections = 1000
+federation_connections_per_address = 8
+federation_handshakes = 64
+# Requests one peer may make per second (its connections share one bucket).
+federation_requests_per_second = 500
+# Units held behind a gap, per (peer, conversation) and per peer; beyond them a unit is
+# answered "retry" and stays queued at its origin. Released in steps of held_release_batch.
+held_per_conversation = 1000
+held_per_peer = 10000
+held_release_batch = 256
+# Users of other servers whose presence is remembered (only contacts of local users).
+remote_presence_users = 100000
+# Discovery: lookups in flight at once (one per server name), names cached, and the
+# largest key document read (at most 65536).
+discovery_lookups = 32
+discovery_cache_names = 10000
+key_document_bytes = 65536
 
 # Peers pinned by hand: `missived peer add` appends entries like this one.
 # [[peers]]

@@ -8,17 +8,22 @@
 //! Inbound: the peer's certificate key must be one discovery returned for the name it
 //! claims; every unit is verified before it is decoded, checked, and handed to the writer.
 //! Units held behind a gap make us ask their origin for the missing range.
+//!
+//! Bounds (spec F8, `[limits]`): connections in all and per address, handshakes and key
+//! discoveries in progress, streams only after authentication, requests per second per
+//! peer, a deadline and a shared byte budget for reading request frames. Every store read
+//! runs on the blocking pool; every write goes through the writer.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use missive_federation::backoff::Backoff;
 use missive_federation::discovery::{Discovery, PeerInfo};
-use missive_federation::framing::{read_frame, write_frame};
+use missive_federation::framing::{read_frame, read_request, write_frame, BodyBudget, FrameError};
 use missive_federation::tls::{self, Pin, PinnedServerVerifier};
-use missive_federation::{envelope, PublicKey, ServerKey};
+use missive_federation::{envelope, ServerKey};
 use missive_spec::federation::{
     txn_id, FedErrorCode, FedRequest, FedRequestFrame, FedResponse, FedResponseFrame, SignedUnit, Unit, UnitResult,
     FEDERATION_ALPN, MAX_BACKFILL, MAX_FEDERATION_FRAME, MAX_TXN_UNITS,
@@ -26,13 +31,16 @@ use missive_spec::federation::{
 use missive_spec::{codec, limits, ConversationId, Message, Receipt, ServerName, PROTOCOL_VERSION};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::accounts::now_ms;
+use crate::api::Slots;
+use crate::limits::LiveLimits;
+use crate::ratelimit::TokenBucket;
 use crate::records::{self, ConvRecord, DeadLetter, MsgIdRecord};
 use crate::sequencer::{Backfill, InboundUnit, Sequencer};
-use crate::store::{keys, Batch, Cf, Direction, Store};
+use crate::store::{blocking, keys, Cf, Direction, Store, StoreResult};
 
 /// How long a peer may take to connect or answer one request (a transaction of 100
 /// units takes milliseconds; silence this long means the peer is gone).
@@ -46,6 +54,18 @@ const MAX_EDU_UPDATES: usize = 1_000;
 const BACKFILL_ATTEMPTS: u32 = 8;
 /// How often held units are looked over for gaps nobody is filling (also at start-up).
 const HELD_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a connecting peer may take to finish its handshake and have its keys found.
+const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What peers, and those claiming to be peers, may make this server spend (F8), fixed at
+/// start-up; the rest is in [`LiveLimits`].
+#[derive(Debug, Clone)]
+pub struct FederationLimits {
+    /// Connections still in their handshake or key discovery.
+    pub handshakes: usize,
+    /// Bytes of request frames read at once, over all peers.
+    pub body_bytes: usize,
+}
 
 /// Timing knobs from the configuration.
 #[derive(Debug, Clone)]
@@ -91,6 +111,38 @@ impl Peer {
     fn state(&self) -> std::sync::MutexGuard<'_, PeerState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The peer answered a transaction.
+    fn reached(&self) {
+        let mut st = self.state();
+        if !st.up {
+            tracing::info!("federation link up");
+        }
+        st.up = true;
+        st.last_success_ms = Some(now_ms());
+        st.last_error = None;
+    }
+
+    /// The peer could not be reached or refused the request: back off.
+    fn remote_failure(&self, e: String) {
+        let mut st = self.state();
+        let at = st.backoff.failure(Instant::now(), rand::thread_rng().gen());
+        let retry_in = at.saturating_duration_since(Instant::now());
+        if st.up || st.last_error.is_none() {
+            tracing::warn!(error = %e, ?retry_in, "federation link down; queued units wait");
+        } else {
+            tracing::debug!(error = %e, ?retry_in, "federation link still down");
+        }
+        st.up = false;
+        st.last_error = Some(e);
+    }
+
+    /// This server could not read or write its own store: back off as for the peer.
+    fn local_failure(&self, e: String) {
+        let mut st = self.state();
+        st.backoff.failure(Instant::now(), rand::thread_rng().gen());
+        st.last_error = Some(e);
+    }
 }
 
 pub struct Federation {
@@ -106,6 +158,13 @@ pub struct Federation {
     presence: Arc<crate::presence::Presence>,
     edus: Mutex<HashMap<ServerName, PendingEdu>>,
     shutdown: watch::Receiver<bool>,
+    live: Arc<LiveLimits>,
+    slots: Arc<Slots>,
+    handshakes: Arc<Semaphore>,
+    bodies: BodyBudget,
+    /// Request budget per peer, shared by its connections; an entry lives while one of
+    /// them does (dead entries are pruned past the connection limit).
+    buckets: Mutex<HashMap<ServerName, Weak<Mutex<TokenBucket>>>>,
 }
 
 /// Ephemeral updates gathered for one destination: the latest per user (and conversation).
@@ -141,8 +200,16 @@ impl Federation {
         timing: FederationTiming,
         presence: Arc<crate::presence::Presence>,
         shutdown: watch::Receiver<bool>,
+        limits: FederationLimits,
+        live: Arc<LiveLimits>,
     ) -> Arc<Federation> {
+        let (connections, per_address) = live.federation_connections();
         Arc::new(Federation {
+            slots: Slots::new(connections, per_address),
+            handshakes: Arc::new(Semaphore::new(limits.handshakes)),
+            bodies: BodyBudget::new(limits.body_bytes),
+            buckets: Mutex::new(HashMap::new()),
+            live,
             server,
             key,
             endpoint,
@@ -204,10 +271,10 @@ impl Federation {
     }
 
     /// Starts accepting peers, and a sender for every destination with queued units.
-    pub fn start(self: &Arc<Self>, mut queued: mpsc::UnboundedReceiver<ServerName>) -> anyhow::Result<()> {
+    pub async fn start(self: &Arc<Self>, mut queued: mpsc::UnboundedReceiver<ServerName>) -> anyhow::Result<()> {
         let me = self.clone();
         tokio::spawn(async move { me.accept_loop().await });
-        for dest in self.queued_destinations()? {
+        for dest in self.queued_destinations().await? {
             self.peer(&dest).wake_all();
         }
         let me = self.clone();
@@ -220,8 +287,14 @@ impl Federation {
         tokio::spawn(async move {
             let mut shutdown = me.shutdown.clone();
             loop {
-                if let Err(e) = me.sweep_held() {
-                    tracing::error!(error = %e, "cannot look over held units");
+                let store = me.store.clone();
+                match blocking(move || held_gaps(&*store)).await.and_then(|r| r) {
+                    Ok(gaps) => {
+                        for (conv, origin, seq) in gaps {
+                            me.spawn_backfill(Backfill { conv, origin, first: 0, last: seq - 1 });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot look over held units"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(HELD_SWEEP_INTERVAL) => {}
@@ -232,33 +305,9 @@ impl Federation {
         Ok(())
     }
 
-    /// Asks again for every gap behind a held unit (held units survive restarts; the
-    /// requests that would fill them do not).
-    fn sweep_held(self: &Arc<Self>) -> anyhow::Result<()> {
-        let mut from: Option<Vec<u8>> = None;
-        loop {
-            let rows = self.store.scan(Cf::Held, &[], from.as_deref(), Direction::Forward, 1)?;
-            let Some((k, _)) = rows.into_iter().next() else { return Ok(()) };
-            let Some((conv, origin, seq)) = keys::parse_msg_id(&k) else { return Ok(()) };
-            // The lowest held seq of this (conversation, origin) comes first; skip the rest.
-            from = Some(keys::held(&conv, &origin, u64::MAX));
-            let head = self.head_of(&conv, &origin);
-            if seq > head + 1 {
-                self.spawn_backfill(Backfill { conv, origin, first: head + 1, last: seq - 1 });
-            }
-        }
-    }
-
-    fn queued_destinations(&self) -> anyhow::Result<Vec<ServerName>> {
-        let mut out = Vec::new();
-        let mut from: Option<Vec<u8>> = None;
-        loop {
-            let row = self.store.scan(Cf::OutQueue, &[], from.as_deref(), Direction::Forward, 1)?;
-            let Some((k, _)) = row.into_iter().next() else { return Ok(out) };
-            let Some((dest, _, _)) = keys::parse_queue(&k) else { return Ok(out) };
-            from = Some(keys::queue(&dest, u8::MAX, u64::MAX));
-            out.push(dest);
-        }
+    async fn queued_destinations(&self) -> StoreResult<Vec<ServerName>> {
+        let store = self.store.clone();
+        blocking(move || queued_destinations(&*store)).await?
     }
 
     fn peer(self: &Arc<Self>, name: &ServerName) -> Arc<Peer> {
@@ -306,17 +355,21 @@ impl Federation {
                 return;
             }
             let prefix = keys::queue_lane(&peer.name, lane);
-            let rows = match self.store.scan(Cf::OutQueue, &prefix, after.as_deref(), Direction::Forward, MAX_TXN_UNITS) {
+            let (store, from) = (self.store.clone(), after.clone());
+            let scanned = blocking(move || store.scan(Cf::OutQueue, &prefix, from.as_deref(), Direction::Forward, MAX_TXN_UNITS)).await;
+            let rows = match scanned.and_then(|r| r) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbound queue");
+                    peer.local_failure(format!("cannot read the outbound queue: {e}"));
                     Vec::new()
                 }
             };
             let next = peer.state().backoff.next_attempt();
             let wait_until = match (rows.is_empty(), next) {
-                (true, _) => None,
-                (false, Some(at)) if at > Instant::now() => Some(at),
+                (true, None) => None,
+                (_, Some(at)) if at > Instant::now() => Some(at),
+                (true, Some(_)) => None,
                 (false, _) => {
                     if let Some(k) = self.deliver_batch(&peer, rows).await {
                         after = Some(k);
@@ -338,80 +391,74 @@ impl Federation {
         }
     }
 
-    /// Sends one transaction of queued rows and removes what the peer settled. Returns
-    /// the last key of the leading run of rows now removed from the queue, if any.
+    /// Sends one transaction of queued rows and settles them through the writer: removes
+    /// what the peer took, moves what it refused for good (and rows that no longer decode)
+    /// to dead letters. Returns the last key of the leading run of rows now removed from
+    /// the queue, if any. A failure here or at the peer backs off alike.
     async fn deliver_batch(&self, peer: &Peer, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Vec<u8>> {
-        let mut units = Vec::with_capacity(rows.len());
-        let mut rows_ok = Vec::with_capacity(rows.len());
-        for (k, v) in rows {
-            match records::decode::<SignedUnit>("out_queue", &v) {
-                Ok(u) => {
-                    units.push(u);
-                    rows_ok.push(k);
+        // Every row in queue order, with its unit if it decodes.
+        let rows: Vec<(Vec<u8>, Result<SignedUnit, (String, Vec<u8>)>)> = rows
+            .into_iter()
+            .map(|(k, v)| {
+                let unit = records::decode::<SignedUnit>("out_queue", &v).map_err(|e| {
+                    tracing::error!(error = %e, "queued unit does not decode; moving it to dead letters");
+                    (e.to_string(), v)
+                });
+                (k, unit)
+            })
+            .collect();
+        let units: Vec<SignedUnit> = rows.iter().filter_map(|(_, u)| u.as_ref().ok().cloned()).collect();
+        let mut results = Vec::new().into_iter();
+        if !units.is_empty() {
+            let (to_send, sent_as) = coalesce_receipts(&units);
+            match self.transact(peer, to_send).await {
+                Ok(sent) => results = sent_as.iter().map(|i| sent[*i]).collect::<Vec<_>>().into_iter(),
+                Err(e) => {
+                    *peer.conn.lock().await = None;
+                    self.discovery.forget(&peer.name);
+                    peer.remote_failure(e);
+                    return None;
                 }
-                Err(e) => tracing::error!(error = %e, "undecodable queued unit left in place"),
+            }
+            peer.reached();
+        }
+        let (mut delivered, mut dead) = (Vec::new(), Vec::new());
+        let mut retry = false;
+        let mut removed_through = None;
+        for (k, unit) in rows {
+            match unit {
+                Err((e, raw)) => {
+                    // Set aside as it was, or the lane would read it forever.
+                    let unit = SignedUnit { key: String::new(), sig: Vec::new(), unit: raw };
+                    dead.push((k.clone(), DeadLetter { reason: format!("undecodable in the queue: {e}"), unit }));
+                }
+                Ok(unit) => match results.next() {
+                    Some(r) if r.delivered() => delivered.push(k.clone()),
+                    Some(r) if r.permanent() => {
+                        tracing::error!(result = ?r, "peer refused a unit for good; moved to dead letters");
+                        dead.push((k.clone(), DeadLetter { reason: format!("{r:?}"), unit }));
+                    }
+                    _ => retry = true,
+                },
+            }
+            if !retry {
+                removed_through = Some(k);
             }
         }
-        if units.is_empty() {
+        if let Err(e) = self.sequencer.settle(delivered, dead).await {
+            // The peer has them: sending them again is safe (it answers duplicate), but
+            // not at once, or a disk that refuses writes would make this a storm.
+            tracing::error!(error = %e.message, "cannot record acknowledgements; units will be sent again after a pause");
+            peer.local_failure(format!("cannot record acknowledgements: {}", e.message));
             return None;
         }
-        let (to_send, sent_as) = coalesce_receipts(&units);
-        match self.transact(peer, to_send).await {
-            Ok(sent_results) => {
-                let results: Vec<UnitResult> = sent_as.iter().map(|i| sent_results[*i]).collect();
-                let mut batch = Batch::default();
-                let mut retry = false;
-                let mut removed_through = None;
-                for ((k, unit), r) in rows_ok.into_iter().zip(units).zip(results) {
-                    if r.delivered() {
-                        batch.delete(Cf::OutQueue, k.clone());
-                    } else if r.permanent() {
-                        tracing::error!(result = ?r, "peer refused a unit for good; moved to dead letters");
-                        let dl = DeadLetter { reason: format!("{r:?}"), unit };
-                        batch.put(Cf::DeadLetters, k.clone(), records::encode(&dl));
-                        batch.delete(Cf::OutQueue, k.clone());
-                    } else {
-                        retry = true;
-                    }
-                    if !retry {
-                        removed_through = Some(k);
-                    }
-                }
-                if let Err(e) = self.store.write(batch) {
-                    tracing::error!(error = %e, "cannot record acknowledgements; units will be sent again");
-                    removed_through = None;
-                }
-                let mut st = peer.state();
-                if !st.up {
-                    tracing::info!("federation link up");
-                }
-                st.up = true;
-                st.last_success_ms = Some(now_ms());
-                st.last_error = None;
-                if retry {
-                    let at = st.backoff.failure(Instant::now(), rand::thread_rng().gen());
-                    tracing::warn!(retry_in = ?at.saturating_duration_since(Instant::now()), "peer asked to retry some units");
-                } else {
-                    st.backoff.reset();
-                }
-                removed_through
-            }
-            Err(e) => {
-                *peer.conn.lock().await = None;
-                self.discovery.forget(&peer.name);
-                let mut st = peer.state();
-                let at = st.backoff.failure(Instant::now(), rand::thread_rng().gen());
-                let retry_in = at.saturating_duration_since(Instant::now());
-                if st.up || st.last_error.is_none() {
-                    tracing::warn!(error = %e, ?retry_in, "federation link down; queued units wait");
-                } else {
-                    tracing::debug!(error = %e, ?retry_in, "federation link still down");
-                }
-                st.up = false;
-                st.last_error = Some(e);
-                None
-            }
+        if retry {
+            let at = peer.state().backoff.failure(Instant::now(), rand::thread_rng().gen());
+            tracing::warn!(retry_in = ?at.saturating_duration_since(Instant::now()), "peer asked to retry some units");
+        } else if !units.is_empty() {
+            peer.state().backoff.reset();
         }
+        removed_through
     }
 
     async fn connection(&self, peer: &ServerName, slot: &tokio::sync::Mutex<Option<quinn::Connection>>) -> Result<quinn::Connection, String> {
@@ -470,9 +517,23 @@ impl Federation {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        let me = self.clone();
                         let addr = incoming.remote_address();
-                        tokio::spawn(async move { me.inbound_connection(incoming, addr).await });
+                        let (max, per_address) = self.live.federation_connections();
+                        let Some(slot) = self.slots.take_within(addr.ip(), max, per_address) else {
+                            tracing::warn!(%addr, "federation connection refused: connection limit reached");
+                            incoming.refuse();
+                            continue;
+                        };
+                        let Ok(handshake) = self.handshakes.clone().try_acquire_owned() else {
+                            tracing::warn!(%addr, "federation connection refused: too many handshakes in progress");
+                            incoming.refuse();
+                            continue;
+                        };
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            me.inbound_connection(incoming, addr, handshake).await;
+                            drop(slot);
+                        });
                     }
                     None => return,
                 },
@@ -481,47 +542,40 @@ impl Federation {
         }
     }
 
-    async fn inbound_connection(self: Arc<Self>, incoming: quinn::Incoming, addr: SocketAddr) {
-        let conn = match incoming.await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "federation handshake failed");
+    /// Completes the handshake and finds the peer's keys (bounded in time, and in number by
+    /// `handshake`), then serves its requests.
+    async fn inbound_connection(self: Arc<Self>, incoming: quinn::Incoming, addr: SocketAddr, handshake: OwnedSemaphorePermit) {
+        let authenticated = tokio::time::timeout(AUTHENTICATION_TIMEOUT, self.authenticate(incoming, addr)).await;
+        drop(handshake);
+        let (conn, name, info) = match authenticated {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::warn!(%addr, "refusing peer: handshake and key discovery took over {AUTHENTICATION_TIMEOUT:?}");
                 return;
             }
         };
-        let Some((key, names)) = tls::peer_identity(&conn) else {
-            conn.close(1u32.into(), b"no usable certificate");
-            return;
-        };
-        let name = match names.as_slice() {
-            [one] => ServerName::parse(one).ok(),
-            _ => None,
-        };
-        let Some(name) = name else {
-            conn.close(1u32.into(), b"certificate must name exactly one server");
-            return;
-        };
-        let info = match self.discovery.resolve(&name).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::warn!(peer = %name, %addr, error = %e, "refusing peer: cannot discover its keys");
-                conn.close(2u32.into(), b"cannot discover your keys");
-                return;
-            }
-        };
-        if !info.keys.contains(&key) {
-            tracing::warn!(peer = %name, %addr, presented = %key, "refusing peer: key is not one discovery returned");
-            conn.close(2u32.into(), b"key not pinned for that server name");
-            return;
-        }
         self.contacted(&name);
+        let bucket = self.bucket(&name);
+        // Only now may the peer open streams (F3.2).
+        conn.set_max_concurrent_bi_streams(tls::FEDERATION_PEER_STREAMS.into());
         let span = tracing::info_span!("from", peer = %name);
         async move {
             loop {
-                let (send, recv) = match conn.accept_bi().await {
+                let (mut send, recv) = match conn.accept_bi().await {
                     Ok(s) => s,
                     Err(_) => return,
                 };
+                let rate = self.live.requests_per_second();
+                if !bucket.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now(), rate) {
+                    let mut recv = recv;
+                    let _ = recv.stop(0u32.into());
+                    let msg = format!("at most {rate} requests per second");
+                    if write_frame(&mut send, &response(fed_error(FedErrorCode::RateLimited, msg))).await.is_ok() {
+                        let _ = send.finish();
+                    }
+                    continue;
+                }
                 let me = self.clone();
                 let (name, info) = (name.clone(), info.clone());
                 tokio::spawn(async move { me.inbound_stream(&name, &info, send, recv).await }.in_current_span());
@@ -531,17 +585,77 @@ impl Federation {
         .await
     }
 
+    /// The connection, once the peer's certificate carries a key discovery returned for the
+    /// one server name it names (F3.2); `None` after closing it otherwise.
+    async fn authenticate(&self, incoming: quinn::Incoming, addr: SocketAddr) -> Option<(quinn::Connection, ServerName, PeerInfo)> {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "federation handshake failed");
+                return None;
+            }
+        };
+        let Some((key, names)) = tls::peer_identity(&conn) else {
+            conn.close(1u32.into(), b"no usable certificate");
+            return None;
+        };
+        let name = match names.as_slice() {
+            [one] => ServerName::parse(one).ok(),
+            _ => None,
+        };
+        let Some(name) = name else {
+            conn.close(1u32.into(), b"certificate must name exactly one server");
+            return None;
+        };
+        let info = match self.discovery.resolve(&name).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(peer = %name, %addr, error = %e, "refusing peer: cannot discover its keys");
+                conn.close(2u32.into(), b"cannot discover your keys");
+                return None;
+            }
+        };
+        if !info.keys.contains(&key) {
+            tracing::warn!(peer = %name, %addr, presented = %key, "refusing peer: key is not one discovery returned");
+            conn.close(2u32.into(), b"key not pinned for that server name");
+            return None;
+        }
+        Some((conn, name, info))
+    }
+
+    /// The request budget `name` shares over its connections.
+    fn bucket(&self, name: &ServerName) -> Arc<Mutex<TokenBucket>> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = buckets.get(name).and_then(Weak::upgrade) {
+            return b;
+        }
+        if buckets.len() >= self.live.federation_connections().0 {
+            buckets.retain(|_, b| b.strong_count() > 0);
+        }
+        let b = Arc::new(Mutex::new(TokenBucket::new(self.live.requests_per_second(), Instant::now())));
+        buckets.insert(name.clone(), Arc::downgrade(&b));
+        b
+    }
+
     async fn inbound_stream(self: Arc<Self>, peer: &ServerName, info: &PeerInfo, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let res = match read_frame(&mut recv, MAX_FEDERATION_FRAME).await {
-            Ok(Some(body)) => match codec::decode::<FedRequestFrame>(&body) {
+        let res = match read_request(&mut recv, MAX_FEDERATION_FRAME, self.live.read_timeout(), &self.bodies).await {
+            Ok(Some(frame)) => match codec::decode::<FedRequestFrame>(&frame.body) {
                 Ok(f) if f.v != PROTOCOL_VERSION => fed_error(FedErrorCode::UnsupportedVersion, format!("version {}", f.v)),
-                Ok(f) => self.handle(peer, info, f.req).await,
+                Ok(f) => {
+                    drop(frame);
+                    self.handle(peer, info, f.req).await
+                }
                 Err(e) => fed_error(FedErrorCode::BadFrame, e.to_string()),
             },
             Ok(None) => return,
-            Err(missive_federation::framing::FrameError::Decode(e)) => {
+            Err(FrameError::Decode(e)) => {
                 let _ = recv.stop(0u32.into());
                 fed_error(FedErrorCode::FrameTooLarge, e.to_string())
+            }
+            Err(e @ FrameError::Timeout(_)) => {
+                tracing::warn!(error = %e, "request frame too slow; stream reset");
+                let _ = recv.stop(0u32.into());
+                fed_error(FedErrorCode::BadFrame, e.to_string())
             }
             Err(e) => fed_error(FedErrorCode::BadFrame, e.to_string()),
         };
@@ -562,15 +676,20 @@ impl Federation {
                 let results = self.receive_units(peer, info, units).await;
                 FedResponse::TxnResult { id, results }
             }
-            FedRequest::Backfill { conv, last, first } => self.serve_backfill(peer, conv, first, last),
+            FedRequest::Backfill { conv, last, first } => {
+                let (me, peer) = (self.clone(), peer.clone());
+                blocking(move || me.serve_backfill(&peer, conv, first, last))
+                    .await
+                    .unwrap_or_else(|_| fed_error(FedErrorCode::Internal, "storage fault"))
+            }
             FedRequest::Edu { typing, presence } => {
                 if typing.len() + presence.len() > MAX_EDU_UPDATES {
                     return fed_error(FedErrorCode::TooMany, format!("at most {MAX_EDU_UPDATES} updates per request"));
                 }
-                for p in presence {
-                    if p.user.is_on(peer) {
-                        self.presence.remote_update(p);
-                    }
+                let presence: Vec<_> = presence.into_iter().filter(|p| p.user.is_on(peer)).collect();
+                if !presence.is_empty() {
+                    let (me, peer) = (self.clone(), peer.clone());
+                    let _ = blocking(move || me.presence.remote_updates(&peer, presence)).await;
                 }
                 for t in typing {
                     let ok = t.user.is_on(peer)
@@ -587,14 +706,20 @@ impl Federation {
 
     /// Verifies, checks and stores units from `peer`; one result per unit.
     async fn receive_units(self: &Arc<Self>, peer: &ServerName, info: &PeerInfo, units: Vec<SignedUnit>) -> Vec<UnitResult> {
-        let keys: Vec<PublicKey> = info.keys.iter().copied().chain(info.old_keys.iter().map(|(k, _)| *k)).collect();
-        let mut results = vec![UnitResult::Retry; units.len()];
+        let n = units.len();
+        // Signatures and store reads: work for the blocking pool, not a runtime worker.
+        let checked = {
+            let (me, peer, info) = (self.clone(), peer.clone(), info.clone());
+            blocking(move || units.into_iter().map(|env| me.check_unit(&peer, &info, env)).collect::<Vec<_>>()).await
+        };
+        let Ok(checked) = checked else { return vec![UnitResult::Retry; n] };
+        let mut results = vec![UnitResult::Retry; n];
         let mut accepted = Vec::new();
         let mut slots = Vec::new();
         let mut receipts = Vec::new();
         let mut receipt_slots = Vec::new();
-        for (i, env) in units.into_iter().enumerate() {
-            match self.check_unit(peer, &keys, env) {
+        for (i, c) in checked.into_iter().enumerate() {
+            match c {
                 Ok(Checked::Message(u)) => {
                     accepted.push(u);
                     slots.push(i);
@@ -636,11 +761,11 @@ impl Federation {
         results
     }
 
-    fn check_unit(&self, peer: &ServerName, keys: &[PublicKey], env: SignedUnit) -> Result<Checked, UnitResult> {
+    fn check_unit(&self, peer: &ServerName, info: &PeerInfo, env: SignedUnit) -> Result<Checked, UnitResult> {
         let opened = if crate::sabotage::active(crate::sabotage::Fault::SkipSignatureCheck) {
             envelope::open_trusted(&env).map_err(|e| e.result())
         } else {
-            envelope::verify(&env, keys).map_err(|e| e.result())
+            envelope::verify_for_peer(&env, &info.keys, &info.old_keys).map_err(|e| e.result())
         };
         let msg = match opened? {
             Unit::Message(m) => m,
@@ -730,20 +855,25 @@ impl Federation {
         });
     }
 
-    fn head_of(&self, conv: &ConversationId, origin: &ServerName) -> u64 {
-        self.store
-            .get(Cf::Convs, &keys::conv(conv))
-            .ok()
-            .flatten()
-            .and_then(|v| records::decode::<ConvRecord>("convs", &v).ok())
-            .map(|r| r.heads.get(origin))
-            .unwrap_or(0)
+    async fn head_of(&self, conv: &ConversationId, origin: &ServerName) -> u64 {
+        let (store, conv, origin) = (self.store.clone(), *conv, origin.clone());
+        blocking(move || {
+            store
+                .get(Cf::Convs, &keys::conv(&conv))
+                .ok()
+                .flatten()
+                .and_then(|v| records::decode::<ConvRecord>("convs", &v).ok())
+                .map(|r| r.heads.get(&origin))
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap_or(0)
     }
 
     async fn fill_gap(self: &Arc<Self>, b: &Backfill) {
         let mut delay = self.timing.retry_base;
         for attempt in 0..BACKFILL_ATTEMPTS {
-            let head = self.head_of(&b.conv, &b.origin);
+            let head = self.head_of(&b.conv, &b.origin).await;
             if head >= b.last {
                 return;
             }
@@ -780,18 +910,27 @@ impl Federation {
     // ---- operators ------------------------------------------------------------------
 
     /// Every peer we know of or owe units to, with its queue depth and link state.
-    pub fn status(self: &Arc<Self>) -> anyhow::Result<Vec<PeerStatus>> {
+    pub async fn status(self: &Arc<Self>) -> anyhow::Result<Vec<PeerStatus>> {
         let mut names: Vec<ServerName> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        for d in self.queued_destinations()? {
+        for d in self.queued_destinations().await? {
             if !names.contains(&d) {
                 names.push(d);
             }
         }
         names.sort();
+        let depths = {
+            let (store, names) = (self.store.clone(), names.clone());
+            blocking(move || {
+                names
+                    .iter()
+                    .map(|n| Ok(store.scan(Cf::OutQueue, &keys::queue_of(n), None, Direction::Forward, usize::MAX)?.len() as u64))
+                    .collect::<StoreResult<Vec<u64>>>()
+            })
+            .await??
+        };
         let now = Instant::now();
         let mut out = Vec::new();
-        for name in names {
-            let depth = self.store.scan(Cf::OutQueue, &keys::queue_of(&name), None, Direction::Forward, usize::MAX)?.len() as u64;
+        for (name, depth) in names.into_iter().zip(depths) {
             let p = self.peer(&name);
             let st = p.state();
             out.push(PeerStatus {
@@ -805,6 +944,34 @@ impl Federation {
             });
         }
         Ok(out)
+    }
+}
+
+/// Every destination with queued units.
+fn queued_destinations(store: &dyn Store) -> StoreResult<Vec<ServerName>> {
+    let mut out = Vec::new();
+    let mut from: Option<Vec<u8>> = None;
+    loop {
+        let row = store.scan(Cf::OutQueue, &[], from.as_deref(), Direction::Forward, 1)?;
+        let Some((k, _)) = row.into_iter().next() else { return Ok(out) };
+        let Some((dest, _, _)) = keys::parse_queue(&k) else { return Ok(out) };
+        from = Some(keys::queue(&dest, u8::MAX, u64::MAX));
+        out.push(dest);
+    }
+}
+
+/// The lowest held seq of every (conversation, origin) with held units: each waits on the
+/// gap below it (held units survive restarts; the requests that would fill them do not).
+fn held_gaps(store: &dyn Store) -> StoreResult<Vec<(ConversationId, ServerName, u64)>> {
+    let mut out = Vec::new();
+    let mut from: Option<Vec<u8>> = None;
+    loop {
+        let rows = store.scan(Cf::Held, &[], from.as_deref(), Direction::Forward, 1)?;
+        let Some((k, _)) = rows.into_iter().next() else { return Ok(out) };
+        let Some((conv, origin, seq)) = keys::parse_msg_id(&k) else { return Ok(out) };
+        // The lowest held seq of this (conversation, origin) comes first; skip the rest.
+        from = Some(keys::held(&conv, &origin, u64::MAX));
+        out.push((conv, origin, seq));
     }
 }
 

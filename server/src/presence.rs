@@ -1,9 +1,20 @@
 //! Presence and typing (spec §12, §13): ephemeral, pushed to live subscriptions of the
 //! users who share a conversation with the subject, and across federation to the servers
-//! that host such users (coalesced there). Only last-seen times and settings are stored.
+//! that host such users (coalesced there). Only last-seen times and settings are stored,
+//! through the writer.
+//!
+//! What other servers say about their users is kept only for users who share a
+//! conversation with one of ours, for at most `remote_presence_users` of them, and an
+//! "online" expires unless its server repeats it: every server re-announces its online
+//! users every [`REFRESH`], and a receiver takes a user offline when [`REMOTE_TTL`] passes
+//! without word (F11), so a server that went silent does not leave its users online here.
+//!
+//! Every method that reads the store is blocking: async callers go through
+//! [`crate::store::blocking`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use missive_spec::{ConversationId, Ephemeral, ErrorCode, PresenceUpdate, ServerName, TypingUpdate, UserId};
 use tokio::sync::mpsc;
@@ -12,26 +23,76 @@ use crate::accounts::now_ms;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::records::{self, PresenceRecord};
-use crate::store::{keys, Batch, Cf, Direction, Store};
+use crate::sequencer::{PresenceChange, Sequencer};
+use crate::store::{blocking, keys, Cf, Direction, Store};
 
 /// How long a typing notification lasts unless renewed (§13).
 pub const TYPING_TTL_MS: u64 = 5_000;
 /// At most one typing notification per conversation and user in this interval (§13).
 pub const TYPING_MIN_INTERVAL_MS: u64 = 1_000;
+/// How often a server repeats the presence of its online users to other servers (F11).
+pub const REFRESH: Duration = Duration::from_secs(60);
+/// How long a remote user stays online here without word from their server (F11).
+pub const REMOTE_TTL_MS: u64 = 3 * 60_000;
+/// Typing rate-limit entries kept before expired ones are dropped.
+const TYPING_ENTRIES: usize = 100_000;
+
+/// What other servers said about their users, bounded and expiring. Time is passed in.
+#[derive(Default)]
+pub struct RemotePresence {
+    /// user → (last update, when heard, ms). At most `capacity` entries (given on each
+    /// insert): expired ones are dropped to make room, and an update for a new user is
+    /// ignored while it is full.
+    users: HashMap<UserId, (PresenceUpdate, u64)>,
+}
+
+impl RemotePresence {
+    /// Records an update heard at `now`; false when it was refused for lack of room.
+    pub fn insert(&mut self, update: PresenceUpdate, now: u64, capacity: usize) -> bool {
+        if !self.users.contains_key(&update.user) && self.users.len() >= capacity {
+            self.users.retain(|_, (u, heard)| u.online && now < *heard + REMOTE_TTL_MS);
+            if self.users.len() >= capacity {
+                return false;
+            }
+        }
+        self.users.insert(update.user.clone(), (update, now));
+        true
+    }
+
+    /// The user's state at `now`: an "online" not repeated within the TTL has expired and
+    /// reads as offline, last seen when last heard.
+    pub fn get(&self, user: &UserId, now: u64) -> PresenceUpdate {
+        match self.users.get(user) {
+            Some((u, heard)) if u.online && now >= *heard + REMOTE_TTL_MS => {
+                PresenceUpdate { user: user.clone(), online: false, last_seen: Some(*heard) }
+            }
+            Some((u, _)) => u.clone(),
+            None => PresenceUpdate { user: user.clone(), online: false, last_seen: None },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
 
 pub struct Presence {
     server: ServerName,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
-    /// Live subscriptions per local user.
+    sequencer: Sequencer,
+    /// Live subscriptions per local user; an entry exists only while one does.
     live: Mutex<HashMap<String, usize>>,
-    /// The last state heard for users of other servers.
-    remote: Mutex<HashMap<UserId, PresenceUpdate>>,
+    remote: Mutex<RemotePresence>,
+    limits: Arc<crate::limits::LiveLimits>,
+    /// Last typing notification per (user, conversation); pruned past [`TYPING_ENTRIES`].
     typing_sent: Mutex<HashMap<(String, ConversationId), u64>>,
     /// Updates for other servers: (destination, update), coalesced by the federation layer.
     outbound: mpsc::UnboundedSender<(ServerName, Ephemeral)>,
-    /// Serialises read-modify-write of presence records.
-    records: Mutex<()>,
 }
 
 impl Presence {
@@ -39,18 +100,47 @@ impl Presence {
         server: ServerName,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
+        sequencer: Sequencer,
         outbound: mpsc::UnboundedSender<(ServerName, Ephemeral)>,
+        limits: Arc<crate::limits::LiveLimits>,
     ) -> Arc<Presence> {
         Arc::new(Presence {
             server,
             store,
             hub,
+            sequencer,
             live: Mutex::default(),
             remote: Mutex::default(),
+            limits,
             typing_sent: Mutex::default(),
             outbound,
-            records: Mutex::new(()),
         })
+    }
+
+    /// Repeats the presence of every online local user to the servers of their contacts
+    /// every [`REFRESH`], until the process ends.
+    pub fn start_refresh(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let online: Vec<String> = me.live.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+                let me = me.clone();
+                let _ = blocking(move || {
+                    for local in online {
+                        if let Ok(user) = UserId::new(&local, &me.server) {
+                            let update = me.current(&user);
+                            for dest in me.remote_servers(&user) {
+                                let _ = me.outbound.send((dest, Ephemeral::Presence(update.clone())));
+                            }
+                        }
+                    }
+                })
+                .await;
+            }
+        });
     }
 
     fn record(&self, localpart: &str) -> PresenceRecord {
@@ -62,19 +152,8 @@ impl Presence {
             .unwrap_or_default()
     }
 
-    fn update_record(&self, localpart: &str, f: impl FnOnce(&mut PresenceRecord)) {
-        let _guard = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rec = self.record(localpart);
-        f(&mut rec);
-        let mut b = Batch::default();
-        b.put(Cf::Presence, keys::presence(localpart), records::encode(&rec));
-        if let Err(e) = self.store.write(b) {
-            tracing::warn!(error = %e, "cannot store presence record");
-        }
-    }
-
     /// A device of `user` subscribed: online from the first one on.
-    pub fn connected(&self, user: &UserId) {
+    pub async fn connected(self: &Arc<Self>, user: &UserId) {
         let first = {
             let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
             let n = live.entry(user.localpart().to_owned()).or_insert(0);
@@ -82,12 +161,12 @@ impl Presence {
             *n == 1
         };
         if first {
-            self.publish(user);
+            self.publish_async(user).await;
         }
     }
 
     /// A subscription of `user` ended: offline, last seen now, once the last one is gone.
-    pub fn disconnected(&self, user: &UserId) {
+    pub async fn disconnected(self: Arc<Self>, user: UserId) {
         let last = {
             let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
             match live.get_mut(user.localpart()) {
@@ -103,17 +182,18 @@ impl Presence {
             }
         };
         if last {
-            let now = now_ms();
-            self.update_record(user.localpart(), |r| r.last_seen_ms = Some(now));
-            self.publish(user);
+            let change = PresenceChange::LastSeen(now_ms());
+            if let Err(e) = self.sequencer.presence(user.localpart().to_owned(), change).await {
+                tracing::warn!(%user, error = %e, "cannot store last-seen time");
+            }
+            self.publish_async(&user).await;
         }
     }
 
-    /// What others may see of `user` now.
+    /// What others may see of `user` now (blocking).
     pub fn current(&self, user: &UserId) -> PresenceUpdate {
         if !user.is_on(&self.server) {
-            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            return remote.get(user).cloned().unwrap_or(PresenceUpdate { user: user.clone(), online: false, last_seen: None });
+            return self.remote.lock().unwrap_or_else(|e| e.into_inner()).get(user, now_ms());
         }
         let online = self.live.lock().unwrap_or_else(|e| e.into_inner()).contains_key(user.localpart());
         let rec = self.record(user.localpart());
@@ -121,12 +201,15 @@ impl Presence {
         PresenceUpdate { user: user.clone(), online, last_seen }
     }
 
-    pub fn set_hide_last_seen(&self, user: &UserId, hide: bool) {
-        self.update_record(user.localpart(), |r| r.hide_last_seen = hide);
-        self.publish(user);
+    /// Stores the setting (through the writer), then tells contacts. Fails, changing
+    /// nothing, when the write fails.
+    pub async fn set_hide_last_seen(self: &Arc<Self>, user: &UserId, hide: bool) -> Result<(), ApiError> {
+        self.sequencer.presence(user.localpart().to_owned(), PresenceChange::HideLastSeen(hide)).await?;
+        self.publish_async(user).await;
+        Ok(())
     }
 
-    /// Local users who share a conversation with `user`.
+    /// Local users who share a conversation with `user` (blocking).
     fn local_contacts(&self, user: &UserId) -> Vec<String> {
         match self.store.scan(Cf::Contacts, &keys::contacts_of(user), None, Direction::Forward, 100_000) {
             Ok(rows) => rows.into_iter().filter_map(|(k, _)| keys::parse_contact(&k).map(|(_, l)| l)).collect(),
@@ -137,7 +220,7 @@ impl Presence {
         }
     }
 
-    /// Other servers hosting a user who shares a conversation with local `user`.
+    /// Other servers hosting a user who shares a conversation with local `user` (blocking).
     fn remote_servers(&self, user: &UserId) -> HashSet<ServerName> {
         let rows = self.store.scan(Cf::UserConvs, &keys::user_conv_prefix(user.localpart()), None, Direction::Forward, 100_000);
         rows.unwrap_or_default()
@@ -148,6 +231,14 @@ impl Presence {
             .collect()
     }
 
+    async fn publish_async(self: &Arc<Self>, user: &UserId) {
+        let (me, user) = (self.clone(), user.clone());
+        if let Err(e) = blocking(move || me.publish(&user)).await {
+            tracing::warn!(error = %e, "cannot publish presence");
+        }
+    }
+
+    /// Pushes `user`'s state to local contacts and their servers (blocking).
     fn publish(&self, user: &UserId) {
         let update = self.current(user);
         for local in self.local_contacts(user) {
@@ -158,12 +249,29 @@ impl Presence {
         }
     }
 
-    /// A presence update about a user of another server, from that server.
-    pub fn remote_update(&self, update: PresenceUpdate) {
-        self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(update.user.clone(), update.clone());
-        for local in self.local_contacts(&update.user) {
-            self.hub.push_ephemeral(&local, Ephemeral::Presence(update.clone()));
+    /// Presence updates from `peer` about its users (blocking). Kept and passed on only for
+    /// users who share a conversation with a local user; others are ignored (F11).
+    pub fn remote_updates(&self, peer: &ServerName, updates: Vec<PresenceUpdate>) {
+        let now = now_ms();
+        for update in updates {
+            let contacts = self.local_contacts(&update.user);
+            if contacts.is_empty() {
+                continue;
+            }
+            let capacity = self.limits.remote_presence_users();
+            if !self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(update.clone(), now, capacity) {
+                tracing::warn!(%peer, user = %update.user, "remote presence table full; update ignored");
+                continue;
+            }
+            for local in contacts {
+                self.hub.push_ephemeral(&local, Ephemeral::Presence(update.clone()));
+            }
         }
+    }
+
+    /// How many remote users' presence is remembered.
+    pub fn remote_len(&self) -> usize {
+        self.remote.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// `user` is typing to `with`; rate-limited, forwarded, never stored.
@@ -172,6 +280,9 @@ impl Presence {
         let now = now_ms();
         {
             let mut sent = self.typing_sent.lock().unwrap_or_else(|e| e.into_inner());
+            if sent.len() >= TYPING_ENTRIES {
+                sent.retain(|_, at| now < *at + TYPING_MIN_INTERVAL_MS);
+            }
             let slot = sent.entry((user.localpart().to_owned(), conv)).or_insert(0);
             if now < *slot + TYPING_MIN_INTERVAL_MS {
                 return Err(ApiError::new(ErrorCode::RateLimited, "one typing notification per second and conversation"));
@@ -192,5 +303,33 @@ impl Presence {
     pub fn remote_typing(&self, update: TypingUpdate) {
         let to = update.peer.localpart().to_owned();
         self.hub.push_ephemeral(&to, Ephemeral::Typing(update));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(user: &str, online: bool) -> PresenceUpdate {
+        PresenceUpdate { user: UserId::parse(user).unwrap(), online, last_seen: None }
+    }
+
+    #[test]
+    fn remote_online_expires_without_word_and_the_table_stays_bounded() {
+        let mut r = RemotePresence::default();
+        let (a, b, c) = ("@a:beta.test", "@b:beta.test", "@c:beta.test");
+        assert!(r.insert(update(a, true), 1_000, 2));
+        assert!(r.get(&UserId::parse(a).unwrap(), 1_000 + REMOTE_TTL_MS - 1).online);
+        let expired = r.get(&UserId::parse(a).unwrap(), 1_000 + REMOTE_TTL_MS);
+        assert!(!expired.online, "a silent server's user stays online");
+        assert_eq!(expired.last_seen, Some(1_000));
+        assert!(r.insert(update(b, true), 2_000, 2));
+        assert!(!r.insert(update(c, true), 3_000, 2), "a third user fits in a table of two");
+        assert!(r.insert(update(a, true), 4_000, 2), "a known user is updated in place");
+        // Once b's "online" expires, its place can go to someone else; a's still holds.
+        assert!(r.insert(update(c, true), 2_000 + REMOTE_TTL_MS, 2));
+        assert_eq!(r.len(), 2);
+        assert!(r.get(&UserId::parse(c).unwrap(), 2_000 + REMOTE_TTL_MS).online);
+        assert!(r.get(&UserId::parse(a).unwrap(), 2_000 + REMOTE_TTL_MS).online);
     }
 }

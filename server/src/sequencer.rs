@@ -3,8 +3,13 @@
 //! logical change, and commits all changes waiting at that moment in one synced write
 //! (group commit). Replies go out, subscribers are woken and outbound senders nudged only
 //! after the write is durable.
+//!
+//! A command that fails halfway (a read error, a record that does not decode) leaves
+//! nothing behind: its part of the batch is dropped and the group ends there. Units held
+//! behind a gap are bounded per (origin, conversation) and per origin, and released in
+//! bounded steps, so one filled gap cannot stall every other writer command.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use missive_federation::admission::{self, Decision};
@@ -19,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::accounts::now_ms;
 use crate::error::ApiError;
 use crate::hub::Hub;
-use crate::records::{self, ConvRecord, DeviceRecord, MsgIdRecord, SendIdRecord, TokenRecord, UserRecord};
+use crate::records::{self, ConvRecord, DeadLetter, DeviceRecord, MsgIdRecord, PresenceRecord, SendIdRecord, TokenRecord, UserRecord};
 use crate::store::{keys, Batch, Cf, Direction, Store, StoreResult};
 
 /// Most commands folded into one synced write.
@@ -55,6 +60,14 @@ pub struct Backfill {
 
 type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
+/// A change to a local user's stored presence facts.
+#[derive(Debug, Clone, Copy)]
+pub enum PresenceChange {
+    /// The user's last subscription ended at this time (ms).
+    LastSeen(u64),
+    HideLastSeen(bool),
+}
+
 pub enum Cmd {
     Send { from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content, reply: Reply<Message> },
     Inbound { units: Vec<InboundUnit>, reply: Reply<Vec<InboundOutcome>> },
@@ -64,6 +77,11 @@ pub enum Cmd {
     CreateUser { user: UserId, password_hash: String, device: Option<NewDevice>, reply: Reply<()> },
     AddDevice { user: UserId, device: NewDevice, reply: Reply<()> },
     RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
+    /// Settles an outbound transaction: removes the queue rows the peer took, and moves
+    /// the ones it refused for good to dead letters.
+    Settle { delivered: Vec<Vec<u8>>, dead: Vec<(Vec<u8>, DeadLetter)>, reply: Reply<()> },
+    /// Changes a local user's presence record; replies with the record as stored.
+    Presence { localpart: String, change: PresenceChange, reply: Reply<PresenceRecord> },
     /// Commit what came before, then end the writer; later commands fail with shutting_down.
     Stop,
 }
@@ -81,6 +99,8 @@ pub struct WriterContext {
     pub hub: Arc<Hub>,
     /// Told, after each durable write, which destinations have new queued units.
     pub outbound: Option<mpsc::UnboundedSender<ServerName>>,
+    /// Bounds on units held behind gaps (F6.3), changeable while running.
+    pub limits: Arc<crate::limits::LiveLimits>,
 }
 
 impl Sequencer {
@@ -88,7 +108,9 @@ impl Sequencer {
     pub fn start(store: Arc<dyn Store>, ctx: WriterContext) -> StoreResult<(Sequencer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         let queues = queue_heads(&*store)?;
-        let mut w = Writer { store, ctx, convs: HashMap::new(), heads: HashMap::new(), queues };
+        let held = HeldCounts::load(&*store)?;
+        let pending = held.per_conv.keys().cloned().collect();
+        let mut w = Writer { store, ctx, convs: HashMap::new(), heads: HashMap::new(), queues, held, held_stale: false, pending };
         let join = std::thread::Builder::new()
             .name("missive-writer".into())
             .spawn(move || w.run(rx))
@@ -129,6 +151,13 @@ impl Sequencer {
     pub async fn remove_device(&self, user: UserId, device: DeviceId) -> Result<(), ApiError> {
         self.call(|reply| Cmd::RemoveDevice { user, device, reply }).await
     }
+    /// Removes delivered rows from the outbound queue and moves refused ones to dead letters.
+    pub async fn settle(&self, delivered: Vec<Vec<u8>>, dead: Vec<(Vec<u8>, DeadLetter)>) -> Result<(), ApiError> {
+        self.call(|reply| Cmd::Settle { delivered, dead, reply }).await
+    }
+    pub async fn presence(&self, localpart: String, change: PresenceChange) -> Result<PresenceRecord, ApiError> {
+        self.call(|reply| Cmd::Presence { localpart, change, reply }).await
+    }
 }
 
 /// A reply held until the group's write is durable: called with `true` once committed.
@@ -156,6 +185,57 @@ struct Group {
     wake: HashMap<String, u64>,
     outbound: HashSet<ServerName>,
     watermarks: HashMap<Vec<u8>, Watermark>,
+    presence: HashMap<String, PresenceRecord>,
+    /// Held units this group may still release.
+    release_left: usize,
+}
+
+impl Group {
+    fn new(release_batch: usize) -> Group {
+        Group { release_left: release_batch, ..Default::default() }
+    }
+}
+
+/// How many units are held, per (conversation, origin) and per origin. Bounded by the held
+/// limits: a unit over them is refused (`retry`), so the maps never outgrow what is stored.
+#[derive(Default)]
+struct HeldCounts {
+    per_conv: HashMap<(ConversationId, ServerName), u64>,
+    per_peer: HashMap<ServerName, u64>,
+}
+
+impl HeldCounts {
+    fn load(store: &dyn Store) -> StoreResult<HeldCounts> {
+        let mut counts = HeldCounts::default();
+        let mut from: Option<Vec<u8>> = None;
+        loop {
+            let rows = store.scan(Cf::Held, &[], from.as_deref(), Direction::Forward, 1_000)?;
+            let Some((last, _)) = rows.last() else { return Ok(counts) };
+            from = Some(last.clone());
+            for (k, _) in &rows {
+                if let Some((conv, origin, _)) = keys::parse_msg_id(k) {
+                    counts.add(conv, &origin, 1);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, conv: ConversationId, origin: &ServerName, n: i64) {
+        fn bump<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, u64>, key: &K, n: i64) {
+            let v = map.entry(key.clone()).or_insert(0);
+            *v = v.saturating_add_signed(n);
+            if *v == 0 {
+                map.remove(key);
+            }
+        }
+        bump(&mut self.per_conv, &(conv, origin.clone()), n);
+        bump(&mut self.per_peer, origin, n);
+    }
+
+    fn of(&self, conv: ConversationId, origin: &ServerName) -> (u64, u64) {
+        let c = self.per_conv.get(&(conv, origin.clone())).copied().unwrap_or(0);
+        (c, self.per_peer.get(origin).copied().unwrap_or(0))
+    }
 }
 
 /// The last position of every non-empty outbound queue lane. Read before any sender runs:
@@ -184,25 +264,118 @@ struct Writer {
     convs: HashMap<ConversationId, ConvRecord>,
     heads: HashMap<String, u64>,
     queues: HashMap<(ServerName, u8), u64>,
+    /// Held units per (conversation, origin) and per origin, as committed.
+    held: HeldCounts,
+    /// Set when a write failed: `held` is read again from the store before its next use.
+    held_stale: bool,
+    /// Gaps filled whose held units are not all released yet, oldest first; at most one
+    /// entry per (conversation, origin) with held units, so bounded like `held`.
+    pending: VecDeque<(ConversationId, ServerName)>,
+}
+
+/// What became of one command.
+enum Applied {
+    Done,
+    /// It failed after adding to the batch: its part was dropped; end the group here.
+    Failed,
+    Stop,
 }
 
 impl Writer {
     fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut group = Group::default();
-            let mut stop = self.apply(first, &mut group);
-            while !stop && group.done.len() < MAX_GROUP {
+        loop {
+            // With releases pending, look for commands without waiting for one.
+            let first = if self.pending.is_empty() {
+                match rx.blocking_recv() {
+                    Some(cmd) => Some(cmd),
+                    None => break,
+                }
+            } else {
+                rx.try_recv().ok()
+            };
+            let mut group = Group::new(self.ctx.limits.held_release_batch());
+            let mut state = match first {
+                Some(cmd) => self.apply(cmd, &mut group),
+                None => Applied::Done,
+            };
+            while matches!(state, Applied::Done) && group.done.len() < MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(cmd) => stop = self.apply(cmd, &mut group),
+                    Ok(cmd) => state = self.apply(cmd, &mut group),
                     Err(_) => break,
                 }
             }
+            if matches!(state, Applied::Done) {
+                self.release_pending(&mut group);
+            }
             self.commit(group);
-            if stop {
+            if matches!(state, Applied::Stop) {
                 break;
             }
         }
         // Dropping the receiver fails every later command with shutting_down.
+    }
+
+    /// Drops caches that may hold what never reached disk. Queue positions stay: skipping
+    /// a number is harmless, handing one out again is not.
+    fn forget_uncommitted(&mut self) {
+        self.convs.clear();
+        self.heads.clear();
+        self.held_stale = true;
+    }
+
+    fn held_counts(&mut self) -> StoreResult<&mut HeldCounts> {
+        if self.held_stale {
+            self.held = HeldCounts::load(&*self.store)?;
+            self.held_stale = false;
+        }
+        Ok(&mut self.held)
+    }
+
+    /// Releases the held units of one pending gap, as many as the group may still take.
+    fn release_pending(&mut self, g: &mut Group) {
+        while g.release_left > 0 {
+            let Some((conv, origin)) = self.pending.pop_front() else { return };
+            let mark = g.batch.len();
+            if let Err(e) = self.release_held(g, conv, &origin) {
+                tracing::error!(%conv, %origin, error = %e, "cannot release held units; trying again later");
+                g.batch.truncate(mark);
+                self.forget_uncommitted();
+                self.pending.push_back((conv, origin));
+                return;
+            }
+        }
+    }
+
+    /// Stores the held units of (conv, origin) that now follow in line, up to the group's
+    /// release budget; queues the rest for a later group.
+    fn release_held(&mut self, g: &mut Group, conv_id: ConversationId, origin: &ServerName) -> StoreResult<()> {
+        let Some(mut conv) = self.stored_conv(&conv_id)? else { return Ok(()) };
+        loop {
+            let next = (conv_id, origin.clone(), conv.heads.get(origin) + 1);
+            if g.release_left == 0 {
+                if self.held_at(g, &next)? && !self.pending.contains(&(conv_id, origin.clone())) {
+                    self.pending.push_back((conv_id, origin.clone()));
+                }
+                break;
+            }
+            let Some(env) = self.take_held(g, &next)? else { break };
+            let Ok(Unit::Message(held)) = envelope::open_trusted(&env) else {
+                tracing::error!(conv = %conv_id, "held unit does not decode; dropping it");
+                break;
+            };
+            let hash = env.hash();
+            self.store_message(g, &mut conv, false, &env, &held, hash)?;
+            g.release_left -= 1;
+        }
+        self.save_conv(g, conv_id, conv);
+        Ok(())
+    }
+
+    fn held_at(&self, g: &Group, id: &Identity) -> StoreResult<bool> {
+        if let Some(h) = g.held.get(id) {
+            return Ok(h.is_some());
+        }
+        Ok(self.store.get(Cf::Held, &keys::held(&id.0, &id.1, id.2))?.is_some())
     }
 
     fn commit(&mut self, group: Group) {
@@ -211,10 +384,7 @@ impl Writer {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "group write failed; replying with errors");
-                // The caches may hold counters that never reached disk. Queue positions
-                // stay: skipping a number is harmless, handing one out again is not.
-                self.convs.clear();
-                self.heads.clear();
+                self.forget_uncommitted();
                 false
             }
         };
@@ -233,54 +403,101 @@ impl Writer {
         }
     }
 
-    /// Applies one command to the group; true when the writer must stop after it.
-    fn apply(&mut self, cmd: Cmd, g: &mut Group) -> bool {
-        match cmd {
-            Cmd::Stop => return true,
+    /// Applies one command to the group. A command that fails keeps none of its writes.
+    fn apply(&mut self, cmd: Cmd, g: &mut Group) -> Applied {
+        let mark = g.batch.len();
+        let ok = match cmd {
+            Cmd::Stop => return Applied::Stop,
             Cmd::Send { from, device, to, client_msg_id, content, reply } => {
                 let r = self.send(g, from, device, to, client_msg_id, content);
-                g.done.push(completion(reply, r));
+                self.finish(g, reply, r)
             }
             Cmd::Inbound { units, reply } => {
                 let r = units.into_iter().map(|u| self.inbound(g, u)).collect::<Result<Vec<_>, _>>();
-                g.done.push(completion(reply, r));
+                self.finish(g, reply, r)
             }
             Cmd::Receipts { receipts, reply } => {
                 let r = receipts.into_iter().map(|(r, d)| self.receipt(g, r, d)).collect::<Result<Vec<_>, _>>();
-                g.done.push(completion(reply, r));
+                self.finish(g, reply, r)
             }
             Cmd::CreateUser { user, password_hash, device, reply } => {
                 let r = self.create_user(g, user, password_hash, device);
-                g.done.push(completion(reply, r));
+                self.finish(g, reply, r)
             }
             Cmd::AddDevice { user, device, reply } => {
                 let r = self.add_device(g, &user, device);
-                g.done.push(completion(reply, r));
+                self.finish(g, reply, r)
             }
             Cmd::RemoveDevice { user, device, reply } => {
                 let r = self.remove_device(g, &user, device);
-                g.done.push(completion(reply, r));
+                self.finish(g, reply, r)
             }
+            Cmd::Settle { delivered, dead, reply } => {
+                for k in delivered {
+                    g.batch.delete(Cf::OutQueue, k);
+                }
+                for (k, dl) in dead {
+                    g.batch.put(Cf::DeadLetters, k.clone(), records::encode(&dl));
+                    g.batch.delete(Cf::OutQueue, k);
+                }
+                self.finish(g, reply, Ok(()))
+            }
+            Cmd::Presence { localpart, change, reply } => {
+                let r = self.presence(g, localpart, change);
+                self.finish(g, reply, r)
+            }
+        };
+        if ok || g.batch.len() == mark {
+            return Applied::Done;
         }
-        false
+        g.batch.truncate(mark);
+        self.forget_uncommitted();
+        Applied::Failed
     }
 
-    fn conv(&mut self, conv: &ConversationId, a: &UserId, b: &UserId) -> StoreResult<(ConvRecord, bool)> {
+    /// Holds the reply until the group commits; false if the command failed.
+    fn finish<T: Send + 'static>(&self, g: &mut Group, reply: Reply<T>, r: Result<T, ApiError>) -> bool {
+        let ok = r.is_ok();
+        g.done.push(completion(reply, r));
+        ok
+    }
+
+    fn presence(&mut self, g: &mut Group, localpart: String, change: PresenceChange) -> Result<PresenceRecord, ApiError> {
+        let mut rec = match g.presence.get(&localpart) {
+            Some(r) => r.clone(),
+            None => match self.store.get(Cf::Presence, &keys::presence(&localpart))? {
+                Some(v) => records::decode("presence", &v)?,
+                None => PresenceRecord::default(),
+            },
+        };
+        match change {
+            PresenceChange::LastSeen(ms) => rec.last_seen_ms = Some(rec.last_seen_ms.unwrap_or(0).max(ms)),
+            PresenceChange::HideLastSeen(hide) => rec.hide_last_seen = hide,
+        }
+        g.batch.put(Cf::Presence, keys::presence(&localpart), records::encode(&rec));
+        g.presence.insert(localpart, rec.clone());
+        Ok(rec)
+    }
+
+    /// The conversation's record, if it exists (cached).
+    fn stored_conv(&mut self, conv: &ConversationId) -> StoreResult<Option<ConvRecord>> {
         if let Some(c) = self.convs.get(conv) {
-            return Ok((c.clone(), false));
+            return Ok(Some(c.clone()));
         }
-        match self.store.get(Cf::Convs, &keys::conv(conv))? {
-            Some(v) => {
-                let rec: ConvRecord = records::decode("convs", &v)?;
-                self.convs.insert(*conv, rec.clone());
-                Ok((rec, false))
-            }
-            None => {
-                let mut members = vec![a.clone(), b.clone()];
-                members.sort();
-                Ok((ConvRecord { members, heads: Deps::new() }, true))
-            }
+        let Some(v) = self.store.get(Cf::Convs, &keys::conv(conv))? else { return Ok(None) };
+        let rec: ConvRecord = records::decode("convs", &v)?;
+        self.convs.insert(*conv, rec.clone());
+        Ok(Some(rec))
+    }
+
+    /// The conversation's record, or a new one of `a` and `b` (true when new).
+    fn conv(&mut self, conv: &ConversationId, a: &UserId, b: &UserId) -> StoreResult<(ConvRecord, bool)> {
+        if let Some(rec) = self.stored_conv(conv)? {
+            return Ok((rec, false));
         }
+        let mut members = vec![a.clone(), b.clone()];
+        members.sort();
+        Ok((ConvRecord { members, heads: Deps::new() }, true))
     }
 
     fn save_conv(&mut self, g: &mut Group, id: ConversationId, conv: ConvRecord) {
@@ -411,7 +628,7 @@ impl Writer {
         }
     }
 
-    fn take_held(&self, g: &mut Group, id: &Identity) -> StoreResult<Option<SignedUnit>> {
+    fn take_held(&mut self, g: &mut Group, id: &Identity) -> StoreResult<Option<SignedUnit>> {
         let env = match g.held.get(id) {
             Some(e) => e.clone(),
             None => match self.store.get(Cf::Held, &keys::held(&id.0, &id.1, id.2))? {
@@ -422,6 +639,7 @@ impl Writer {
         if env.is_some() {
             g.batch.delete(Cf::Held, keys::held(&id.0, &id.1, id.2));
             g.held.insert(id.clone(), None);
+            self.held_counts()?.add(id.0, &id.1, -1);
         }
         Ok(env)
     }
@@ -452,28 +670,26 @@ impl Writer {
                 Ok(outcome(UnitResult::Equivocation))
             }
             Decision::Hold { first, last } => {
+                let backfill = Some(Backfill { conv: m.conv, origin: m.origin.clone(), first, last });
+                let (per_conversation, per_peer) = (self.ctx.limits.held_per_conversation(), self.ctx.limits.held_per_peer());
+                let (in_conv, in_all) = self.held_counts()?.of(m.conv, &m.origin);
+                if in_conv >= per_conversation || in_all >= per_peer {
+                    // Refused, not dropped: the origin keeps it queued and sends it again
+                    // once the gap is filled (F6.3).
+                    tracing::warn!(conv = %m.conv, origin = %m.origin, seq = m.seq, in_conv, in_all, "held-unit limit reached; asking the origin to retry");
+                    return Ok(InboundOutcome { result: UnitResult::Retry, backfill });
+                }
+                self.held_counts()?.add(m.conv, &m.origin, 1);
                 g.batch.put(Cf::Held, keys::held(&m.conv, &m.origin, m.seq), records::encode(&u.env));
                 g.held.insert(id, Some(u.env.clone()));
                 tracing::info!(conv = %m.conv, origin = %m.origin, seq = m.seq, first, last, "holding unit behind a gap");
-                Ok(InboundOutcome {
-                    result: UnitResult::Held,
-                    backfill: Some(Backfill { conv: m.conv, origin: m.origin.clone(), first, last }),
-                })
+                Ok(InboundOutcome { result: UnitResult::Held, backfill })
             }
             Decision::Store => {
                 self.store_message(g, &mut conv, new, &u.env, m, u.hash)?;
-                // Release whatever was held right behind it.
-                loop {
-                    let next = (m.conv, m.origin.clone(), conv.heads.get(&m.origin) + 1);
-                    let Some(env) = self.take_held(g, &next)? else { break };
-                    let Ok(Unit::Message(held)) = envelope::open_trusted(&env) else {
-                        tracing::error!(conv = %m.conv, "held unit does not decode; dropping it");
-                        break;
-                    };
-                    let hash = env.hash();
-                    self.store_message(g, &mut conv, false, &env, &held, hash)?;
-                }
                 self.save_conv(g, m.conv, conv);
+                // Release whatever was held right behind it, within the group's budget.
+                self.release_held(g, m.conv, &m.origin)?;
                 Ok(outcome(UnitResult::Accepted))
             }
         }
@@ -577,5 +793,128 @@ impl Writer {
         }
         g.removed.insert(id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemStore;
+    use crate::store::StoreError;
+
+    /// A store whose reads of one key fail, as a disk fault would.
+    struct FailingRead {
+        inner: MemStore,
+        fail: (Cf, Vec<u8>),
+    }
+
+    impl Store for FailingRead {
+        fn get(&self, cf: Cf, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+            if (cf, key) == (self.fail.0, self.fail.1.as_slice()) {
+                return Err(StoreError::Engine("injected read fault".into()));
+            }
+            self.inner.get(cf, key)
+        }
+        fn scan(&self, cf: Cf, prefix: &[u8], from: Option<&[u8]>, dir: Direction, limit: usize) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan(cf, prefix, from, dir, limit)
+        }
+        fn write(&self, batch: Batch) -> StoreResult<()> {
+            self.inner.write(batch)
+        }
+    }
+
+    struct Peer {
+        key: ServerKey,
+        name: ServerName,
+    }
+
+    impl Peer {
+        fn unit(&self, from: &str, to: &UserId, seq: u64) -> InboundUnit {
+            let from = UserId::parse(from).unwrap();
+            let mut deps = Deps::new();
+            deps.set(self.name.clone(), seq);
+            let msg = Message {
+                to: to.clone(),
+                ts: seq,
+                seq,
+                conv: ConversationId::one_to_one(&from, to),
+                deps,
+                from,
+                origin: self.name.clone(),
+                content: Content::text(&format!("m{seq}")),
+            };
+            let env = envelope::sign(&self.key, &Unit::Message(msg.clone()));
+            InboundUnit { hash: env.hash(), env, msg }
+        }
+    }
+
+    fn start(store: Arc<dyn Store>, limits: crate::config::LimitsSection) -> (Sequencer, std::thread::JoinHandle<()>) {
+        let ctx = WriterContext {
+            server: ServerName::parse("alpha.test").unwrap(),
+            key: Arc::new(ServerKey::generate()),
+            hub: Arc::new(Hub::default()),
+            outbound: None,
+            limits: Arc::new(crate::limits::LiveLimits::new(&limits)),
+        };
+        Sequencer::start(store, ctx).unwrap()
+    }
+
+    fn peer() -> Peer {
+        Peer { key: ServerKey::generate(), name: ServerName::parse("beta.test").unwrap() }
+    }
+
+    #[tokio::test]
+    async fn a_command_that_fails_halfway_leaves_nothing_behind() {
+        let alice = UserId::parse("@alice:alpha.test").unwrap();
+        let beta = peer();
+        let good = beta.unit("@bob:beta.test", &alice, 1);
+        let bad = beta.unit("@carol:beta.test", &alice, 1);
+        let store = Arc::new(FailingRead { inner: MemStore::default(), fail: (Cf::Convs, keys::conv(&bad.msg.conv)) });
+        let (seq, writer) = start(store.clone(), Default::default());
+        let err = seq.inbound(vec![good, bad]).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(store.inner.scan(Cf::Messages, &[], None, Direction::Forward, 10).unwrap().is_empty(), "the first unit's message was committed");
+        assert!(store.inner.scan(Cf::Events, &[], None, Direction::Forward, 10).unwrap().is_empty(), "the first unit's event was committed");
+        // The writer goes on: the good unit alone is stored, at stream position 1.
+        let again = beta.unit("@bob:beta.test", &alice, 1);
+        assert_eq!(seq.inbound(vec![again]).await.unwrap()[0].result, UnitResult::Accepted);
+        let events = store.inner.scan(Cf::Events, &keys::events_of("alice"), None, Direction::Forward, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(keys::parse_event(&events[0].0).map(|(_, p)| p), Some(1), "a position was skipped");
+        seq.stop().await;
+        writer.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn held_units_are_bounded_and_released_in_steps_with_none_lost() {
+        let alice = UserId::parse("@alice:alpha.test").unwrap();
+        let beta = peer();
+        let store = Arc::new(MemStore::default());
+        let limits = crate::config::LimitsSection { held_per_conversation: 3, held_per_peer: 4, held_release_batch: 2, ..Default::default() };
+        let (seq, writer) = start(store.clone(), limits);
+        let results = |outcomes: Vec<InboundOutcome>| outcomes.into_iter().map(|o| o.result).collect::<Vec<_>>();
+        let to_alice: Vec<_> = (2..=6).map(|s| beta.unit("@bob:beta.test", &alice, s)).collect();
+        let r = results(seq.inbound(to_alice).await.unwrap());
+        use UnitResult::{Accepted, Held, Retry};
+        assert_eq!(r, vec![Held, Held, Held, Retry, Retry], "per conversation");
+        let r = results(seq.inbound(vec![beta.unit("@dan:beta.test", &alice, 2), beta.unit("@dan:beta.test", &alice, 3)]).await.unwrap());
+        assert_eq!(r, vec![Held, Retry], "per peer");
+        // The gap fills: seq 1 and the three held units behind it are stored, two per
+        // group, the last in a later group.
+        assert_eq!(results(seq.inbound(vec![beta.unit("@bob:beta.test", &alice, 1)]).await.unwrap()), vec![Accepted]);
+        let conv = ConversationId::one_to_one(&UserId::parse("@bob:beta.test").unwrap(), &alice);
+        let stored = || store.scan(Cf::Messages, &keys::messages_of(&conv), None, Direction::Forward, 100).unwrap().len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stored() < 4 {
+            assert!(std::time::Instant::now() < deadline, "held units were not released: {} stored", stored());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Room again: what was refused is taken now, in line.
+        let r = results(seq.inbound((5..=6).map(|s| beta.unit("@bob:beta.test", &alice, s)).collect()).await.unwrap());
+        assert_eq!(r, vec![Accepted, Accepted]);
+        assert_eq!(stored(), 6);
+        assert!(store.scan(Cf::Held, &[], None, Direction::Forward, 100).unwrap().len() == 1, "only dan's unit is still held");
+        seq.stop().await;
+        writer.join().unwrap();
     }
 }

@@ -36,12 +36,23 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     let store: Arc<dyn Store> = rocks.clone();
     let hub = Arc::new(Hub::default());
     let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
-    let ctx = WriterContext { server: config.server_name.clone(), key: key.clone(), hub: hub.clone(), outbound: Some(queued_tx) };
+    let limits = &config.limits;
+    let live = Arc::new(crate::limits::LiveLimits::new(limits));
+    let ctx = WriterContext { server: config.server_name.clone(), key: key.clone(), hub: hub.clone(), outbound: Some(queued_tx), limits: live.clone() };
     let (sequencer, writer) = Sequencer::start(store.clone(), ctx)?;
     let (edu_tx, edu_rx) = tokio::sync::mpsc::unbounded_channel();
-    let presence = crate::presence::Presence::new(config.server_name.clone(), store.clone(), hub.clone(), edu_tx);
+    let presence = crate::presence::Presence::new(
+        config.server_name.clone(),
+        store.clone(),
+        hub.clone(),
+        sequencer.clone(),
+        edu_tx,
+        live.clone(),
+    );
+    presence.start_refresh();
     let service = Arc::new(Service {
         limits: Default::default(),
+        hasher: crate::hashing::Hasher::new(limits.password_hashes),
         store: store.clone(),
         sequencer: sequencer.clone(),
         hub,
@@ -76,12 +87,21 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
         timing,
         presence,
         shutdown_rx.clone(),
+        crate::federation::FederationLimits { handshakes: limits.federation_handshakes, body_bytes: limits.federation_request_bytes },
+        live.clone(),
     );
-    federation.start(queued_rx)?;
+    federation.start(queued_rx).await?;
     federation.start_edus(edu_rx);
     let inflight = Arc::new(Inflight::default());
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
-    let api = Arc::new(Api { service, shutdown: shutdown_rx.clone(), inflight: inflight.clone(), slots });
+    let api = Arc::new(Api {
+        service,
+        shutdown: shutdown_rx.clone(),
+        inflight: inflight.clone(),
+        slots,
+        live: live.clone(),
+        bodies: missive_federation::framing::BodyBudget::new(limits.client_request_bytes),
+    });
     let serving = tokio::spawn(api.serve(endpoint.clone()));
     let admin_path = config.admin_socket();
     let admin = tokio::spawn({

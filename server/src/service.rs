@@ -1,4 +1,9 @@
 //! What each client request does (spec §6), independent of the transport that carried it.
+//!
+//! Store reads run on the blocking pool (one hop per request where possible); writes go
+//! through the writer. Password hashes are computed at most `password_hashes` at a time
+//! (`hashing.rs`), and a login attempt counts against its limits before its hash is
+//! computed.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -48,6 +53,8 @@ impl Default for Limits {
 
 pub struct Service {
     pub limits: Limits,
+    /// Computes password hashes (argon2id, 19 MiB each), a few at a time.
+    pub hasher: crate::hashing::Hasher,
     pub store: Arc<dyn Store>,
     pub sequencer: Sequencer,
     pub hub: Arc<Hub>,
@@ -80,21 +87,40 @@ fn decode_cursor(c: &Cursor) -> Result<OrderKey, ApiError> {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal())
+    Ok(crate::store::blocking(f).await?)
 }
+
+/// Room left in an `events` frame for its events: the response frame limit, less what the
+/// rest of the frame can take (§6.5).
+const EVENTS_FRAME_BUDGET: usize = limits::MAX_RESPONSE_FRAME - 4096;
 
 impl Service {
     /// Answers every request but `subscribe`, which the transport streams itself. `from` is
     /// the client's address, for brute-force limits.
-    pub async fn handle(&self, frame: RequestFrame, from: IpAddr) -> Response {
+    pub async fn handle(self: &Arc<Self>, frame: RequestFrame, from: IpAddr) -> Response {
         match self.dispatch(frame, from).await {
             Ok(r) => r,
             Err(e) => Response::Error { code: e.code, message: e.message },
         }
     }
 
-    async fn dispatch(&self, frame: RequestFrame, from: IpAddr) -> Result<Response, ApiError> {
-        let auth = frame.auth.as_deref();
+    /// Runs `f` with the caller authenticated, on the blocking pool: the token lookup and
+    /// the request's own reads take one hop off the runtime.
+    async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        auth: Option<String>,
+        f: impl FnOnce(&Service, Caller) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        blocking(move || {
+            let c = me.authenticate(auth.as_deref())?;
+            f(&me, c)
+        })
+        .await?
+    }
+
+    async fn dispatch(self: &Arc<Self>, frame: RequestFrame, from: IpAddr) -> Result<Response, ApiError> {
+        let auth = frame.auth;
         match frame.req {
             Request::Info {} => Ok(Response::Info {
                 version: PROTOCOL_VERSION,
@@ -109,100 +135,102 @@ impl Service {
                 }
                 r
             }
-            Request::Login { user, password, device_name } => {
-                self.limited(&from, Some(&user))?;
-                let r = self.login(user.clone(), password, device_name).await;
-                match &r {
-                    Err(e) if e.code == ErrorCode::BadCredentials => {
-                        let now = Instant::now();
-                        self.limits.accounts.failed(&user, now);
-                        self.limits.addresses.failed(&from, now);
-                        tracing::info!(%user, %from, "failed login");
-                    }
-                    Ok(_) => self.limits.accounts.succeeded(&user),
-                    Err(_) => {}
-                }
-                r
-            }
+            Request::Login { user, password, device_name } => self.login(user, password, device_name, from).await,
             Request::Logout {} => {
-                let c = self.authenticate(auth)?;
+                let c = self.read(auth, |_, c| Ok(c)).await?;
                 self.sequencer.remove_device(c.user.clone(), c.device).await?;
                 self.hub.wake(c.user.localpart());
                 Ok(Response::Ok {})
             }
             Request::Send { to, content, client_msg_id } => {
-                let c = self.authenticate(auth)?;
-                self.check_send(&c, &to, &content)?;
+                let (c, to, content) = self
+                    .read(auth, move |s, c| {
+                        s.check_send(&c, &to, &content)?;
+                        Ok((c, to, content))
+                    })
+                    .await?;
                 let message = self.sequencer.send(c.user, c.device, to, client_msg_id, content).await?;
                 Ok(Response::Sent { message })
             }
-            Request::History { with, after, limit, before } => {
-                let c = self.authenticate(auth)?;
-                self.history(&c, with, after, limit, before).await
-            }
+            Request::History { with, after, limit, before } => self.read(auth, move |s, c| s.history(&c, with, after, limit, before)).await,
             Request::Sync { limit, since } => {
-                let c = self.authenticate(auth)?;
                 let limit = limit.unwrap_or(limits::SYNC_MAX_EVENTS);
-                if limit == 0 || limit > limits::SYNC_MAX_EVENTS {
-                    return Err(ApiError::invalid(format!("limit must be 1 to {}", limits::SYNC_MAX_EVENTS)));
-                }
-                let (next, events) = self.events(&c.user, since, limit).await?;
-                Ok(Response::Events { next, events, ephemeral: Vec::new() })
+                self.read(auth, move |s, c| {
+                    if limit == 0 || limit > limits::SYNC_MAX_EVENTS {
+                        return Err(ApiError::invalid(format!("limit must be 1 to {}", limits::SYNC_MAX_EVENTS)));
+                    }
+                    let (more, next, events) = s.events(&c.user, since, limit)?;
+                    Ok(Response::Events { more, next, events, ephemeral: Vec::new() })
+                })
+                .await
             }
             Request::Subscribe { .. } => Err(ApiError::invalid("subscribe is answered on its own stream")),
             Request::Receipt { kind, with, up_to } => {
-                let c = self.authenticate(auth)?;
-                if with == c.user {
-                    return Err(err(ErrorCode::SelfMessage, "there is no conversation with oneself"));
-                }
-                let conv = ConversationId::one_to_one(&c.user, &with);
-                // A receipt names a message the caller has: one stored in this conversation.
-                if self.store.get(Cf::Messages, &keys::message(&conv, &up_to.0))?.is_none() {
-                    return Err(ApiError::invalid("up_to names no message of this conversation"));
-                }
-                let receipt = Receipt { conv, kind, peer: with, user: c.user, up_to };
-                self.sequencer.receipts(vec![(receipt, Some(c.device))]).await?;
+                let receipt = self
+                    .read(auth, move |s, c| {
+                        if with == c.user {
+                            return Err(err(ErrorCode::SelfMessage, "there is no conversation with oneself"));
+                        }
+                        let conv = ConversationId::one_to_one(&c.user, &with);
+                        // A receipt names a message the caller has: one stored in this conversation.
+                        if s.store.get(Cf::Messages, &keys::message(&conv, &up_to.0))?.is_none() {
+                            return Err(ApiError::invalid("up_to names no message of this conversation"));
+                        }
+                        Ok((Receipt { conv, kind, peer: with, user: c.user, up_to }, c.device))
+                    })
+                    .await?;
+                self.sequencer.receipts(vec![(receipt.0, Some(receipt.1))]).await?;
                 Ok(Response::Ok {})
             }
             Request::Devices {} => {
-                let c = self.authenticate(auth)?;
-                let rows = self.store.scan(Cf::Devices, &keys::devices_of(c.user.localpart()), None, Direction::Forward, 10_000)?;
-                let mut devices = Vec::with_capacity(rows.len());
-                for (k, v) in rows {
-                    let Some((_, id)) = keys::parse_device(&k) else { continue };
-                    let rec: DeviceRecord = records::decode("devices", &v)?;
-                    devices.push(DeviceInfo { current: id == c.device, id, name: rec.name, created_ms: rec.created_ms });
-                }
-                Ok(Response::Devices { devices })
+                self.read(auth, |s, c| {
+                    let rows = s.store.scan(Cf::Devices, &keys::devices_of(c.user.localpart()), None, Direction::Forward, 10_000)?;
+                    let mut devices = Vec::with_capacity(rows.len());
+                    for (k, v) in rows {
+                        let Some((_, id)) = keys::parse_device(&k) else { continue };
+                        let rec: DeviceRecord = records::decode("devices", &v)?;
+                        devices.push(DeviceInfo { current: id == c.device, id, name: rec.name, created_ms: rec.created_ms });
+                    }
+                    Ok(Response::Devices { devices })
+                })
+                .await
             }
             Request::Presence { user } => {
-                let c = self.authenticate(auth)?;
-                // Only someone who shares a conversation with the user may see it; anyone
-                // else gets the same answer as for a user who does not exist.
-                if user != c.user && !self.shares_conversation(&c.user, &user)? {
-                    return Err(err(ErrorCode::UnknownUser, format!("no such user {user}")));
-                }
-                let p = self.presence.current(&user);
-                Ok(Response::Presence { user: p.user, online: p.online, last_seen: p.last_seen })
+                self.read(auth, move |s, c| {
+                    // Only someone who shares a conversation with the user may see it; anyone
+                    // else gets the same answer as for a user who does not exist.
+                    if user != c.user && !s.shares_conversation(&c.user, &user)? {
+                        return Err(err(ErrorCode::UnknownUser, format!("no such user {user}")));
+                    }
+                    let p = s.presence.current(&user);
+                    Ok(Response::Presence { user: p.user, online: p.online, last_seen: p.last_seen })
+                })
+                .await
             }
             Request::Settings { hide_last_seen } => {
-                let c = self.authenticate(auth)?;
-                self.presence.set_hide_last_seen(&c.user, hide_last_seen);
+                let c = self.read(auth, |_, c| Ok(c)).await?;
+                self.presence.set_hide_last_seen(&c.user, hide_last_seen).await?;
                 Ok(Response::Ok {})
             }
             Request::Typing { with } => {
-                let c = self.authenticate(auth)?;
-                if with == c.user || !self.shares_conversation(&c.user, &with)? {
-                    return Err(err(ErrorCode::UnknownUser, format!("no conversation with {with}")));
-                }
-                self.presence.typing(&c.user, &with)?;
-                Ok(Response::Ok {})
+                self.read(auth, move |s, c| {
+                    if with == c.user || !s.shares_conversation(&c.user, &with)? {
+                        return Err(err(ErrorCode::UnknownUser, format!("no conversation with {with}")));
+                    }
+                    s.presence.typing(&c.user, &with)?;
+                    Ok(Response::Ok {})
+                })
+                .await
             }
             Request::RevokeDevice { device } => {
-                let c = self.authenticate(auth)?;
-                if self.store.get(Cf::Devices, &keys::device(c.user.localpart(), &device))?.is_none() {
-                    return Err(ApiError::invalid(format!("you have no device {device}")));
-                }
+                let (c, device) = self
+                    .read(auth, move |s, c| {
+                        if s.store.get(Cf::Devices, &keys::device(c.user.localpart(), &device))?.is_none() {
+                            return Err(ApiError::invalid(format!("you have no device {device}")));
+                        }
+                        Ok((c, device))
+                    })
+                    .await?;
                 self.sequencer.remove_device(c.user.clone(), device.clone()).await?;
                 self.hub.wake(c.user.localpart());
                 tracing::info!(user = %c.user, %device, by = %c.device, "device revoked");
@@ -269,7 +297,7 @@ impl Service {
         }
         accounts::check_password(&password)?;
         Self::check_device_name(&device_name)?;
-        let hash = blocking(move || accounts::hash_password(&password)).await?;
+        let hash = self.hasher.run(move || accounts::hash_password(&password)).await?;
         let (device, token) = self.new_session(device_name);
         let id = device.id.clone();
         self.sequencer.create_user(user.clone(), hash, Some(device)).await?;
@@ -277,20 +305,51 @@ impl Service {
         Ok(Response::Session { user, token, device: id })
     }
 
-    async fn login(&self, user: UserId, password: String, device_name: Option<String>) -> Result<Response, ApiError> {
+    /// A login attempt counts against the account's and the address's failure limits
+    /// before its password is hashed, so concurrent attempts count (§6.2); it is given back
+    /// if the attempt succeeds or fails for another reason than the credentials.
+    async fn login(self: &Arc<Self>, user: UserId, password: String, device_name: Option<String>, from: IpAddr) -> Result<Response, ApiError> {
+        let now = Instant::now();
+        let wait = match self.limits.accounts.reserve(&user, now) {
+            Err(w) => Some(w),
+            Ok(()) => self.limits.addresses.reserve(&from, now).err().inspect(|_| self.limits.accounts.refund(&user)),
+        };
+        if let Some(w) = wait {
+            return Err(err(ErrorCode::RateLimited, format!("too many failed attempts; try again in {} s", w.as_secs() + 1)));
+        }
+        let r = self.check_login(user.clone(), password, device_name).await;
+        match &r {
+            Err(e) if e.code == ErrorCode::BadCredentials => tracing::info!(%user, %from, "failed login"),
+            Ok(_) => {
+                self.limits.accounts.succeeded(&user);
+                self.limits.addresses.refund(&from);
+            }
+            Err(_) => {
+                self.limits.accounts.refund(&user);
+                self.limits.addresses.refund(&from);
+            }
+        }
+        r
+    }
+
+    async fn check_login(self: &Arc<Self>, user: UserId, password: String, device_name: Option<String>) -> Result<Response, ApiError> {
         Self::check_device_name(&device_name)?;
         if password.len() > limits::MAX_PASSWORD_LEN {
             return Err(ApiError::invalid("password too long"));
         }
         let rec = if user.is_on(&self.server) {
-            match self.store.get(Cf::Users, &keys::user(user.localpart()))? {
-                Some(v) => Some(records::decode::<UserRecord>("users", &v)?),
-                None => None,
-            }
+            let (store, local) = (self.store.clone(), user.localpart().to_owned());
+            blocking(move || -> Result<Option<UserRecord>, ApiError> {
+                match store.get(Cf::Users, &keys::user(&local))? {
+                    Some(v) => Ok(Some(records::decode::<UserRecord>("users", &v)?)),
+                    None => Ok(None),
+                }
+            })
+            .await??
         } else {
             None
         };
-        let ok = blocking(move || match rec {
+        let ok = self.hasher.run(move || match rec {
             Some(r) => accounts::verify_password(&password, &r.password_hash),
             None => {
                 accounts::verify_dummy(&password);
@@ -338,7 +397,7 @@ impl Service {
         Ok(())
     }
 
-    async fn history(
+    fn history(
         &self,
         c: &Caller,
         with: UserId,
@@ -364,9 +423,9 @@ impl Service {
             (None, None) => (None, Direction::Reverse),
         };
         let conv = ConversationId::one_to_one(&c.user, &with);
-        let store = self.store.clone();
+        let store = &self.store;
         let me = c.user.clone();
-        blocking(move || -> Result<Response, ApiError> {
+        {
             let mark = |user: &UserId, kind| -> Result<Option<Watermark>, ApiError> {
                 match store.get(Cf::Receipts, &keys::receipt(&conv, user, kind))? {
                     Some(v) => Ok(Some(records::watermark("receipts", &v)?)),
@@ -409,24 +468,29 @@ impl Service {
                 messages,
                 delivered,
             })
-        })
-        .await?
+        }
     }
 
-    /// Events of `user` after position `since`, and the position to ask for next.
-    pub async fn events(&self, user: &UserId, since: u64, limit: u32) -> Result<(u64, Vec<Event>), ApiError> {
-        let store = self.store.clone();
-        let local = user.localpart().to_owned();
-        blocking(move || -> Result<(u64, Vec<Event>), ApiError> {
-            let from = keys::event(&local, since);
-            let rows = store.scan(Cf::Events, &keys::events_of(&local), Some(&from), Direction::Forward, limit as usize)?;
-            let events = rows
-                .iter()
-                .map(|(_, v)| records::decode::<Event>("events", v))
-                .collect::<Result<Vec<_>, _>>()?;
-            let next = events.last().map(|e| e.pos).unwrap_or(since);
-            Ok((next, events))
-        })
-        .await?
+    /// Events of `user` after position `since` (blocking): at most `limit`, and no more
+    /// than fit in one response frame. Returns whether it stopped before the end of the
+    /// stream, the position to ask for next, and the events.
+    pub fn events(&self, user: &UserId, since: u64, limit: u32) -> Result<(bool, u64, Vec<Event>), ApiError> {
+        let local = user.localpart();
+        let from = keys::event(local, since);
+        let rows = self.store.scan(Cf::Events, &keys::events_of(local), Some(&from), Direction::Forward, limit as usize)?;
+        let mut more = rows.len() == limit as usize;
+        let mut bytes = 0;
+        let mut events = Vec::with_capacity(rows.len());
+        for (_, v) in &rows {
+            // A stored event is its own encoding; an array adds at most a few bytes each.
+            bytes += v.len() + 9;
+            if bytes > EVENTS_FRAME_BUDGET && !events.is_empty() {
+                more = true;
+                break;
+            }
+            events.push(records::decode::<Event>("events", v)?);
+        }
+        let next = events.last().map(|e| e.pos).unwrap_or(since);
+        Ok((more, next, events))
     }
 }

@@ -171,6 +171,8 @@ pub enum FedErrorCode {
     TooMany,
     /// The peer is not part of the conversation it asks about.
     Forbidden,
+    /// The peer made more requests than the receiver's per-peer rate allows (F8).
+    RateLimited,
     ShuttingDown,
     Internal,
 }

@@ -117,6 +117,10 @@ pub enum Response {
     /// `next` is the position to ask for next time (§6.5). `ephemeral` updates (§12, §13)
     /// come only on subscriptions and are never stored.
     Events {
+        /// Present (true) when the server stopped before the end of the stream, by count
+        /// or by frame size: ask again from `next` (§6.5).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
         next: u64,
         events: Vec<Event>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -417,12 +421,12 @@ mod tests {
         .unwrap();
         let f: ResponseFrame = codec::decode(&codec::encode(&frame)).unwrap();
         match f.res {
-            Response::Events { next, events, ephemeral } => {
+            Response::Events { next, events, ephemeral, .. } => {
                 assert_eq!(next, 9);
                 assert_eq!(events[0].event, EventKind::Unknown("reaction".into()));
                 assert_eq!(ephemeral[0], Ephemeral::Unknown("call_ringing".into()));
                 // What decodes encodes again, and decodes to the same thing.
-                let again = crate::codec::encode(&Response::Events { next: 1, events: events.clone(), ephemeral: ephemeral.clone() });
+                let again = crate::codec::encode(&Response::Events { more: false, next: 1, events: events.clone(), ephemeral: ephemeral.clone() });
                 match crate::codec::decode::<Response>(&again).unwrap() {
                     Response::Events { events: e2, ephemeral: p2, .. } => assert_eq!((e2, p2), (events, ephemeral)),
                     other => panic!("{other:?}"),

@@ -140,7 +140,7 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
         (
             "events",
             "6.5",
-            f(Response::Events { next: 7, events: vec![Event { pos: 7, event: EventKind::Message(m.clone()) }], ephemeral: vec![] }),
+            f(Response::Events { more: false, next: 7, events: vec![Event { pos: 7, event: EventKind::Message(m.clone()) }], ephemeral: vec![] }),
         ),
         (
             "page",
@@ -158,6 +158,7 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
             "receipt event",
             "10.4",
             f(Response::Events {
+                more: false,
                 next: 8,
                 ephemeral: vec![],
                 events: vec![Event {
@@ -176,6 +177,7 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
             "ephemeral presence and typing",
             "12.3",
             f(Response::Events {
+                more: false,
                 next: 8,
                 events: vec![],
                 ephemeral: vec![

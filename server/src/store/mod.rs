@@ -5,6 +5,7 @@
 //! A second engine implements the same trait without touching protocol code.
 
 pub mod keys;
+pub mod memory;
 pub mod rocks;
 
 use thiserror::Error;
@@ -94,6 +95,9 @@ pub enum StoreError {
     Engine(String),
     #[error("the database at {0} is in use by another process (is missived running?)")]
     Locked(String),
+    /// The disk is full (or refuses writes); the write did not happen.
+    #[error("disk full: {0}")]
+    NoSpace(String),
     #[error("corrupt record in {cf}: {reason}")]
     Corrupt { cf: &'static str, reason: String },
 }
@@ -122,6 +126,19 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    /// Drops every op after the first `len` (what a failed command added).
+    pub fn truncate(&mut self, len: usize) {
+        self.ops.truncate(len);
+    }
+}
+
+/// Runs store work on tokio's blocking pool: a RocksDB call may wait for the disk and
+/// must never stall a runtime worker, which serves many connections.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Engine(format!("blocking task failed: {e}")))
 }
 
 /// Direction of a range scan.

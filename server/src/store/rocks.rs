@@ -1,54 +1,122 @@
 //! RocksDB engine: one column family per [`Cf`], synced WAL writes.
+//!
+//! A failed write (a full disk, an I/O error) leaves RocksDB refusing every later write
+//! until it is opened again. The engine notices, and before the next write checks that the
+//! disk takes a probe file again; then it reopens the database (replaying its WAL), so the
+//! server recovers without a restart once space returns. Reads keep working meanwhile.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 
 use super::{Batch, Cf, Direction, Op, Store, StoreError, StoreResult};
 
+/// Least time between two attempts to reopen a database whose writes failed.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
+/// Size of the file written to learn whether the disk takes writes again.
+const PROBE_BYTES: usize = 1 << 20;
+
 pub struct RocksStore {
-    db: DB,
+    path: PathBuf,
+    /// `None` only while a reopen is under way or failed.
+    db: RwLock<Option<DB>>,
+    /// A write failed: RocksDB refuses writes until the database is opened again.
+    broken: AtomicBool,
+    last_reopen: Mutex<Option<Instant>>,
 }
 
 fn engine(e: rocksdb::Error) -> StoreError {
-    StoreError::Engine(e.into_string())
+    let s = e.into_string();
+    if s.contains("No space left on device") || s.contains("NoSpace") {
+        StoreError::NoSpace(s)
+    } else {
+        StoreError::Engine(s)
+    }
+}
+
+fn open_db(path: &Path) -> StoreResult<DB> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_max_background_jobs(2);
+    let cfs = Cf::ALL.iter().map(|cf| {
+        let mut o = Options::default();
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        ColumnFamilyDescriptor::new(cf.name(), o)
+    });
+    DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| match engine(e) {
+        StoreError::Engine(s) if s.contains("LOCK") || s.contains("lock") => StoreError::Locked(path.display().to_string()),
+        StoreError::NoSpace(_) => StoreError::NoSpace(format!(
+            "the disk holding {} is full: free some space, then start missived again",
+            path.display()
+        )),
+        other => other,
+    })
+}
+
+fn cf_of(db: &DB, cf: Cf) -> StoreResult<&rocksdb::ColumnFamily> {
+    db.cf_handle(cf.name()).ok_or_else(|| StoreError::Engine(format!("column family {} missing", cf.name())))
 }
 
 impl RocksStore {
     pub fn open(path: &Path) -> StoreResult<RocksStore> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.set_max_background_jobs(2);
-        let cfs = Cf::ALL.iter().map(|cf| {
-            let mut o = Options::default();
-            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(cf.name(), o)
-        });
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
-            let s = e.into_string();
-            if s.contains("LOCK") || s.contains("lock") {
-                StoreError::Locked(path.display().to_string())
-            } else {
-                StoreError::Engine(s)
-            }
-        })?;
-        Ok(RocksStore { db })
+        let db = open_db(path)?;
+        Ok(RocksStore { path: path.to_owned(), db: RwLock::new(Some(db)), broken: AtomicBool::new(false), last_reopen: Mutex::new(None) })
     }
 
-    fn cf(&self, cf: Cf) -> StoreResult<&rocksdb::ColumnFamily> {
-        self.db
-            .cf_handle(cf.name())
-            .ok_or_else(|| StoreError::Engine(format!("column family {} missing", cf.name())))
+    fn db(&self) -> StoreResult<RwLockReadGuard<'_, Option<DB>>> {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Engine(format!("the database at {} is being reopened", self.path.display())));
+        }
+        Ok(guard)
     }
 
     /// Flushes memtables so a clean shutdown leaves little WAL to replay.
     pub fn flush(&self) -> StoreResult<()> {
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(()) };
         for cf in Cf::ALL {
-            self.db.flush_cf(self.cf(cf)?).map_err(engine)?;
+            db.flush_cf(cf_of(db, cf)?).map_err(engine)?;
         }
         Ok(())
+    }
+
+    /// After a failed write: once the disk takes a probe file again, opens the database
+    /// anew. At most one attempt per [`REOPEN_INTERVAL`]; until one succeeds, writes fail.
+    fn recover(&self) -> StoreResult<()> {
+        {
+            let mut last = self.last_reopen.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
+                return Err(StoreError::NoSpace(format!("writes to {} are failing; waiting for the disk", self.path.display())));
+            }
+            *last = Some(Instant::now());
+        }
+        self.probe()?;
+        let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // Close first: RocksDB holds a lock on the directory.
+        *guard = None;
+        let db = open_db(&self.path)?;
+        *guard = Some(db);
+        self.broken.store(false, Ordering::SeqCst);
+        tracing::warn!(path = %self.path.display(), "database reopened; writes work again");
+        Ok(())
+    }
+
+    /// Whether the disk takes a file of [`PROBE_BYTES`] (written, synced, removed).
+    fn probe(&self) -> StoreResult<()> {
+        use std::io::Write;
+        let p = self.path.join("missive-space-probe");
+        let written = std::fs::File::create(&p).and_then(|mut f| {
+            f.write_all(&vec![0u8; PROBE_BYTES])?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&p);
+        written.map_err(|e| StoreError::NoSpace(format!("the disk holding {} still refuses writes: {e}", self.path.display())))
     }
 }
 
@@ -66,7 +134,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 impl Store for RocksStore {
     fn get(&self, cf: Cf, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        self.db.get_cf(self.cf(cf)?, key).map_err(engine)
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(None) };
+        db.get_cf(cf_of(db, cf)?, key).map_err(engine)
     }
 
     fn scan(
@@ -77,12 +147,14 @@ impl Store for RocksStore {
         dir: Direction,
         limit: usize,
     ) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(Vec::new()) };
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(prefix.to_vec());
         if let Some(end) = prefix_end(prefix) {
             ro.set_iterate_upper_bound(end);
         }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf)?, ro);
+        let mut it = db.raw_iterator_cf_opt(cf_of(db, cf)?, ro);
         match (dir, from) {
             (Direction::Forward, None) => it.seek_to_first(),
             (Direction::Reverse, None) => it.seek_to_last(),
@@ -114,11 +186,16 @@ impl Store for RocksStore {
     }
 
     fn write(&self, batch: Batch) -> StoreResult<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            self.recover()?;
+        }
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Err(StoreError::Engine("database closed".into())) };
         let mut wb = WriteBatch::default();
         for op in batch.ops {
             match op {
-                Op::Put(cf, k, v) => wb.put_cf(self.cf(cf)?, k, v),
-                Op::Delete(cf, k) => wb.delete_cf(self.cf(cf)?, k),
+                Op::Put(cf, k, v) => wb.put_cf(cf_of(db, cf)?, k, v),
+                Op::Delete(cf, k) => wb.delete_cf(cf_of(db, cf)?, k),
             }
         }
         let mut wo = WriteOptions::default();
@@ -127,7 +204,10 @@ impl Store for RocksStore {
         } else {
             wo.set_sync(true);
         }
-        self.db.write_opt(wb, &wo).map_err(engine)
+        db.write_opt(wb, &wo).map_err(|e| {
+            self.broken.store(true, Ordering::SeqCst);
+            engine(e)
+        })
     }
 }
 
