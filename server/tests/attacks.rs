@@ -125,3 +125,121 @@ async fn every_request_without_a_valid_token_is_unauthorized_and_changes_nothing
     assert_eq!(page.messages.len(), 1, "a message was stored without a token");
     assert!(page.read.is_none());
 }
+
+#[tokio::test]
+async fn concurrent_wrong_passwords_count_before_any_is_hashed() {
+    let (_d, srv) = server("alpha.test", "open").await;
+    let alice = register(&srv, "alice").await;
+    let bob = register(&srv, "bob").await;
+    let (a, b) = (uid("alice", &srv), uid("bob", &srv));
+    let (mut bob_live, _, _) = bob.subscribe(0).await.unwrap();
+    let before = srv.rss_kib().unwrap();
+    // One connection, every guess on a stream of its own.
+    let attacker = connect(&srv).await;
+    let guess = |user: missive_spec::UserId| {
+        let mut c = attacker.as_device(None);
+        async move { c.login(&user, "not-the-password", None).await.unwrap_err().code() }
+    };
+    // 100 at once against alice, then 250 at once against users who do not exist.
+    let attack = async {
+        let on_alice = all_at_once((0..100).map(|_| guess(a.clone()))).await;
+        let on_nobody = all_at_once((0..250).map(|i| guess(uid(&format!("nobody{i}"), &srv)))).await;
+        (on_alice, on_nobody)
+    };
+    let served = async {
+        // alice's session, opened before the attack, keeps working meanwhile.
+        alice.send_text(&b, "sent while the guessing goes on").await.unwrap();
+        collect(&mut bob_live, Vec::new(), 1).await
+    };
+    let (peak, ((on_alice, on_nobody), got)) = peak_rss_while(&srv, async { tokio::join!(attack, served) }).await;
+    let count = |v: &[Option<ErrorCode>], code| v.iter().filter(|c| **c == Some(code)).count();
+    println!("peak RSS +{} KiB over {before} KiB", peak.saturating_sub(before));
+    assert_eq!(count(&on_alice, ErrorCode::BadCredentials), 5, "the account allows 5 failures a minute: {on_alice:?}");
+    assert_eq!(count(&on_alice, ErrorCode::RateLimited), 95);
+    // The address allows 20 failures in all: 5 were spent on alice.
+    assert_eq!(count(&on_nobody, ErrorCode::BadCredentials), 15, "{on_nobody:?}");
+    assert_eq!(count(&on_nobody, ErrorCode::RateLimited), 235);
+    assert!(peak < before + RSS_BOUND_KIB, "RSS grew from {before} to {peak} KiB");
+    assert_eq!(messages(&got).len(), 1, "bob was not served during the attack");
+}
+
+#[tokio::test]
+async fn a_flood_of_large_messages_never_makes_an_events_frame_over_the_limit() {
+    let (_d, srv) = server("alpha.test", "open").await;
+    let eve = register(&srv, "eve").await;
+    let bob = register(&srv, "bob").await;
+    let b = uid("bob", &srv);
+    // 300 bodies of 16 KiB: about 5 MB of events, more than one 4 MiB frame holds.
+    let body = vec![b'x'; missive_spec::limits::MAX_CONTENT_BODY];
+    for _ in 0..300 {
+        let content = Content { body: body.clone(), kind: "text".into() };
+        eve.send(&b, content, missive_cli::client::new_client_msg_id()).await.unwrap();
+    }
+    // sync pages by size, saying there is more.
+    let first = bob.sync_page(0, None).await.expect("sync failed on a large backlog");
+    assert!(first.more && first.events.len() < 300, "one page held {} events with more = {}", first.events.len(), first.more);
+    let mut got = first.events.len();
+    let mut since = first.next;
+    loop {
+        let page = bob.sync_page(since, None).await.unwrap();
+        got += page.events.len();
+        since = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(got, 300, "sync lost or repeated events");
+    // A live subscription from 0 gets the same backlog over several frames.
+    let (mut live, _, first) = bob.subscribe(0).await.expect("subscribe failed on a large backlog");
+    let all = collect(&mut live, first, 300).await;
+    assert_eq!(messages(&all).len(), 300);
+    let positions: Vec<u64> = all.iter().map(|e| e.pos).collect();
+    assert_eq!(positions, (1..=300).collect::<Vec<_>>(), "positions skipped or repeated");
+}
+
+#[tokio::test]
+async fn request_frames_that_never_finish_are_cut_at_the_deadline_within_a_memory_bound() {
+    let (_d, srv) = server_with_config("alpha.test", "open", |c| c.replace("request_read_timeout_ms = 10000", "request_read_timeout_ms = 3000")).await;
+    let alice = register(&srv, "alice").await;
+    let bob = register(&srv, "bob").await;
+    let b = uid("bob", &srv);
+    let (mut bob_live, _, _) = bob.subscribe(0).await.unwrap();
+    let before = srv.rss_kib().unwrap();
+    // 4 connections × 256 streams, each announcing a 64 KiB request and sending all but
+    // its last byte.
+    let max = missive_spec::limits::MAX_REQUEST_FRAME;
+    let mut almost = (max as u32).to_be_bytes().to_vec();
+    almost.extend(std::iter::repeat_n(0x40, max - 1));
+    let almost = std::sync::Arc::new(almost);
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(connect(&srv).await);
+    }
+    let streams = conns.iter().flat_map(|c| (0..256).map(move |_| c.connection().clone())).map(|conn| {
+        let almost = almost.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            // The server stops reading at its deadline; the write may fail then.
+            let _ = send.write_all(&almost).await;
+            let body = missive_federation::framing::read_frame(&mut recv, missive_spec::limits::MAX_RESPONSE_FRAME).await.ok()??;
+            match missive_spec::codec::decode::<missive_spec::ResponseFrame>(&body).ok()?.res {
+                missive_spec::Response::Error { code, .. } => Some(code),
+                _ => None,
+            }
+        }
+    });
+    let attack = all_at_once(streams);
+    let served = async {
+        alice.send_text(&b, "sent while 1024 streams hang").await.unwrap();
+        collect(&mut bob_live, Vec::new(), 1).await
+    };
+    let wait = async { tokio::time::timeout(std::time::Duration::from_secs(60), async { tokio::join!(attack, served) }).await };
+    let (peak, outcome) = peak_rss_while(&srv, wait).await;
+    let (answers, got) = outcome.expect("hanging request streams were never cut off");
+    println!("peak RSS +{} KiB over {before} KiB", peak.saturating_sub(before));
+    assert_eq!(answers.len(), 1024);
+    assert!(answers.iter().all(|c| *c == Some(ErrorCode::BadFrame)), "not every hanging stream was answered bad_frame: {:?}", answers.iter().filter(|c| **c != Some(ErrorCode::BadFrame)).take(3).collect::<Vec<_>>());
+    assert!(peak < before + RSS_BOUND_KIB, "RSS grew from {before} to {peak} KiB");
+    assert_eq!(messages(&got).len(), 1, "bob was not served during the attack");
+    drop(conns);
+}

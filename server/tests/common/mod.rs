@@ -142,3 +142,32 @@ pub async fn queue_depth(srv: &ServerProcess, peer: &str) -> u64 {
     }
     0
 }
+
+/// Samples the server's resident memory every 50 ms until `done` resolves; returns the
+/// highest figure seen (KiB) with what `done` returned.
+pub async fn peak_rss_while<T>(srv: &ServerProcess, done: impl std::future::Future<Output = T>) -> (u64, T) {
+    let mut peak = srv.rss_kib().unwrap_or(0);
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            v = &mut done => return (peak.max(srv.rss_kib().unwrap_or(0)), v),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => peak = peak.max(srv.rss_kib().unwrap_or(0)),
+        }
+    }
+}
+
+/// The bound every memory attack test holds the server to, over its figure before.
+pub const RSS_BOUND_KIB: u64 = 64 * 1024;
+
+/// Runs every future at once as its own task; the outputs, in completion order.
+pub async fn all_at_once<T: Send + 'static>(fs: impl Iterator<Item = impl std::future::Future<Output = T> + Send + 'static>) -> Vec<T> {
+    let mut set = tokio::task::JoinSet::new();
+    for f in fs {
+        set.spawn(f);
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.expect("attack task panicked"));
+    }
+    out
+}
