@@ -23,6 +23,7 @@ pub fn tests() -> Vec<Test> {
         test!("c2s.register", Required, ["C2S-REG-1", "C2S-REG-2", "CORE-ID-1", "CORE-ID-2"], [], register),
         test!("c2s.login", Required, ["C2S-LOGIN-1", "C2S-LOGIN-2"], [], login),
         test!("c2s.login.rate_limited", Required, ["C2S-LOGIN-3"], [], login_rate_limited),
+        test!("c2s.login.concurrent_guesses", Required, ["C2S-LOGIN-5"], [], login_concurrent),
         test!("c2s.auth.logout", Required, ["C2S-AUTH-1"], [], logout),
         test!("c2s.send.basic", Required, ["C2S-SEND-2", "C2S-SEND-5", "CORE-MSG-2", "CORE-MSG-3", "CORE-MSG-4", "CORE-CBOR-3"], [], send_basic),
         test!("c2s.send.errors", Required, ["C2S-SEND-6"], [], send_errors),
@@ -32,6 +33,7 @@ pub fn tests() -> Vec<Test> {
         test!("c2s.send.remote_queued", Required, ["C2S-SEND-7"], [Federation], send_remote),
         test!("c2s.sync.positions", Required, ["C2S-SYNC-1", "C2S-SYNC-2", "C2S-SYNC-3"], [], sync_positions),
         test!("c2s.subscribe.live", Required, ["C2S-SYNC-4", "C2S-SYNC-5"], [], subscribe_live),
+        test!("c2s.sync.frame_size", Required, ["C2S-SYNC-6", "C2S-SYNC-4"], [], sync_frame_size),
         test!("c2s.history.paging", Required, ["C2S-HIST-1", "C2S-HIST-2", "CORE-ORDER-1"], [], history_paging),
         test!("c2s.history.errors", Required, ["C2S-HIST-3", "C2S-HIST-4"], [], history_errors),
         test!("c2s.receipts", Required, ["C2S-RCPT-1", "C2S-RCPT-2", "C2S-RCPT-3", "C2S-RCPT-5", "C2S-RCPT-6"], [Receipts], receipts),
@@ -285,6 +287,40 @@ async fn login_rate_limited(mut ctx: Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Wrong passwords sent all at once count as they arrive: no more of them are answered
+/// `bad_credentials` than the limit the server applies one at a time.
+async fn login_concurrent(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, _) = s.new_user("alice").await?;
+    let (bob, _) = s.new_user("bob").await?;
+    let mut x = s.connect().await?;
+    let mut limit = None;
+    for i in 0..50 {
+        match x.login(&alice, "wrong password!", None).await {
+            Err(e) if e.code() == Some(ErrorCode::BadCredentials) => {}
+            Err(e) if e.code() == Some(ErrorCode::RateLimited) => {
+                limit = Some(i);
+                break;
+            }
+            other => bail!("wrong password {} was answered {other:?}", i + 1),
+        }
+    }
+    let limit = limit.ok_or_else(|| anyhow!("50 wrong passwords in a row were never rate-limited"))?;
+    let guesses: Vec<_> = (0..50)
+        .map(|_| {
+            let mut c = x.as_device(None);
+            let bob = bob.clone();
+            async move { c.login(&bob, "wrong password!", None).await.err().and_then(|e| e.code()) }
+        })
+        .collect();
+    let answers = join_all(guesses).await;
+    let bad = answers.iter().filter(|c| **c == Some(ErrorCode::BadCredentials)).count();
+    let limited = answers.iter().filter(|c| **c == Some(ErrorCode::RateLimited)).count();
+    ensure!(bad + limited == 50, "50 concurrent wrong passwords were answered {answers:?}");
+    ensure!(bad <= limit, "{bad} of 50 concurrent wrong passwords were checked; one at a time only {limit} were");
+    Ok(())
+}
+
 async fn logout(mut ctx: Ctx) -> anyhow::Result<()> {
     let mut s = ctx.server().await?;
     let (alice, a1) = s.new_user("alice").await?;
@@ -478,6 +514,29 @@ async fn sync_positions(mut ctx: Ctx) -> anyhow::Result<()> {
     ensure!(evs.is_empty() && next == 1000, "sync past the end answered next {next} with {} events", evs.len());
     expect_code(a.sync(0, Some(0)).await, ErrorCode::InvalidRequest, "sync with limit 0")?;
     expect_code(a.sync(0, Some(501)).await, ErrorCode::InvalidRequest, "sync with limit 501")?;
+    Ok(())
+}
+
+/// More events than one response frame holds: `sync` stops before the frame limit and
+/// says `more`; paging by `more` and a subscription both deliver every event once.
+async fn sync_frame_size(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, a) = s.new_user("alice").await?;
+    let (_bob, b) = s.new_user("bob").await?;
+    let body = vec![b'x'; missive_spec::limits::MAX_CONTENT_BODY];
+    let n = 300;
+    for _ in 0..n {
+        b.send(&alice, Content { body: body.clone(), kind: "text".into() }, missive_cli::client::new_client_msg_id()).await?;
+    }
+    // The client reads frames only up to the response frame limit.
+    let first = a.sync_page(0, None).await.context("sync of a backlog larger than one frame")?;
+    ensure!(first.more, "a page of {} of {n} events did not say more", first.events.len());
+    let all = sync_all(&a).await?;
+    let pos: Vec<u64> = all.iter().map(|e| e.pos).collect();
+    ensure!(pos == (1..=n as u64).collect::<Vec<_>>(), "paging by more gave positions {:?}..", pos.iter().take(5).collect::<Vec<_>>());
+    let (mut sub, _, backlog) = a.subscribe(0).await.context("subscribe to a backlog larger than one frame")?;
+    let live = collect(&mut sub, backlog, n).await?;
+    ensure!(live == all, "the subscription's events differ from sync's");
     Ok(())
 }
 

@@ -172,13 +172,13 @@ pub async fn sync_all(c: &Client) -> anyhow::Result<Vec<Event>> {
     let mut since = 0;
     let mut out = Vec::new();
     loop {
-        let (next, events) = c.sync(since, Some(500)).await?;
-        let n = events.len();
-        out.extend(events);
-        if n < 500 {
+        let page = c.sync_page(since, Some(500)).await?;
+        let n = page.events.len();
+        out.extend(page.events);
+        if n < 500 && !page.more {
             return Ok(out);
         }
-        since = next;
+        since = page.next;
     }
 }
 
