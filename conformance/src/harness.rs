@@ -196,6 +196,11 @@ impl ServerProcess {
             .map(|_| ())
     }
 
+    /// The process id of the running server (for reading `/proc/PID/status`, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The server's log so far (standard error), for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("missived.log")).unwrap_or_default()
