@@ -6,7 +6,8 @@
 //!   clients and, with client certificates, for federation links both ways.
 //! - [`framing`]: length-prefixed CBOR frames on QUIC streams.
 //! - [`envelope`]: signing units and verifying them before decoding.
-//! - [`discovery`]: static peers, `.well-known` over HTTPS, DNS SRV, default port; cached.
+//! - [`discovery`]: static peers, `.well-known` over HTTPS, DNS SRV, default port; cached,
+//!   one lookup per name in flight, bounded, and never to loopback or private addresses.
 //! - [`backoff`] and [`admission`]: the I/O-free retry timing and gap logic.
 
 pub mod admission;

@@ -117,6 +117,25 @@ impl Default for LimitsSection {
     }
 }
 
+impl LimitsSection {
+    /// Refuses bounds that would switch a safeguard off or exceed the spec's.
+    fn check(&self) -> anyhow::Result<()> {
+        use missive_federation::discovery::MAX_KEY_DOCUMENT;
+        let discovery = [
+            ("discovery_lookups", self.discovery_lookups),
+            ("discovery_cache_names", self.discovery_cache_names),
+            ("key_document_bytes", self.key_document_bytes),
+        ];
+        if let Some((name, _)) = discovery.iter().find(|(_, v)| *v == 0) {
+            bail!("limits.{name} must be at least 1");
+        }
+        if self.key_document_bytes > MAX_KEY_DOCUMENT {
+            bail!("limits.key_document_bytes is {}; a key document is at most {MAX_KEY_DOCUMENT} bytes (spec F2.2)", self.key_document_bytes);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerEntry {
@@ -240,6 +259,7 @@ impl Config {
             bail!("registration policy \"token\" needs registration.token of at least 8 characters");
         }
         c.federation.ca_file = c.federation.ca_file.map(|f| base.join(f));
+        c.limits.check()?;
         for p in &c.peers {
             if let Some(k) = &p.key {
                 missive_federation::PublicKey::parse(k).with_context(|| format!("peer {}", p.name))?;
@@ -273,6 +293,10 @@ impl Config {
             https_port: self.federation.https_port,
             extra_ca_pem,
             dns_server: self.federation.dns_server,
+            max_lookups: self.limits.discovery_lookups,
+            max_cache_names: self.limits.discovery_cache_names,
+            max_key_document_bytes: self.limits.key_document_bytes,
+            allow_special_addresses: self.federation.allow_special_addresses,
             ..Default::default()
         })
     }
@@ -416,5 +440,26 @@ mod tests {
         assert!(Config::load(&p).is_err());
         std::fs::write(&p, "server_name = \"A.test\"\n").unwrap();
         assert!(Config::load(&p).is_err());
+        std::fs::write(&p, "server_name = \"127.0.0.1\"\n").unwrap();
+        assert!(Config::load(&p).is_err());
+    }
+
+    #[test]
+    fn discovery_limits_reach_discovery_and_are_checked_at_load() {
+        let base = Path::new(".");
+        let c = Config::parse(
+            "server_name = \"a.test\"\n[federation]\nallow_special_addresses = true\n[limits]\ndiscovery_lookups = 3\ndiscovery_cache_names = 7\nkey_document_bytes = 1000\n",
+            base,
+        )
+        .unwrap();
+        let d = c.discovery().unwrap();
+        assert_eq!((d.max_lookups, d.max_cache_names, d.max_key_document_bytes, d.allow_special_addresses), (3, 7, 1000, true));
+        let d = Config::parse("server_name = \"a.test\"\n", base).unwrap().discovery().unwrap();
+        assert_eq!((d.max_lookups, d.max_cache_names, d.max_key_document_bytes, d.allow_special_addresses), (32, 10_000, 65_536, false));
+        Config::parse("server_name = \"a.test\"\n[limits]\nkey_document_bytes = 65536\n", base).unwrap();
+        for bad in ["key_document_bytes = 65537", "key_document_bytes = 0", "discovery_lookups = 0", "discovery_cache_names = 0"] {
+            let e = Config::parse(&format!("server_name = \"a.test\"\n[limits]\n{bad}\n"), base).unwrap_err();
+            assert!(e.to_string().contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
+        }
     }
 }

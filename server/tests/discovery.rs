@@ -1,20 +1,21 @@
 //! Discovery against real local infrastructure: a DNS server (dnsmasq) for SRV and address
 //! records, and an HTTPS server with a test CA for `.well-known` key documents. The
-//! server under test is pointed at both by its config; nothing is mocked.
+//! server under test is pointed at both by its config; nothing is mocked. Everything here
+//! lives on loopback, which discovery refuses to connect to (spec F2.5) unless the config
+//! says `allow_special_addresses = true`: the first test sets it, the second checks the
+//! refusal.
 
 mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use common::*;
 use missive_conformance::harness::{free_udp_port, ServerProcess};
+use missive_federation::discovery::DEFAULT_FEDERATION_PORT;
 use missive_conformance::mock_peer::MockPeer;
 use missive_federation::{PublicKey, ServerKey};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 fn dnsmasq_bin() -> PathBuf {
     for p in ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"] {
@@ -56,61 +57,14 @@ async fn start_dns(args: &[String]) -> (tokio::process::Child, SocketAddr) {
 }
 
 /// An HTTPS server for key documents, keyed by host name, with a certificate from a test
-/// CA for all of them. Returns its port and the CA certificate (PEM).
-async fn start_https(docs: HashMap<String, String>) -> (u16, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Missive test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(docs.keys().cloned().collect::<Vec<_>>()).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone(), ca.der().clone()], key_der)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let docs = Arc::new(docs);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, docs) = (acceptor.clone(), docs.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&req);
-                let host = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("host: ").or_else(|| l.strip_prefix("Host: ")))
-                    .map(|h| h.split(':').next().unwrap_or_default().to_owned())
-                    .unwrap_or_default();
-                let wanted = text.starts_with("GET /.well-known/missive/server ");
-                let (status, body) = match docs.get(&host) {
-                    Some(d) if wanted => ("200 OK", d.clone()),
-                    _ => ("404 Not Found", String::new()),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(resp.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    (port, ca.pem())
+/// CA for all of them.
+async fn start_https(docs: HashMap<String, String>) -> https::Https {
+    let names = docs.keys().cloned().collect();
+    https::start(names, move |host, path| match docs.get(host) {
+        Some(d) if path == "/.well-known/missive/server" => https::Reply::Doc(d.clone()),
+        _ => https::Reply::NotFound,
+    })
+    .await
 }
 
 fn key_doc(name: &str, federation: Option<SocketAddr>, key: &str) -> String {
@@ -122,11 +76,15 @@ fn key_doc(name: &str, federation: Option<SocketAddr>, key: &str) -> String {
     doc.to_string()
 }
 
-/// Points a stopped server's discovery at the local DNS and HTTPS servers.
-fn use_local_discovery(config: &Path, dns: SocketAddr, https_port: u16, ca_file: &Path) {
+/// Points a stopped server's discovery at the local DNS and HTTPS servers; with
+/// `allow_special`, lets it connect to the loopback addresses they hand out.
+fn use_local_discovery(config: &Path, dns: SocketAddr, https_port: u16, ca_file: &Path, allow_special: bool) {
     let text = std::fs::read_to_string(config).unwrap().replace(
         "https_port = 443",
-        &format!("https_port = {https_port}\ndns_server = \"{dns}\"\nca_file = \"{}\"", ca_file.display()),
+        &format!(
+            "https_port = {https_port}\ndns_server = \"{dns}\"\nca_file = \"{}\"\nallow_special_addresses = {allow_special}",
+            ca_file.display()
+        ),
     );
     std::fs::write(config, text).unwrap();
 }
@@ -152,9 +110,9 @@ async fn well_known_and_srv_discovery_each_lead_to_a_working_link() {
     docs.insert("beta.test".to_owned(), key_doc("beta.test", Some(beta.federation), &beta.key));
     docs.insert("gamma.test".to_owned(), key_doc("gamma.test", None, &gamma.key));
     docs.insert("delta.test".to_owned(), key_doc("delta.test", Some(delta.addr), &delta_doc_key));
-    let (https_port, ca_pem) = start_https(docs).await;
+    let https = start_https(docs).await;
     let ca_file = dir.path().join("test-ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
+    std::fs::write(&ca_file, &https.ca_pem).unwrap();
     let (_dns, dns_addr) = start_dns(&[
         "--address=/beta.test/127.0.0.1".to_owned(),
         "--address=/gamma.test/127.0.0.1".to_owned(),
@@ -164,9 +122,10 @@ async fn well_known_and_srv_discovery_each_lead_to_a_working_link() {
     ])
     .await;
 
-    // alpha knows nobody by configuration: only its DNS server, HTTPS port and CA.
+    // alpha knows nobody by configuration: only its DNS server, HTTPS port and CA. Every
+    // address here is loopback, which discovery refuses unless told this is a test.
     servers[0].terminate().await.unwrap();
-    use_local_discovery(&servers[0].config, dns_addr, https_port, &ca_file);
+    use_local_discovery(&servers[0].config, dns_addr, https.port, &ca_file, true);
     servers[0].restart().await.unwrap();
     let alpha = &servers[0];
     // beta and gamma pin alpha, so they accept its connections.
@@ -205,4 +164,63 @@ async fn well_known_and_srv_discovery_each_lead_to_a_working_link() {
     .await;
     assert!(status.contains("\"queue_depth\":1"), "{status}");
     assert!(delta.observed.lock().unwrap().txns.is_empty());
+}
+
+/// Without the test-only flag, names whose records point at loopback get nothing out of
+/// the server: no key-document fetch from the HTTPS server their A record names, and no
+/// packet to the SRV target or to the default port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_refuses_loopback_addresses_it_found_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = missived();
+    let data = dir.path().join("alpha.test");
+    ServerProcess::init_on(bin, &data, "alpha.test", "open", [127, 0, 0, 2].into()).await.unwrap();
+    // Where alpha would send packets if it did not screen addresses.
+    let srv_target = tokio::net::UdpSocket::bind("127.0.0.6:0").await.unwrap();
+    let default_target = tokio::net::UdpSocket::bind(("127.0.0.7", DEFAULT_FEDERATION_PORT))
+        .await
+        .expect("UDP 127.0.0.7:7451 is taken; this test watches it");
+    // epsilon: key document on the HTTPS server (127.0.0.1), address by SRV (127.0.0.6).
+    // zeta: key pinned in alpha's config, no address: SRV has none, its A record is
+    // 127.0.0.7, so the default port is tried.
+    let (eps_key, zeta_key) = (ServerKey::generate().public(), ServerKey::generate().public());
+    let docs = HashMap::from([("epsilon.test".to_owned(), key_doc("epsilon.test", None, &eps_key.to_text()))]);
+    let https = start_https(docs).await;
+    let ca_file = dir.path().join("test-ca.pem");
+    std::fs::write(&ca_file, &https.ca_pem).unwrap();
+    let (_dns, dns_addr) = start_dns(&[
+        "--address=/epsilon.test/127.0.0.1".to_owned(),
+        "--host-record=eps-fed.test,127.0.0.6".to_owned(),
+        format!("--srv-host=_missive._udp.epsilon.test,eps-fed.test,{},0,0", srv_target.local_addr().unwrap().port()),
+        "--address=/zeta.test/127.0.0.7".to_owned(),
+    ])
+    .await;
+    let config = data.join("missived.toml");
+    use_local_discovery(&config, dns_addr, https.port, &ca_file, false);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[[peers]]\nname = \"zeta.test\"\nkey = \"{}\"\n", zeta_key.to_text()));
+    std::fs::write(&config, text).unwrap();
+    let alpha = ServerProcess::start(bin, &data, "alpha.test").await.unwrap();
+
+    let alice = register(&alpha, "alice").await;
+    for to in ["@eve:epsilon.test", "@zed:zeta.test"] {
+        alice.send_text(&missive_spec::UserId::parse(to).unwrap(), "stays queued").await.unwrap();
+    }
+    for (peer, host) in [("epsilon.test", "epsilon.test"), ("zeta.test", "zeta.test")] {
+        let v = eventually(&format!("alpha to try {peer}"), || async {
+            let lines = alpha.peers_json().await.unwrap();
+            let v = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|v| v["name"] == peer)?;
+            v["last_error"].is_string().then_some(v)
+        })
+        .await;
+        let error = v["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains(&format!("{host} (looked up for {peer}) resolves only to loopback")), "{peer}: {error}");
+        assert_eq!((v["queue_depth"].as_u64(), v["up"].as_bool()), (Some(1), Some(false)), "{v}");
+    }
+    assert_eq!(https.connections(), 0, "alpha fetched a key document from loopback");
+    let mut buf = [0u8; 2048];
+    for (what, sock) in [("the SRV target", &srv_target), ("the default port", &default_target)] {
+        let got = sock.try_recv_from(&mut buf);
+        assert!(got.is_err(), "{what} on loopback received a packet from {:?}", got.map(|(_, from)| from));
+    }
 }

@@ -14,6 +14,8 @@ use crate::limits;
 pub enum IdError {
     #[error("server name {0:?} is not a lowercase DNS name (§2.1)")]
     ServerName(String),
+    #[error("server name {0:?} reads as an IPv4 address; a server name is a DNS name (§2.1)")]
+    IpLiteral(String),
     #[error("user id {0:?} is not of the form @localpart:server.name (§2.2)")]
     UserId(String),
     #[error("device id {0:?} is not 1-32 characters of A-Z, a-z, 0-9, '-' or '_' (§2.3)")]
@@ -31,7 +33,17 @@ fn valid_label(label: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// A homeserver's name: a lowercase DNS name such as `alpha.example` (§2.1).
+/// Whether URL parsers would read a name ending in `label` as an IPv4 address (the WHATWG
+/// URL "ends in a number" rule): all digits (`127.0.0.1`, `127.1`, `2130706433`) or `0x`
+/// and hex digits (`0x7f000001`).
+fn reads_as_ipv4(last_label: &str) -> bool {
+    let hex = last_label.strip_prefix("0x").is_some_and(|h| h.bytes().all(|c| c.is_ascii_hexdigit()));
+    hex || last_label.bytes().all(|c| c.is_ascii_digit())
+}
+
+/// A homeserver's name: a lowercase DNS name such as `alpha.example` (§2.1), never an IP
+/// address in any spelling. IPv6 literals cannot pass the label grammar (`:` and `[`);
+/// IPv4 ones are refused by their last label.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServerName(String);
 
@@ -39,6 +51,9 @@ impl ServerName {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         if s.len() > limits::MAX_SERVER_NAME_LEN || !s.split('.').all(valid_label) {
             return Err(IdError::ServerName(s.to_owned()));
+        }
+        if s.rsplit('.').next().is_some_and(reads_as_ipv4) {
+            return Err(IdError::IpLiteral(s.to_owned()));
         }
         Ok(ServerName(s.to_owned()))
     }
@@ -229,12 +244,21 @@ mod tests {
 
     #[test]
     fn server_names() {
-        for ok in ["alpha.example", "a", "x-1.y", "127-0-0-1.test"] {
+        for ok in ["alpha.example", "a", "x-1.y", "127-0-0-1.test", "1.example", "10.0.0.1.nip-io", "0xg", "x0.1a", "0x1-2"] {
             ServerName::parse(ok).unwrap();
         }
-        for bad in ["", "Alpha.example", "a..b", "-a.b", "a-.b", "a.b.", "a_b", "a:1", &"a".repeat(64)] {
-            assert!(ServerName::parse(bad).is_err(), "{bad:?} accepted");
+        for bad in ["", "Alpha.example", "a..b", "-a.b", "a-.b", "a.b.", "a_b", "a:1", &"a".repeat(64), "::1", "[::1]", "fe80::1"] {
+            assert!(matches!(ServerName::parse(bad), Err(IdError::ServerName(_))), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn ip_literals_are_not_server_names() {
+        // Every spelling a URL parser reads as IPv4: dotted, shortened, one number, octal, hex.
+        for ip in ["127.0.0.1", "127.0.0.31", "10.1", "127.1", "2130706433", "0177.0.0.1", "0x7f000001", "0x7f.1", "a.0x", "example.123", "1"] {
+            assert_eq!(ServerName::parse(ip), Err(IdError::IpLiteral(ip.to_owned())), "{ip:?}");
+        }
+        assert!(UserId::parse("@x:127.0.0.31").is_err());
     }
 
     #[test]
@@ -259,7 +283,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn user_id_roundtrip(local in "[a-z0-9._=-]{1,20}", server in "[a-z]{1,10}(\\.[a-z0-9]{1,10}){0,3}") {
+        fn user_id_roundtrip(local in "[a-z0-9._=-]{1,20}", server in "[a-z]{1,10}(\\.[a-z][a-z0-9]{0,9}){0,3}") {
             let s = format!("@{local}:{server}");
             let u = UserId::parse(&s).unwrap();
             prop_assert_eq!(u.as_str(), s.as_str());

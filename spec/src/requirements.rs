@@ -186,6 +186,10 @@ mod tests {
         assert_eq!(find("C2S-LOGIN-4").section, "§6.2");
         assert_eq!(find("C2S-TYPE-2").section, "§13");
         assert_eq!(find("FED-BACKFILL-3").section, "F7");
+        assert_eq!(find("CORE-ID-3").section, "§2.1");
+        assert_eq!((find("FED-DISC-7").section.as_str(), find("FED-DISC-7").level), ("F2.2", Level::Must));
+        assert_eq!((find("FED-DISC-8").section.as_str(), find("FED-DISC-8").level), ("F2.5", Level::Must));
+        assert_eq!((find("FED-DISC-13").section.as_str(), find("FED-DISC-13").level), ("F2.6", Level::Should));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: real `missived` processes on loopback.
 #![allow(dead_code)]
 
+pub mod https;
+
 use std::path::Path;
 use std::time::Duration;
 
