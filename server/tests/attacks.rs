@@ -243,3 +243,33 @@ async fn request_frames_that_never_finish_are_cut_at_the_deadline_within_a_memor
     assert_eq!(messages(&got).len(), 1, "bob was not served during the attack");
     drop(conns);
 }
+
+#[tokio::test]
+async fn a_send_to_an_ip_literal_server_is_refused_at_once_and_queues_nothing() {
+    let (_d, srv) = server("alpha.test", "open").await;
+    let alice = register(&srv, "alice").await;
+    // What a client that does not check ids would send: the frame is well formed CBOR,
+    // but `to` is not a user id (§2.1: an IP literal is no server name).
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Req {
+        Send { to: String, content: Content, client_msg_id: serde_bytes::ByteBuf },
+    }
+    #[derive(serde::Serialize)]
+    struct Frame {
+        v: u64,
+        req: Req,
+        auth: String,
+    }
+    let frame = Frame {
+        v: 0,
+        req: Req::Send { to: "@x:127.0.0.31".into(), content: Content::text("hi"), client_msg_id: serde_bytes::ByteBuf::from(vec![7; 16]) },
+        auth: alice.token().unwrap().to_owned(),
+    };
+    let body = alice.raw(&missive_spec::codec::frame(&missive_spec::codec::encode(&frame))).await.unwrap();
+    match missive_spec::codec::decode::<missive_spec::ResponseFrame>(&body).unwrap().res {
+        missive_spec::Response::Error { code, .. } => assert_eq!(code, ErrorCode::BadFrame),
+        other => panic!("a send to an IP literal was answered {other:?}"),
+    }
+    assert!(srv.peers_json().await.unwrap().is_empty(), "a destination was queued for an IP literal");
+}

@@ -52,10 +52,8 @@ async fn endless_key_documents_cost_the_server_no_more_than_their_limit() {
     let ca_file = ca_dir.path().join("test-ca.pem");
     std::fs::write(&ca_file, &evil.ca_pem).unwrap();
     let (_dir, srv) = server_with_config("alpha.test", "open", |c| {
-        c.replace(
-            "https_port = 443",
-            &format!("https_port = {}\nca_file = \"{}\"\nallow_special_addresses = true", evil.port, ca_file.display()),
-        )
+        c.replace("https_port = 443", &format!("https_port = {}\nca_file = \"{}\"", evil.port, ca_file.display()))
+            .replace("allow_special_addresses = false", "allow_special_addresses = true")
     })
     .await;
     let pid = srv.pid().unwrap();

@@ -79,13 +79,13 @@ fn key_doc(name: &str, federation: Option<SocketAddr>, key: &str) -> String {
 /// Points a stopped server's discovery at the local DNS and HTTPS servers; with
 /// `allow_special`, lets it connect to the loopback addresses they hand out.
 fn use_local_discovery(config: &Path, dns: SocketAddr, https_port: u16, ca_file: &Path, allow_special: bool) {
-    let text = std::fs::read_to_string(config).unwrap().replace(
-        "https_port = 443",
-        &format!(
-            "https_port = {https_port}\ndns_server = \"{dns}\"\nca_file = \"{}\"\nallow_special_addresses = {allow_special}",
-            ca_file.display()
-        ),
-    );
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace(
+            "https_port = 443",
+            &format!("https_port = {https_port}\ndns_server = \"{dns}\"\nca_file = \"{}\"", ca_file.display()),
+        )
+        .replace("allow_special_addresses = false", &format!("allow_special_addresses = {allow_special}"));
     std::fs::write(config, text).unwrap();
 }
 
