@@ -105,7 +105,7 @@ impl Default for LimitsSection {
             federation_connections: 1_000,
             federation_connections_per_address: 8,
             federation_handshakes: 64,
-            federation_requests_per_second: 500,
+            federation_requests_per_second: 10_000,
             held_per_conversation: 1_000,
             held_per_peer: 10_000,
             held_release_batch: 256,
@@ -390,7 +390,7 @@ federation_connections = 1000
 federation_connections_per_address = 8
 federation_handshakes = 64
 # Requests one peer may make per second (its connections share one bucket).
-federation_requests_per_second = 500
+federation_requests_per_second = 10000
 # Units held behind a gap, per (peer, conversation) and per peer; beyond them a unit is
 # answered "retry" and stays queued at its origin. Released in steps of held_release_batch.
 held_per_conversation = 1000

@@ -134,3 +134,33 @@ async fn units_behind_a_gap_are_held_up_to_the_limit_then_refused_for_a_retry_an
     assert_eq!(seqs, (1..=1001).collect::<Vec<_>>(), "lost, repeated or out of order");
     let _ = carol;
 }
+
+#[tokio::test]
+async fn a_peer_over_its_request_rate_is_answered_rate_limited_and_others_are_not() {
+    let rate = |c: String| c.replace("federation_requests_per_second = 10000", "federation_requests_per_second = 20");
+    let (_d, servers, mock) = alpha_beta_and_mock(rate).await;
+    let (alpha, beta) = (&servers[0], &servers[1]);
+    let alice = register(alpha, "alice").await;
+    let bob = register(beta, "bob").await;
+    let conn = mock.connect(&alpha.name, alpha.federation, &alpha.key).await.unwrap();
+    let edu = || FedRequest::Edu { typing: Vec::new(), presence: Vec::new() };
+    // 100 requests at once: a bucket of 20 takes 20 of them (and the few it refills).
+    let answers = all_at_once((0..100).map(|_| {
+        let (conn, req) = (conn.clone(), edu());
+        async move { MockPeer::request(&conn, req).await.ok() }
+    }))
+    .await;
+    let limited = answers.iter().filter(|a| matches!(a, Some(FedResponse::Error { code: missive_spec::federation::FedErrorCode::RateLimited, .. }))).count();
+    let ok = answers.iter().filter(|a| matches!(a, Some(FedResponse::Ok {}))).count();
+    println!("{ok} answered, {limited} rate-limited");
+    assert_eq!(ok + limited, 100, "{answers:?}");
+    assert!((20..40).contains(&ok), "a bucket of 20 per second let {ok} of 100 through");
+    // beta, another peer, has a bucket of its own: its units reach alpha meanwhile.
+    let (mut live, _, _) = alice.subscribe(0).await.unwrap();
+    for i in 0..10 {
+        bob.send_text(&uid("alice", alpha), &format!("m{i}")).await.unwrap();
+    }
+    assert_eq!(messages(&collect(&mut live, Vec::new(), 10).await).len(), 10);
+    // The bucket refills.
+    eventually("the mock's bucket to refill", || async { matches!(MockPeer::request(&conn, edu()).await, Ok(FedResponse::Ok {})).then_some(()) }).await;
+}
