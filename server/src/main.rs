@@ -184,7 +184,7 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
         let token = missive_server::accounts::new_token();
         text = text.replace("# token = \"a long random string\"", &format!("token = \"{token}\""));
     }
-    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    write_private(&config_path, &text).with_context(|| format!("cannot write {}", config_path.display()))?;
     println!("Created Missive server {name} in {}", dir.display());
     println!("  config:      {}", config_path.display());
     println!("  server key:  {}", key.public());
@@ -193,6 +193,19 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
     println!("Another server pins this one with:");
     println!("  missived peer add --config THEIR_CONFIG {name} {federation} {}", key.public());
     Ok(())
+}
+
+/// Creates `path` readable by its owner only (mode 0600): `missived.toml` may hold the
+/// registration token.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::Result<()> {
@@ -214,7 +227,11 @@ async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::
     }
     text.push_str(&format!("\n[[peers]]\nname = \"{name}\"\naddress = \"{address}\"\nkey = \"{key}\"\n"));
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, &text)?;
+    // A leftover from an interrupted run may be more open than we want; start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    // The rewrite keeps whatever mode the operator gave the file.
+    std::fs::set_permissions(&tmp, std::fs::metadata(path)?.permissions())?;
     Config::load(&tmp).context("the new peer entry does not load")?;
     std::fs::rename(&tmp, path)?;
     match admin::call(&config.admin_socket(), &AdminRequest::ReloadPeers {}).await? {
