@@ -31,8 +31,12 @@ const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     tls::install_provider();
     crate::sabotage::announce();
+    let admin_path = config.admin_socket();
+    crate::admin::check_socket_path(&admin_path)?;
     let key = Arc::new(ServerKey::load(&config.key_file)?);
     let rocks = Arc::new(RocksStore::open(&config.db_dir())?);
+    // Bound once the database lock is ours; the file goes when `run` returns, however.
+    let (admin_listener, _admin_file) = crate::admin::bind(&admin_path)?;
     let store: Arc<dyn Store> = rocks.clone();
     let hub = Arc::new(Hub::default());
     let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -83,16 +87,12 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
     let api = Arc::new(Api { service, shutdown: shutdown_rx.clone(), inflight: inflight.clone(), slots });
     let serving = tokio::spawn(api.serve(endpoint.clone()));
-    let admin_path = config.admin_socket();
-    let admin = tokio::spawn({
-        let ctx = crate::admin::AdminContext {
-            sequencer: sequencer.clone(),
-            federation: federation.clone(),
-            config_path: config_path.to_owned(),
-        };
-        let rx = shutdown_rx.clone();
-        async move { crate::admin::serve(&admin_path, ctx, rx).await }
-    });
+    let admin_ctx = crate::admin::AdminContext {
+        sequencer: sequencer.clone(),
+        federation: federation.clone(),
+        config_path: config_path.to_owned(),
+    };
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, admin_ctx, shutdown_rx.clone()));
 
     tracing::info!(server = %config.server_name, key = %key.public(), client = %addr, federation = %fed_addr, "serving");
     // The line tests and scripts wait for: the server accepts requests from here on.
@@ -108,9 +108,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     endpoint.close(0u32.into(), b"server shutting down");
     fed_endpoint.close(0u32.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    if let Ok(Err(e)) = admin.await {
-        tracing::warn!(error = %e, "admin socket");
-    }
+    let _ = admin.await;
     sequencer.stop().await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     rocks.flush()?;
