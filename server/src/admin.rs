@@ -18,8 +18,10 @@ use crate::sequencer::Sequencer;
 #[serde(rename_all = "snake_case")]
 pub enum AdminRequest {
     AddUser { user: UserId, password_hash: String },
-    /// Re-read `[[peers]]` from the config file.
-    ReloadPeers {},
+    /// Re-read the config file and apply what can change live, as SIGHUP does
+    /// ([`crate::reload::Reloadable`]); `missived peer add` sends it.
+    #[serde(alias = "reload_peers")]
+    Reload {},
     /// Federation link state per peer.
     Peers {},
 }
@@ -36,7 +38,7 @@ pub enum AdminResponse {
 pub struct AdminContext {
     pub sequencer: Sequencer,
     pub federation: Arc<crate::federation::Federation>,
-    pub config_path: std::path::PathBuf,
+    pub reloadable: Arc<crate::reload::Reloadable>,
 }
 
 /// The longest path a Unix socket can be bound at: `sun_path` (108 bytes on Linux, 104 on
@@ -116,12 +118,8 @@ pub async fn serve(listener: UnixListener, ctx: AdminContext, mut shutdown: watc
 async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()> {
     let req: AdminRequest = codec::decode(&read_msg(&mut stream).await?)?;
     let res = match req {
-        AdminRequest::ReloadPeers {} => match crate::config::Config::load(&ctx.config_path).and_then(|c| c.discovery()) {
-            Ok(d) => {
-                ctx.federation.discovery().set_statics(d.statics);
-                tracing::info!("peers reloaded");
-                AdminResponse::Ok {}
-            }
+        AdminRequest::Reload {} => match ctx.reloadable.reload("admin request") {
+            Ok(()) => AdminResponse::Ok {},
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },
         AdminRequest::Peers {} => match ctx.federation.status() {

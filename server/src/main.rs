@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use missive_federation::ServerKey;
 use missive_server::admin::{self, AdminRequest, AdminResponse};
 use missive_server::config::{self, Config};
+use missive_server::logging::Logging;
+use missive_server::signals::Signals;
 use missive_spec::{RegistrationPolicy, ServerName, UserId};
 
 #[derive(Parser)]
@@ -49,7 +51,7 @@ enum Command {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-    /// Serve until SIGTERM or Ctrl-C.
+    /// Serve until SIGTERM or SIGINT (Ctrl-C); SIGHUP reloads the config file.
     Run {
         #[arg(long)]
         config: PathBuf,
@@ -123,40 +125,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config: path } => {
             let config = Config::load(&path)?;
-            init_logging(&config.log.level);
-            missive_server::server::run(&path, config, stop_signal()).await
+            let logging = Logging::init(&config.log.level);
+            let signals = Signals::register().context("cannot handle signals")?;
+            missive_server::server::run(&path, config, logging, signals).await
         }
         Command::Peer { command: PeerCommand::Add { config, name, address, key } } => peer_add(&config, &name, &address, &key).await,
         Command::Peers { config, json } => peers(&Config::load(&config)?, json).await,
         Command::User { command: UserCommand::Add { config, name, password_stdin: _ } } => {
             let config = Config::load(&config)?;
             user_add(&config, &name).await
-        }
-    }
-}
-
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
@@ -234,7 +211,7 @@ async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::
     std::fs::set_permissions(&tmp, std::fs::metadata(path)?.permissions())?;
     Config::load(&tmp).context("the new peer entry does not load")?;
     std::fs::rename(&tmp, path)?;
-    match admin::call(&config.admin_socket(), &AdminRequest::ReloadPeers {}).await? {
+    match admin::call(&config.admin_socket(), &AdminRequest::Reload {}).await? {
         Some(AdminResponse::Error { message }) => bail!("peer saved, but the running server did not reload: {message}"),
         Some(_) => println!("pinned {name} at {address}; the running server uses it now"),
         None => println!("pinned {name} at {address}"),

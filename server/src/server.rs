@@ -15,8 +15,11 @@ use crate::api::{Api, Inflight};
 use crate::config::Config;
 use crate::federation::{Federation, FederationTiming};
 use crate::hub::Hub;
+use crate::logging::Logging;
+use crate::reload::Reloadable;
 use crate::sequencer::{Sequencer, WriterContext};
 use crate::service::{Registration, Service};
+use crate::signals::Signals;
 use crate::store::rocks::RocksStore;
 use crate::store::Store;
 
@@ -27,8 +30,9 @@ const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A federation link with no traffic for this long is closed (keep-alives run every 5 s).
 const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs the server until `stop` resolves, then shuts down without losing accepted work.
-pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+/// Runs the server until SIGTERM or SIGINT, reloading `config_path` at SIGHUP, then shuts
+/// down without losing accepted work.
+pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging, mut signals: Signals) -> anyhow::Result<()> {
     tls::install_provider();
     crate::sabotage::announce();
     let admin_path = config.admin_socket();
@@ -87,10 +91,11 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
     let api = Arc::new(Api { service, shutdown: shutdown_rx.clone(), inflight: inflight.clone(), slots });
     let serving = tokio::spawn(api.serve(endpoint.clone()));
+    let reloadable = Arc::new(Reloadable::new(config_path, config.clone(), federation.clone(), logging));
     let admin_ctx = crate::admin::AdminContext {
         sequencer: sequencer.clone(),
         federation: federation.clone(),
-        config_path: config_path.to_owned(),
+        reloadable: reloadable.clone(),
     };
     let admin = tokio::spawn(crate::admin::serve(admin_listener, admin_ctx, shutdown_rx.clone()));
 
@@ -98,7 +103,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     // The line tests and scripts wait for: the server accepts requests from here on.
     println!("missived: {} ready, key {}, client API on {addr}, federation on {fed_addr}", config.server_name, key.public());
 
-    stop.await;
+    signals.until_stopped(&reloadable).await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = serving.await;
