@@ -167,15 +167,38 @@ impl ServerProcess {
         }
     }
 
-    /// SIGTERM, then wait (up to 30 s) for the process to exit; returns its exit code.
-    pub async fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+    /// The process id, while the server runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Sends the signal `name` (`HUP`, `TERM`, `INT`, ...) to the running server.
+    pub async fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("server not running"))?;
+        let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().await?;
+        if !status.success() {
+            bail!("kill -{name} {pid} failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// Sends the signal `name`, then waits (up to 30 s) for the process to exit; returns
+    /// its exit code (`None`: killed by a signal).
+    pub async fn stop_with(&mut self, name: &str) -> anyhow::Result<Option<i32>> {
+        if self.child.is_none() {
+            return Ok(None);
+        }
+        self.signal(name).await?;
         let Some(mut c) = self.child.take() else { return Ok(None) };
-        let pid = c.id().ok_or_else(|| anyhow!("server already exited"))?;
-        Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
         let status = tokio::time::timeout(Duration::from_secs(30), c.wait())
             .await
-            .map_err(|_| anyhow!("server did not exit within 30 s of SIGTERM"))??;
+            .map_err(|_| anyhow!("server did not exit within 30 s of SIG{name}"))??;
         Ok(status.code())
+    }
+
+    /// SIGTERM, then wait (up to 30 s) for the process to exit; returns its exit code.
+    pub async fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        self.stop_with("TERM").await
     }
 
     /// Starts again after a kill or stop, on the same addresses (fixed at init).
@@ -194,11 +217,6 @@ impl ServerProcess {
         self.missived(&["user", "add", "--config", &config, localpart, "--password-stdin"], Some(&format!("{password}\n")))
             .await
             .map(|_| ())
-    }
-
-    /// The process id of the running server.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(|c| c.id())
     }
 
     /// The running server's resident memory, in KiB (Linux `/proc`).

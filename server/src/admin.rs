@@ -2,7 +2,7 @@
 //! reachable only by the account that owns the data (mode 0600). `missived user add` uses
 //! it while the server runs, and opens the database directly when it does not.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -18,8 +18,10 @@ use crate::sequencer::Sequencer;
 #[serde(rename_all = "snake_case")]
 pub enum AdminRequest {
     AddUser { user: UserId, password_hash: String },
-    /// Re-read `[[peers]]` from the config file.
-    ReloadPeers {},
+    /// Re-read the config file and apply what can change live, as SIGHUP does
+    /// ([`crate::reload::Reloadable`]); `missived peer add` sends it.
+    #[serde(alias = "reload_peers")]
+    Reload {},
     /// Federation link state per peer.
     Peers {},
 }
@@ -36,7 +38,50 @@ pub enum AdminResponse {
 pub struct AdminContext {
     pub sequencer: Sequencer,
     pub federation: Arc<crate::federation::Federation>,
-    pub config_path: std::path::PathBuf,
+    pub reloadable: Arc<crate::reload::Reloadable>,
+}
+
+/// The longest path a Unix socket can be bound at: `sun_path` (108 bytes on Linux, 104 on
+/// the BSDs and macOS) holds it with its NUL.
+pub const MAX_SOCKET_PATH: usize = if cfg!(any(target_os = "linux", target_os = "android")) { 107 } else { 103 };
+
+/// Refuses a socket path the kernel could not bind, so that start-up stops before it
+/// binds anything rather than running without its admin socket.
+pub fn check_socket_path(path: &Path) -> anyhow::Result<()> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        bail!(
+            "data dir path too long for the admin socket: {len} bytes, at most {MAX_SOCKET_PATH}; use a shorter data_dir ({})",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The admin socket's file, removed when this is dropped: `server::run` holds it, so the
+/// file goes on every way out of it, a failed start-up included.
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the admin socket at `path`, readable and writable by the owner only.
+pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
+    check_socket_path(path)?;
+    // We hold the database lock, so no other server owns a socket here: a leftover is stale.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind admin socket {}", path.display()))?;
+    let file = SocketFile(path.to_owned());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict admin socket {}", path.display()))?;
+    }
+    Ok((listener, file))
 }
 
 async fn read_msg(s: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
@@ -48,16 +93,8 @@ async fn read_msg(s: &mut UnixStream) -> anyhow::Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Serves admin requests until shutdown.
-pub async fn serve(path: &Path, ctx: AdminContext, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    // We hold the database lock, so no other server owns a socket here: a leftover is stale.
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind admin socket {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
+/// Serves admin requests on a listener from [`bind`] until shutdown.
+pub async fn serve(listener: UnixListener, ctx: AdminContext, mut shutdown: watch::Receiver<bool>) {
     let ctx = Arc::new(ctx);
     loop {
         tokio::select! {
@@ -76,19 +113,13 @@ pub async fn serve(path: &Path, ctx: AdminContext, mut shutdown: watch::Receiver
             _ = shutdown.changed() => break,
         }
     }
-    let _ = std::fs::remove_file(path);
-    Ok(())
 }
 
 async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()> {
     let req: AdminRequest = codec::decode(&read_msg(&mut stream).await?)?;
     let res = match req {
-        AdminRequest::ReloadPeers {} => match crate::config::Config::load(&ctx.config_path).and_then(|c| c.discovery()) {
-            Ok(d) => {
-                ctx.federation.discovery().set_statics(d.statics);
-                tracing::info!("peers reloaded");
-                AdminResponse::Ok {}
-            }
+        AdminRequest::Reload {} => match ctx.reloadable.reload("admin request") {
+            Ok(()) => AdminResponse::Ok {},
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },
         AdminRequest::Peers {} => match ctx.federation.status().await {

@@ -117,25 +117,6 @@ impl Default for LimitsSection {
     }
 }
 
-impl LimitsSection {
-    /// Refuses bounds that would switch a safeguard off or exceed the spec's.
-    fn check(&self) -> anyhow::Result<()> {
-        use missive_federation::discovery::MAX_KEY_DOCUMENT;
-        let discovery = [
-            ("discovery_lookups", self.discovery_lookups),
-            ("discovery_cache_names", self.discovery_cache_names),
-            ("key_document_bytes", self.key_document_bytes),
-        ];
-        if let Some((name, _)) = discovery.iter().find(|(_, v)| *v == 0) {
-            bail!("limits.{name} must be at least 1");
-        }
-        if self.key_document_bytes > MAX_KEY_DOCUMENT {
-            bail!("limits.key_document_bytes is {}; a key document is at most {MAX_KEY_DOCUMENT} bytes (spec F2.2)", self.key_document_bytes);
-        }
-        Ok(())
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerEntry {
@@ -259,7 +240,6 @@ impl Config {
             bail!("registration policy \"token\" needs registration.token of at least 8 characters");
         }
         c.federation.ca_file = c.federation.ca_file.map(|f| base.join(f));
-        c.limits.check()?;
         for p in &c.peers {
             if let Some(k) = &p.key {
                 missive_federation::PublicKey::parse(k).with_context(|| format!("peer {}", p.name))?;
@@ -268,7 +248,63 @@ impl Config {
                 bail!("peer {} needs an address or a key", p.name);
             }
         }
+        c.validate()?;
         Ok(c)
+    }
+
+    /// The bounds a value's type does not express. A setting that must be at least 1 is one
+    /// whose 0 would refuse or stall everything it governs, never a way to turn it off.
+    fn validate(&self) -> anyhow::Result<()> {
+        check_log_level(&self.log.level)?;
+        at_least_one("client.max_connections", self.client.max_connections as u64)?;
+        at_least_one("client.max_connections_per_address", self.client.max_connections_per_address as u64)?;
+        let FederationSection { retry_base_ms, retry_cap_ms, .. } = self.federation;
+        at_least_one("federation.retry_base_ms", retry_base_ms)?;
+        if retry_cap_ms < retry_base_ms {
+            bail!("federation.retry_cap_ms ({retry_cap_ms}) must be at least federation.retry_base_ms ({retry_base_ms})");
+        }
+        // Named one by one, so that a new limit cannot be added without deciding its bounds.
+        let LimitsSection {
+            request_read_timeout_ms,
+            client_request_bytes,
+            federation_request_bytes,
+            password_hashes,
+            federation_connections,
+            federation_connections_per_address,
+            federation_handshakes,
+            federation_requests_per_second,
+            held_per_conversation,
+            held_per_peer,
+            held_release_batch,
+            remote_presence_users,
+            discovery_lookups,
+            discovery_cache_names,
+            key_document_bytes,
+        } = self.limits;
+        for (key, value) in [
+            ("limits.request_read_timeout_ms", request_read_timeout_ms),
+            ("limits.client_request_bytes", client_request_bytes as u64),
+            ("limits.federation_request_bytes", federation_request_bytes as u64),
+            ("limits.password_hashes", password_hashes as u64),
+            ("limits.federation_connections", federation_connections as u64),
+            ("limits.federation_connections_per_address", federation_connections_per_address as u64),
+            ("limits.federation_handshakes", federation_handshakes as u64),
+            ("limits.federation_requests_per_second", u64::from(federation_requests_per_second)),
+            ("limits.held_per_conversation", held_per_conversation),
+            ("limits.held_per_peer", held_per_peer),
+            ("limits.held_release_batch", held_release_batch as u64),
+            ("limits.remote_presence_users", remote_presence_users as u64),
+            ("limits.discovery_lookups", discovery_lookups as u64),
+            ("limits.discovery_cache_names", discovery_cache_names as u64),
+            ("limits.key_document_bytes", key_document_bytes as u64),
+        ] {
+            at_least_one(key, value)?;
+        }
+        let max_document = missive_federation::discovery::MAX_KEY_DOCUMENT;
+        if key_document_bytes > max_document {
+            bail!("limits.key_document_bytes is {key_document_bytes}, at most {max_document} (F2.2)");
+        }
+        Ok(())
     }
 
     /// Discovery settings: static peers from `[[peers]]`, the rest from `[federation]`.
@@ -308,6 +344,36 @@ impl Config {
     pub fn admin_socket(&self) -> PathBuf {
         self.data_dir.join("admin.sock")
     }
+}
+
+fn at_least_one(key: &str, value: u64) -> anyhow::Result<()> {
+    if value == 0 {
+        bail!("{key} must be at least 1");
+    }
+    Ok(())
+}
+
+const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// `[log] level`: a level, or `tracing` filter directives that each end in one
+/// (`missive_server=debug,info`). A bare word that is no level would be taken as a target
+/// name and silence everything else, so it is refused.
+fn check_log_level(level: &str) -> anyhow::Result<()> {
+    let allowed = "one of error, warn, info, debug, trace, off, or directives such as \"missive_server=debug,info\"";
+    let directives: Vec<&str> = level.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    if directives.is_empty() {
+        bail!("log.level is empty; use {allowed}");
+    }
+    for d in &directives {
+        let named = d.rsplit_once('=').map_or(*d, |(_, l)| l);
+        if !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(named)) {
+            bail!("log.level {level:?}: {d:?} names no level; use {allowed}");
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(level)
+        .map_err(|e| anyhow::anyhow!("log.level {level:?} is not a valid filter ({e}); use {allowed}"))?;
+    Ok(())
 }
 
 /// The commented configuration `missived init` writes.
@@ -350,7 +416,8 @@ policy = "{policy}"
 # token = "a long random string"
 
 [log]
-# tracing filter: error, warn, info, debug, trace (RUST_LOG overrides it).
+# One of error, warn, info, debug, trace, off, or per-target directives such as
+# "missive_server=debug,info". RUST_LOG overrides it; SIGHUP applies a change.
 level = "info"
 
 [federation]
@@ -461,5 +528,59 @@ mod tests {
             let e = Config::parse(&format!("server_name = \"a.test\"\n[limits]\n{bad}\n"), base).unwrap_err();
             assert!(e.to_string().contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
         }
+    }
+
+    fn parse(extra: &str) -> anyhow::Result<Config> {
+        Config::parse(&format!("server_name = \"a.test\"\n{extra}"), Path::new("/srv/missive"))
+    }
+
+    #[test]
+    fn accepts_levels_and_directives() {
+        for level in ["error", "warn", "info", "debug", "trace", "off", "INFO", "missive_server=debug,info", "warn,quinn=off"] {
+            let c = parse(&format!("[log]\nlevel = \"{level}\"\n")).unwrap_or_else(|e| panic!("{level}: {e:#}"));
+            assert_eq!(c.log.level, level);
+        }
+    }
+
+    #[test]
+    fn rejects_log_levels_that_name_no_level() {
+        for level in ["verbose", "", " , ", "missive_server", "missive_server=verbose", "info,missive_server", "missive_server[conn{peer=x}]"] {
+            let e = format!("{:#}", parse(&format!("[log]\nlevel = \"{level}\"\n")).unwrap_err());
+            assert!(e.contains("log.level") && e.contains("error, warn, info, debug, trace, off"), "{level:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_each_bound_it_checks() {
+        let cases = [
+            ("[client]\nmax_connections = 0\n", "client.max_connections must be at least 1"),
+            ("[client]\nmax_connections_per_address = 0\n", "client.max_connections_per_address must be at least 1"),
+            ("[federation]\nretry_base_ms = 0\n", "federation.retry_base_ms must be at least 1"),
+            ("[federation]\nretry_base_ms = 500\nretry_cap_ms = 499\n", "federation.retry_cap_ms (499) must be at least federation.retry_base_ms (500)"),
+            ("[limits]\nkey_document_bytes = 65537\n", "limits.key_document_bytes is 65537, at most 65536"),
+        ];
+        for (text, want) in cases {
+            let e = format!("{:#}", parse(text).unwrap_err());
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        for limit in [
+            "request_read_timeout_ms",
+            "password_hashes",
+            "federation_connections",
+            "federation_connections_per_address",
+            "federation_handshakes",
+            "federation_requests_per_second",
+            "held_per_conversation",
+            "held_per_peer",
+            "held_release_batch",
+            "remote_presence_users",
+            "discovery_lookups",
+            "discovery_cache_names",
+            "key_document_bytes",
+        ] {
+            let e = format!("{:#}", parse(&format!("[limits]\n{limit} = 0\n")).unwrap_err());
+            assert!(e.contains(&format!("limits.{limit} must be at least 1")), "{limit}: {e}");
+        }
+        parse("[federation]\nretry_base_ms = 1\nretry_cap_ms = 1\n[limits]\nkey_document_bytes = 65536\n").unwrap();
     }
 }

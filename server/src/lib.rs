@@ -7,7 +7,8 @@
 //! Subscribers are woken through the [`hub::Hub`] only after a write is durable.
 //! Messages for other servers leave through [`federation::Federation`], which also
 //! receives, checks and stores theirs. [`config::Config`] is `missived.toml`; [`admin`] is
-//! the operator's socket.
+//! the operator's socket; [`signals::Signals`] and [`reload::Reloadable`] apply an edited
+//! config to the running server.
 
 pub mod accounts;
 pub mod admin;
@@ -18,11 +19,14 @@ pub mod federation;
 pub mod hashing;
 pub mod hub;
 pub mod limits;
+pub mod logging;
 pub mod presence;
 pub mod ratelimit;
 pub mod records;
+pub mod reload;
 pub mod sabotage;
 pub mod sequencer;
 pub mod server;
 pub mod service;
+pub mod signals;
 pub mod store;

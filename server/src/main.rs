@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use missive_federation::ServerKey;
 use missive_server::admin::{self, AdminRequest, AdminResponse};
 use missive_server::config::{self, Config};
+use missive_server::logging::Logging;
+use missive_server::signals::Signals;
 use missive_spec::{RegistrationPolicy, ServerName, UserId};
 
 #[derive(Parser)]
@@ -49,7 +51,7 @@ enum Command {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-    /// Serve until SIGTERM or Ctrl-C.
+    /// Serve until SIGTERM or SIGINT (Ctrl-C); SIGHUP reloads the config file.
     Run {
         #[arg(long)]
         config: PathBuf,
@@ -123,40 +125,15 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config: path } => {
             let config = Config::load(&path)?;
-            init_logging(&config.log.level);
-            missive_server::server::run(&path, config, stop_signal()).await
+            let logging = Logging::init(&config.log.level);
+            let signals = Signals::register().context("cannot handle signals")?;
+            missive_server::server::run(&path, config, logging, signals).await
         }
         Command::Peer { command: PeerCommand::Add { config, name, address, key } } => peer_add(&config, &name, &address, &key).await,
         Command::Peers { config, json } => peers(&Config::load(&config)?, json).await,
         Command::User { command: UserCommand::Add { config, name, password_stdin: _ } } => {
             let config = Config::load(&config)?;
             user_add(&config, &name).await
-        }
-    }
-}
-
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
@@ -184,7 +161,7 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
         let token = missive_server::accounts::new_token();
         text = text.replace("# token = \"a long random string\"", &format!("token = \"{token}\""));
     }
-    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    write_private(&config_path, &text).with_context(|| format!("cannot write {}", config_path.display()))?;
     println!("Created Missive server {name} in {}", dir.display());
     println!("  config:      {}", config_path.display());
     println!("  server key:  {}", key.public());
@@ -193,6 +170,19 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
     println!("Another server pins this one with:");
     println!("  missived peer add --config THEIR_CONFIG {name} {federation} {}", key.public());
     Ok(())
+}
+
+/// Creates `path` readable by its owner only (mode 0600): `missived.toml` may hold the
+/// registration token.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::Result<()> {
@@ -214,10 +204,14 @@ async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::
     }
     text.push_str(&format!("\n[[peers]]\nname = \"{name}\"\naddress = \"{address}\"\nkey = \"{key}\"\n"));
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, &text)?;
+    // A leftover from an interrupted run may be more open than we want; start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    // The rewrite keeps whatever mode the operator gave the file.
+    std::fs::set_permissions(&tmp, std::fs::metadata(path)?.permissions())?;
     Config::load(&tmp).context("the new peer entry does not load")?;
     std::fs::rename(&tmp, path)?;
-    match admin::call(&config.admin_socket(), &AdminRequest::ReloadPeers {}).await? {
+    match admin::call(&config.admin_socket(), &AdminRequest::Reload {}).await? {
         Some(AdminResponse::Error { message }) => bail!("peer saved, but the running server did not reload: {message}"),
         Some(_) => println!("pinned {name} at {address}; the running server uses it now"),
         None => println!("pinned {name} at {address}"),

@@ -15,8 +15,11 @@ use crate::api::{Api, Inflight};
 use crate::config::Config;
 use crate::federation::{Federation, FederationTiming};
 use crate::hub::Hub;
+use crate::logging::Logging;
+use crate::reload::Reloadable;
 use crate::sequencer::{Sequencer, WriterContext};
 use crate::service::{Registration, Service};
+use crate::signals::Signals;
 use crate::store::rocks::RocksStore;
 use crate::store::Store;
 
@@ -27,12 +30,17 @@ const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A federation link with no traffic for this long is closed (keep-alives run every 5 s).
 const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs the server until `stop` resolves, then shuts down without losing accepted work.
-pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+/// Runs the server until SIGTERM or SIGINT, reloading `config_path` at SIGHUP, then shuts
+/// down without losing accepted work.
+pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging, mut signals: Signals) -> anyhow::Result<()> {
     tls::install_provider();
     crate::sabotage::announce();
+    let admin_path = config.admin_socket();
+    crate::admin::check_socket_path(&admin_path)?;
     let key = Arc::new(ServerKey::load(&config.key_file)?);
     let rocks = Arc::new(RocksStore::open(&config.db_dir())?);
+    // Bound once the database lock is ours; the file goes when `run` returns, however.
+    let (admin_listener, _admin_file) = crate::admin::bind(&admin_path)?;
     let store: Arc<dyn Store> = rocks.clone();
     let hub = Arc::new(Hub::default());
     let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -103,22 +111,19 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
         bodies: missive_federation::framing::BodyBudget::new(limits.client_request_bytes),
     });
     let serving = tokio::spawn(api.serve(endpoint.clone()));
-    let admin_path = config.admin_socket();
-    let admin = tokio::spawn({
-        let ctx = crate::admin::AdminContext {
-            sequencer: sequencer.clone(),
-            federation: federation.clone(),
-            config_path: config_path.to_owned(),
-        };
-        let rx = shutdown_rx.clone();
-        async move { crate::admin::serve(&admin_path, ctx, rx).await }
-    });
+    let reloadable = Arc::new(Reloadable::new(config_path, config.clone(), federation.clone(), logging, live.clone()));
+    let admin_ctx = crate::admin::AdminContext {
+        sequencer: sequencer.clone(),
+        federation: federation.clone(),
+        reloadable: reloadable.clone(),
+    };
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, admin_ctx, shutdown_rx.clone()));
 
     tracing::info!(server = %config.server_name, key = %key.public(), client = %addr, federation = %fed_addr, "serving");
     // The line tests and scripts wait for: the server accepts requests from here on.
     println!("missived: {} ready, key {}, client API on {addr}, federation on {fed_addr}", config.server_name, key.public());
 
-    stop.await;
+    signals.until_stopped(&reloadable).await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = serving.await;
@@ -128,9 +133,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, stop: impl std::
     endpoint.close(0u32.into(), b"server shutting down");
     fed_endpoint.close(0u32.into(), b"server shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    if let Ok(Err(e)) = admin.await {
-        tracing::warn!(error = %e, "admin socket");
-    }
+    let _ = admin.await;
     sequencer.stop().await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     rocks.flush()?;
