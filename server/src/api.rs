@@ -49,6 +49,9 @@ impl Drop for InflightGuard {
     }
 }
 
+/// How long a stream's last frame may take to be acknowledged before it is given up.
+const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct Api {
     pub service: Arc<Service>,
     pub shutdown: watch::Receiver<bool>,
@@ -167,7 +170,7 @@ impl Api {
         let _guard = self.inflight.enter();
         if *self.shutdown.borrow() {
             let _ = write_frame(&mut send, &error_frame(ErrorCode::ShuttingDown, "server is shutting down")).await;
-            let _ = send.finish();
+            self.finish(send, true).await;
             return;
         }
         let frame = match read_request(&mut recv, limits::MAX_REQUEST_FRAME, self.live.read_timeout(), &self.bodies).await {
@@ -202,12 +205,24 @@ impl Api {
             if let Err(e) = self.subscribe(&mut send, frame.auth, since).await {
                 let _ = write_frame(&mut send, &error_frame(e.code, e.message)).await;
             }
-            let _ = send.finish();
+            // A subscription's last frame (`shutting_down`, `unauthorized`) must arrive.
+            self.finish(send, true).await;
             return;
         }
         let res = self.service.handle(frame, from).await;
         if write_frame(&mut send, &response(res)).await.is_ok() {
-            let _ = send.finish();
+            self.finish(send, false).await;
+        }
+    }
+
+    /// Finishes a stream. When its last frame must reach the client — always for
+    /// `last_word`, and for every answer once shutdown began — waits (bounded) until the
+    /// client acknowledged the stream's data, holding this request in flight: shutdown
+    /// closes connections only when none is, and closing discards data not yet delivered.
+    async fn finish(&self, mut send: quinn::SendStream, last_word: bool) {
+        let _ = send.finish();
+        if last_word || *self.shutdown.borrow() {
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, send.stopped()).await;
         }
     }
 

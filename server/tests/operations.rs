@@ -226,3 +226,22 @@ async fn sighup_applies_limits_live_and_names_those_that_need_a_restart() {
     let results = MockPeer::send_txn(&conn, units).await.unwrap();
     assert_eq!(results, vec![UnitResult::Held, UnitResult::Held, UnitResult::Retry, UnitResult::Retry]);
 }
+
+#[tokio::test]
+async fn on_sigterm_every_open_subscription_is_told_shutting_down() {
+    // The frame raced the connection's close: seen missing in about 13 of 21 trials.
+    for trial in 0..5 {
+        let (_d, srv) = server("alpha.test", "open").await;
+        let alice = register(&srv, "alice").await;
+        let mut subs = Vec::new();
+        for _ in 0..8 {
+            subs.push(alice.subscribe(0).await.unwrap().0);
+        }
+        srv.signal("TERM").await.unwrap();
+        for (i, sub) in subs.iter_mut().enumerate() {
+            let last = tokio::time::timeout(DEADLINE, sub.next()).await.expect("subscription neither ended nor said why");
+            let code = last.err().and_then(|e| e.code());
+            assert_eq!(code, Some(missive_spec::ErrorCode::ShuttingDown), "trial {trial}, subscription {i}");
+        }
+    }
+}
