@@ -47,7 +47,9 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let limits = &config.limits;
     let live = Arc::new(crate::limits::LiveLimits::new(limits));
     let ctx = WriterContext { server: config.server_name.clone(), key: key.clone(), hub: hub.clone(), outbound: Some(queued_tx), limits: live.clone() };
-    let (sequencer, writer) = Sequencer::start(store.clone(), ctx)?;
+    // Start-up reads every queue's head and every held unit: work for the blocking pool.
+    let writer_store = store.clone();
+    let (sequencer, writer) = crate::store::blocking(move || Sequencer::start(writer_store, ctx)).await??;
     let (edu_tx, edu_rx) = tokio::sync::mpsc::unbounded_channel();
     let presence = crate::presence::Presence::new(
         config.server_name.clone(),
@@ -82,8 +84,9 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let fed_addr = fed_endpoint.local_addr()?;
     let discovery = Arc::new(Discovery::new(config.discovery()?)?);
     let timing = FederationTiming {
-        retry_base: Duration::from_millis(config.federation.retry_base_ms.max(1)),
-        retry_cap: Duration::from_millis(config.federation.retry_cap_ms.max(config.federation.retry_base_ms.max(1))),
+        // Validated: 1 ≤ retry_base_ms ≤ retry_cap_ms.
+        retry_base: Duration::from_millis(config.federation.retry_base_ms),
+        retry_cap: Duration::from_millis(config.federation.retry_cap_ms),
     };
     let federation = Federation::new(
         config.server_name.clone(),
