@@ -396,18 +396,21 @@ impl Federation {
     /// to dead letters. Returns the last key of the leading run of rows now removed from
     /// the queue, if any. A failure here or at the peer backs off alike.
     async fn deliver_batch(&self, peer: &Peer, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Vec<u8>> {
-        // Every row in queue order, with its unit if it decodes.
-        let rows: Vec<(Vec<u8>, Result<SignedUnit, (String, Vec<u8>)>)> = rows
+        // Every row in queue order, with the index of its unit in `units` if it decodes.
+        let mut units: Vec<SignedUnit> = Vec::with_capacity(rows.len());
+        let rows: Vec<(Vec<u8>, Result<usize, (String, Vec<u8>)>)> = rows
             .into_iter()
-            .map(|(k, v)| {
-                let unit = records::decode::<SignedUnit>("out_queue", &v).map_err(|e| {
+            .map(|(k, v)| match records::decode::<SignedUnit>("out_queue", &v) {
+                Ok(u) => {
+                    units.push(u);
+                    (k, Ok(units.len() - 1))
+                }
+                Err(e) => {
                     tracing::error!(error = %e, "queued unit does not decode; moving it to dead letters");
-                    (e.to_string(), v)
-                });
-                (k, unit)
+                    (k, Err((e.to_string(), v)))
+                }
             })
             .collect();
-        let units: Vec<SignedUnit> = rows.iter().filter_map(|(_, u)| u.as_ref().ok().cloned()).collect();
         let mut results = Vec::new().into_iter();
         if !units.is_empty() {
             let (to_send, sent_as) = coalesce_receipts(&units);
@@ -432,11 +435,11 @@ impl Federation {
                     let unit = SignedUnit { key: String::new(), sig: Vec::new(), unit: raw };
                     dead.push((k.clone(), DeadLetter { reason: format!("undecodable in the queue: {e}"), unit }));
                 }
-                Ok(unit) => match results.next() {
+                Ok(i) => match results.next() {
                     Some(r) if r.delivered() => delivered.push(k.clone()),
                     Some(r) if r.permanent() => {
                         tracing::error!(result = ?r, "peer refused a unit for good; moved to dead letters");
-                        dead.push((k.clone(), DeadLetter { reason: format!("{r:?}"), unit }));
+                        dead.push((k.clone(), DeadLetter { reason: format!("{r:?}"), unit: units[i].clone() }));
                     }
                     _ => retry = true,
                 },
