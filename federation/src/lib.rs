@@ -8,10 +8,9 @@
 //! - [`envelope`]: signing units and verifying them before decoding.
 //! - [`discovery`]: static peers, `.well-known` over HTTPS, DNS SRV, default port; cached,
 //!   one lookup per name in flight, bounded, and never to loopback or private addresses.
-//! - [`backoff`] and [`admission`]: the I/O-free retry timing and gap logic.
+//! - [`backoff`]: retry timing, which lives in the protocol core (`missive_core::backoff`).
 
-pub mod admission;
-pub mod backoff;
+pub use missive_core::backoff;
 pub mod discovery;
 pub mod envelope;
 pub mod framing;

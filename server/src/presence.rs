@@ -5,18 +5,16 @@
 //!
 //! What other servers say about their users is kept only for users who share a
 //! conversation with one of ours, for at most `remote_presence_users` of them, and an
-//! "online" expires unless its server repeats it: every server re-announces its online
-//! users every [`REFRESH`], and a receiver takes a user offline when [`REMOTE_TTL`] passes
-//! without word (F11), so a server that went silent does not leave its users online here.
+//! "online" expires unless its server repeats it (every [`REFRESH`]); the rules, with
+//! time passed in, are the protocol core's ([`missive_core::ephemeral`]).
 //!
 //! Every method that reads the store is blocking: async callers go through
 //! [`crate::store::blocking`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use missive_spec::{ConversationId, Ephemeral, ErrorCode, PresenceUpdate, ServerName, TypingUpdate, UserId};
+use missive_spec::{Ephemeral, ErrorCode, PresenceUpdate, ServerName, TypingUpdate, UserId};
 use tokio::sync::mpsc;
 
 use crate::accounts::now_ms;
@@ -26,59 +24,7 @@ use crate::records::{self, PresenceRecord};
 use crate::sequencer::{PresenceChange, Sequencer};
 use crate::store::{blocking, keys, Cf, Direction, Store};
 
-/// How long a typing notification lasts unless renewed (§13).
-pub const TYPING_TTL_MS: u64 = 5_000;
-/// At most one typing notification per conversation and user in this interval (§13).
-pub const TYPING_MIN_INTERVAL_MS: u64 = 1_000;
-/// How often a server repeats the presence of its online users to other servers (F11).
-pub const REFRESH: Duration = Duration::from_secs(60);
-/// How long a remote user stays online here without word from their server (F11).
-pub const REMOTE_TTL_MS: u64 = 3 * 60_000;
-/// Typing rate-limit entries kept before expired ones are dropped.
-const TYPING_ENTRIES: usize = 100_000;
-
-/// What other servers said about their users, bounded and expiring. Time is passed in.
-#[derive(Default)]
-pub struct RemotePresence {
-    /// user → (last update, when heard, ms). At most `capacity` entries (given on each
-    /// insert): expired ones are dropped to make room, and an update for a new user is
-    /// ignored while it is full.
-    users: HashMap<UserId, (PresenceUpdate, u64)>,
-}
-
-impl RemotePresence {
-    /// Records an update heard at `now`; false when it was refused for lack of room.
-    pub fn insert(&mut self, update: PresenceUpdate, now: u64, capacity: usize) -> bool {
-        if !self.users.contains_key(&update.user) && self.users.len() >= capacity {
-            self.users.retain(|_, (u, heard)| u.online && now < *heard + REMOTE_TTL_MS);
-            if self.users.len() >= capacity {
-                return false;
-            }
-        }
-        self.users.insert(update.user.clone(), (update, now));
-        true
-    }
-
-    /// The user's state at `now`: an "online" not repeated within the TTL has expired and
-    /// reads as offline, last seen when last heard.
-    pub fn get(&self, user: &UserId, now: u64) -> PresenceUpdate {
-        match self.users.get(user) {
-            Some((u, heard)) if u.online && now >= *heard + REMOTE_TTL_MS => {
-                PresenceUpdate { user: user.clone(), online: false, last_seen: Some(*heard) }
-            }
-            Some((u, _)) => u.clone(),
-            None => PresenceUpdate { user: user.clone(), online: false, last_seen: None },
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.users.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
-    }
-}
+use missive_core::ephemeral::{RemotePresence, TypingLimiter, REFRESH};
 
 pub struct Presence {
     server: ServerName,
@@ -89,8 +35,8 @@ pub struct Presence {
     live: Mutex<HashMap<String, usize>>,
     remote: Mutex<RemotePresence>,
     limits: Arc<crate::limits::LiveLimits>,
-    /// Last typing notification per (user, conversation); pruned past [`TYPING_ENTRIES`].
-    typing_sent: Mutex<HashMap<(String, ConversationId), u64>>,
+    /// Last typing notification per (user, conversation).
+    typing: Mutex<TypingLimiter>,
     /// Updates for other servers: (destination, update), coalesced by the federation layer.
     outbound: mpsc::UnboundedSender<(ServerName, Ephemeral)>,
 }
@@ -112,7 +58,7 @@ impl Presence {
             live: Mutex::default(),
             remote: Mutex::default(),
             limits,
-            typing_sent: Mutex::default(),
+            typing: Mutex::default(),
             outbound,
         })
     }
@@ -276,20 +222,10 @@ impl Presence {
 
     /// `user` is typing to `with`; rate-limited, forwarded, never stored.
     pub fn typing(&self, user: &UserId, with: &UserId) -> Result<(), ApiError> {
-        let conv = ConversationId::one_to_one(user, with);
-        let now = now_ms();
-        {
-            let mut sent = self.typing_sent.lock().unwrap_or_else(|e| e.into_inner());
-            if sent.len() >= TYPING_ENTRIES {
-                sent.retain(|_, at| now < *at + TYPING_MIN_INTERVAL_MS);
-            }
-            let slot = sent.entry((user.localpart().to_owned(), conv)).or_insert(0);
-            if now < *slot + TYPING_MIN_INTERVAL_MS {
-                return Err(ApiError::new(ErrorCode::RateLimited, "one typing notification per second and conversation"));
-            }
-            *slot = now;
-        }
-        let update = TypingUpdate { conv, peer: with.clone(), user: user.clone(), until: now + TYPING_TTL_MS };
+        let update = self.typing.lock().unwrap_or_else(|e| e.into_inner()).typing(user, with, now_ms());
+        let Some(update) = update else {
+            return Err(ApiError::new(ErrorCode::RateLimited, "one typing notification per second and conversation"));
+        };
         if with.is_on(&self.server) {
             let to = with.localpart().to_owned();
             self.hub.push_ephemeral(&to, Ephemeral::Typing(update));
@@ -303,33 +239,5 @@ impl Presence {
     pub fn remote_typing(&self, update: TypingUpdate) {
         let to = update.peer.localpart().to_owned();
         self.hub.push_ephemeral(&to, Ephemeral::Typing(update));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn update(user: &str, online: bool) -> PresenceUpdate {
-        PresenceUpdate { user: UserId::parse(user).unwrap(), online, last_seen: None }
-    }
-
-    #[test]
-    fn remote_online_expires_without_word_and_the_table_stays_bounded() {
-        let mut r = RemotePresence::default();
-        let (a, b, c) = ("@a:beta.test", "@b:beta.test", "@c:beta.test");
-        assert!(r.insert(update(a, true), 1_000, 2));
-        assert!(r.get(&UserId::parse(a).unwrap(), 1_000 + REMOTE_TTL_MS - 1).online);
-        let expired = r.get(&UserId::parse(a).unwrap(), 1_000 + REMOTE_TTL_MS);
-        assert!(!expired.online, "a silent server's user stays online");
-        assert_eq!(expired.last_seen, Some(1_000));
-        assert!(r.insert(update(b, true), 2_000, 2));
-        assert!(!r.insert(update(c, true), 3_000, 2), "a third user fits in a table of two");
-        assert!(r.insert(update(a, true), 4_000, 2), "a known user is updated in place");
-        // Once b's "online" expires, its place can go to someone else; a's still holds.
-        assert!(r.insert(update(c, true), 2_000 + REMOTE_TTL_MS, 2));
-        assert_eq!(r.len(), 2);
-        assert!(r.get(&UserId::parse(c).unwrap(), 2_000 + REMOTE_TTL_MS).online);
-        assert!(r.get(&UserId::parse(a).unwrap(), 2_000 + REMOTE_TTL_MS).online);
     }
 }

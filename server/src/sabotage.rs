@@ -10,8 +10,12 @@
 pub enum Fault {
     /// Inbound federation units are decoded without checking their signature.
     SkipSignatureCheck,
-    /// A repeated inbound unit is stored again instead of answered `duplicate`.
+    /// A repeated inbound unit is stored again instead of answered `duplicate` (core).
     StoreTwice,
+    /// Settling a transaction removes one queued unit more than the peer took (core).
+    SettleExtra,
+    /// A unit beyond a gap is stored at once instead of held for its predecessor (core).
+    ReleaseEarly,
     /// History pages list their two newest messages the wrong way round.
     ReorderPage,
     /// Writes skip the write-ahead log, so an acknowledged write dies with the process.
@@ -19,12 +23,15 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 4] = [Fault::SkipSignatureCheck, Fault::StoreTwice, Fault::ReorderPage, Fault::AckBeforeSync];
+    pub const ALL: [Fault; 6] =
+        [Fault::SkipSignatureCheck, Fault::StoreTwice, Fault::SettleExtra, Fault::ReleaseEarly, Fault::ReorderPage, Fault::AckBeforeSync];
 
     pub fn name(self) -> &'static str {
         match self {
             Fault::SkipSignatureCheck => "skip_signature_check",
             Fault::StoreTwice => "store_twice",
+            Fault::SettleExtra => "settle_extra",
+            Fault::ReleaseEarly => "release_early",
             Fault::ReorderPage => "reorder_page",
             Fault::AckBeforeSync => "ack_before_sync",
         }
@@ -54,6 +61,15 @@ pub fn active(fault: Fault) -> bool {
 #[inline(always)]
 pub fn active(_fault: Fault) -> bool {
     false
+}
+
+/// The faults of the protocol core that are switched on (see `missive_core::sabotage`).
+pub fn core_faults() -> missive_core::Faults {
+    missive_core::Faults {
+        settle_extra: active(Fault::SettleExtra),
+        store_twice: active(Fault::StoreTwice),
+        release_early: active(Fault::ReleaseEarly),
+    }
 }
 
 /// Logs, loudly, what is switched on; or that the variable is ignored by this build.

@@ -1,0 +1,194 @@
+//! Gaps: asking an origin for the units missing below a held one, and answering such
+//! requests from this server's log (F7).
+//!
+//! One fill runs per (conversation, origin) at a time. It asks for the range above the
+//! current head, at most [`MAX_BACKFILL`] at once, goes on while answers arrive, and after
+//! a failure waits as the link's backoff says, up to [`ATTEMPTS`] failures; the sweep of
+//! held units (at start-up and every minute) starts it again for any gap still open.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use missive_spec::federation::{FedErrorCode, FedResponse, SignedUnit, MAX_BACKFILL};
+use missive_spec::{ConversationId, ServerName};
+
+use crate::backoff::Backoff;
+use crate::records::{self, ConvRecord, MsgIdRecord};
+use crate::store::{keys, Cf, Direction, Store, StoreResult};
+use crate::Backfill;
+
+/// Failed attempts at one gap before it is left to the next sweep.
+pub const ATTEMPTS: u32 = 8;
+
+type Gap = (ConversationId, ServerName);
+
+/// The gaps being filled.
+pub struct GapFill {
+    retry_base: Duration,
+    retry_cap: Duration,
+    gaps: HashMap<Gap, Filling>,
+}
+
+struct Filling {
+    last: u64,
+    backoff: Backoff,
+}
+
+/// The next step of one fill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Ask the origin for `first..=last`.
+    Ask { first: u64, last: u64 },
+    /// Wait until then, then look again.
+    Wait(Instant),
+    /// Filled, or given up until the next sweep: the fill is over.
+    Done,
+}
+
+impl GapFill {
+    pub fn new(retry_base: Duration, retry_cap: Duration) -> GapFill {
+        GapFill { retry_base, retry_cap, gaps: HashMap::new() }
+    }
+
+    /// Wants `b` filled. True when no fill of its (conversation, origin) was running: the
+    /// caller starts one. A running fill widens to cover `b`.
+    pub fn want(&mut self, b: &Backfill) -> bool {
+        let key = (b.conv, b.origin.clone());
+        if let Some(f) = self.gaps.get_mut(&key) {
+            f.last = f.last.max(b.last);
+            return false;
+        }
+        self.gaps.insert(key, Filling { last: b.last, backoff: Backoff::new(self.retry_base, self.retry_cap) });
+        true
+    }
+
+    /// What the fill of `gap` does next, given the head stored now.
+    pub fn next(&mut self, conv: ConversationId, origin: &ServerName, head: u64, now: Instant) -> Step {
+        let key = (conv, origin.clone());
+        let Some(f) = self.gaps.get(&key) else { return Step::Done };
+        if head >= f.last {
+            self.gaps.remove(&key);
+            return Step::Done;
+        }
+        if let Some(at) = f.backoff.next_attempt().filter(|at| *at > now) {
+            return Step::Wait(at);
+        }
+        Step::Ask { first: head + 1, last: f.last.min(head + MAX_BACKFILL) }
+    }
+
+    /// The origin answered with units that were all taken: no backoff.
+    pub fn answered(&mut self, conv: ConversationId, origin: &ServerName) {
+        if let Some(f) = self.gaps.get_mut(&(conv, origin.clone())) {
+            f.backoff.reset();
+        }
+    }
+
+    /// The request failed; the fill waits, or ends after [`ATTEMPTS`] failures.
+    pub fn failed(&mut self, conv: ConversationId, origin: &ServerName, now: Instant, jitter: f64) {
+        let key = (conv, origin.clone());
+        let Some(f) = self.gaps.get_mut(&key) else { return };
+        if f.backoff.failures() + 1 >= ATTEMPTS {
+            self.gaps.remove(&key);
+            return;
+        }
+        f.backoff.failure(now, jitter);
+    }
+
+    /// Forgets every fill (a restart): the sweep starts them again.
+    pub fn clear(&mut self) {
+        self.gaps.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.gaps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gaps.is_empty()
+    }
+}
+
+/// The highest seq stored without a gap for `origin` in `conv`.
+pub fn head_of(store: &dyn Store, conv: &ConversationId, origin: &ServerName) -> StoreResult<u64> {
+    match store.get(Cf::Convs, &keys::conv(conv))? {
+        Some(v) => Ok(records::decode::<ConvRecord>("convs", &v)?.heads.get(origin)),
+        None => Ok(0),
+    }
+}
+
+/// The lowest held seq of every (conversation, origin) with held units: each waits on the
+/// gap below it (held units survive restarts; the requests that would fill them do not).
+pub fn held_gaps(store: &dyn Store) -> StoreResult<Vec<Backfill>> {
+    let mut out = Vec::new();
+    let mut from: Option<Vec<u8>> = None;
+    loop {
+        let rows = store.scan(Cf::Held, &[], from.as_deref(), Direction::Forward, 1)?;
+        let Some((k, _)) = rows.into_iter().next() else { return Ok(out) };
+        let Some((conv, origin, seq)) = keys::parse_msg_id(&k) else { return Ok(out) };
+        // The lowest held seq of this (conversation, origin) comes first; skip the rest.
+        from = Some(keys::held(&conv, &origin, u64::MAX));
+        out.push(Backfill { conv, origin, first: 1, last: seq - 1 });
+    }
+}
+
+/// Answers `peer`'s request for this server's (`me`) messages `first..=last` in `conv`:
+/// only to a server hosting a member, at most [`MAX_BACKFILL`], stopping at the first one
+/// this server does not have.
+pub fn serve(store: &dyn Store, me: &ServerName, peer: &ServerName, conv: ConversationId, first: u64, last: u64) -> FedResponse {
+    let error = |code, message: &str| FedResponse::Error { code, message: message.to_owned() };
+    if first == 0 || last < first || last - first >= MAX_BACKFILL {
+        return error(FedErrorCode::TooMany, &format!("ask for 1 to {MAX_BACKFILL} messages from seq 1 on"));
+    }
+    let rec = match store.get(Cf::Convs, &keys::conv(&conv)) {
+        Ok(Some(v)) => match records::decode::<ConvRecord>("convs", &v) {
+            Ok(r) => r,
+            Err(_) => return error(FedErrorCode::Internal, "conversation record unreadable"),
+        },
+        Ok(None) => return error(FedErrorCode::Forbidden, "no such conversation here"),
+        Err(_) => return error(FedErrorCode::Internal, "storage fault"),
+    };
+    if !rec.members.iter().any(|u| u.is_on(peer)) {
+        return error(FedErrorCode::Forbidden, "you host no member of that conversation");
+    }
+    let mut units = Vec::new();
+    for seq in first..=last {
+        let found = store.get(Cf::MsgIds, &keys::msg_id(&conv, me, seq)).ok().flatten().and_then(|v| {
+            let id: MsgIdRecord = records::decode("msg_ids", &v).ok()?;
+            let mut k = keys::messages_of(&conv);
+            k.extend_from_slice(&id.key);
+            let env = store.get(Cf::Messages, &k).ok().flatten()?;
+            records::decode::<SignedUnit>("messages", &env).ok()
+        });
+        match found {
+            Some(u) => units.push(u),
+            None => break,
+        }
+    }
+    FedResponse::Units { units }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fill_asks_above_the_head_backs_off_and_ends() {
+        let conv = ConversationId([7; 32]);
+        let origin = ServerName::parse("beta.test").unwrap();
+        let t0 = Instant::now();
+        let mut g = GapFill::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert!(g.want(&Backfill { conv, origin: origin.clone(), first: 1, last: 5 }));
+        assert!(!g.want(&Backfill { conv, origin: origin.clone(), first: 1, last: 9 }), "one fill per gap");
+        assert_eq!(g.next(conv, &origin, 2, t0), Step::Ask { first: 3, last: 9 });
+        g.failed(conv, &origin, t0, 0.0);
+        assert_eq!(g.next(conv, &origin, 2, t0), Step::Wait(t0 + Duration::from_millis(50)));
+        assert_eq!(g.next(conv, &origin, 2, t0 + Duration::from_millis(50)), Step::Ask { first: 3, last: 9 });
+        for _ in 1..ATTEMPTS {
+            g.failed(conv, &origin, t0, 0.0);
+        }
+        assert_eq!(g.next(conv, &origin, 2, t0 + Duration::from_secs(60)), Step::Done, "given up until the next sweep");
+        assert!(g.want(&Backfill { conv, origin: origin.clone(), first: 1, last: 9 }));
+        assert_eq!(g.next(conv, &origin, 9, t0), Step::Done, "filled");
+        assert!(g.is_empty());
+    }
+}

@@ -1,0 +1,161 @@
+//! The storage interface the core reads through and the writer applies batches to.
+//!
+//! Protocol code sees only [`Store`]: point reads, ordered range scans within one column
+//! family, and [`Batch`]es that land atomically and durably (WAL synced) or not at all.
+//! A second engine implements the same trait without touching protocol code.
+
+pub mod keys;
+pub mod memory;
+
+use thiserror::Error;
+
+/// One kind of record; each is a column family in RocksDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// localpart → `UserRecord`
+    Users,
+    /// localpart, device → `DeviceRecord`
+    Devices,
+    /// SHA-256(access token) → `TokenRecord`
+    Tokens,
+    /// conversation → `ConvRecord` (members, sequence heads)
+    Convs,
+    /// conversation, order key → the message's signed envelope (canonical order)
+    Messages,
+    /// conversation, origin, origin_seq → order key and content hash (identity index)
+    MsgIds,
+    /// localpart, device, client_msg_id → conversation and order key (idempotent send)
+    SendIds,
+    /// localpart, position → encoded `Event` (per-user event stream)
+    Events,
+    /// localpart, conversation → peer user id (a user's conversations)
+    UserConvs,
+    /// destination server, queue position → signed unit waiting for the peer's acknowledgement
+    OutQueue,
+    /// conversation, origin, origin_seq → signed unit held behind a gap
+    Held,
+    /// destination server, queue position → unit the peer refused for good, with the reason
+    DeadLetters,
+    /// conversation, user, kind → watermark (order key bytes): receipts, max-merged
+    Receipts,
+    /// localpart, device, conversation → that device's read watermark
+    ReadCursors,
+    /// user id (any server), local localpart → () : local users with a conversation with that user
+    Contacts,
+    /// localpart → `PresenceRecord` (last seen, settings)
+    Presence,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 16] = [
+        Cf::Users,
+        Cf::Devices,
+        Cf::Tokens,
+        Cf::Convs,
+        Cf::Messages,
+        Cf::MsgIds,
+        Cf::SendIds,
+        Cf::Events,
+        Cf::UserConvs,
+        Cf::OutQueue,
+        Cf::Held,
+        Cf::DeadLetters,
+        Cf::Receipts,
+        Cf::ReadCursors,
+        Cf::Contacts,
+        Cf::Presence,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Users => "users",
+            Cf::Devices => "devices",
+            Cf::Tokens => "tokens",
+            Cf::Convs => "convs",
+            Cf::Messages => "messages",
+            Cf::MsgIds => "msg_ids",
+            Cf::SendIds => "send_ids",
+            Cf::Events => "events",
+            Cf::UserConvs => "user_convs",
+            Cf::OutQueue => "out_queue",
+            Cf::Held => "held",
+            Cf::DeadLetters => "dead_letters",
+            Cf::Receipts => "receipts",
+            Cf::ReadCursors => "read_cursors",
+            Cf::Contacts => "contacts",
+            Cf::Presence => "presence",
+        }
+    }
+}
+
+/// Storage failures. Any of them means the operation did not happen.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("the database at {0} is in use by another process (is missived running?)")]
+    Locked(String),
+    /// The disk is full (or refuses writes); the write did not happen.
+    #[error("disk full: {0}")]
+    NoSpace(String),
+    #[error("corrupt record in {cf}: {reason}")]
+    Corrupt { cf: &'static str, reason: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Writes that must land together: one logical change.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+impl Batch {
+    pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(cf, key, value));
+    }
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(Op::Delete(cf, key));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    /// Drops every op after the first `len` (what a failed command added).
+    pub fn truncate(&mut self, len: usize) {
+        self.ops.truncate(len);
+    }
+}
+
+/// Direction of a range scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Reverse,
+}
+
+/// The storage engine behind the homeserver.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+
+    /// Up to `limit` entries whose keys start with `prefix`, strictly after `from` in
+    /// `dir` order (from the first or last key of the prefix when `from` is `None`).
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: Option<&[u8]>,
+        dir: Direction,
+        limit: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Applies every op of the batch atomically; returns once it is durable.
+    fn write(&self, batch: Batch) -> StoreResult<()>;
+}

@@ -1,0 +1,289 @@
+//! Federation links of a running server (spec `federation.md`): the async shell around
+//! the protocol core's link, gap-fill and ephemeral state machines, one file per concept:
+//! [`outbound`] (queue lanes, transactions, settlement through the writer), [`inbound`]
+//! (accepting and authenticating peers, verifying, checking and receiving units, serving
+//! backfill), [`backfill`] (filling gaps, the held-unit sweep) and [`ephemeral`]
+//! (presence and typing, coalesced per destination).
+//!
+//! Bounds (spec F8, `[limits]`): connections in all and per address, handshakes and key
+//! discoveries in progress, streams only after authentication, requests per second per
+//! peer, a deadline and a shared byte budget for reading request frames. Every store read
+//! runs on the blocking pool; every write goes through the writer.
+
+mod backfill;
+mod ephemeral;
+mod inbound;
+mod outbound;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use missive_core::ephemeral::EduBatcher;
+use missive_core::gapfill::GapFill;
+use missive_core::link::{self, Link, LANES};
+use missive_federation::discovery::{Discovery, PeerInfo};
+use missive_federation::framing::{read_frame, write_frame, BodyBudget};
+use missive_federation::tls::{self, Pin, PinnedServerVerifier};
+use missive_federation::ServerKey;
+use missive_spec::federation::{FedErrorCode, FedRequest, FedRequestFrame, FedResponse, FedResponseFrame, FEDERATION_ALPN, MAX_FEDERATION_FRAME};
+use missive_spec::{codec, ServerName, PROTOCOL_VERSION};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tracing::Instrument;
+
+use crate::api::Slots;
+use crate::limits::LiveLimits;
+use crate::ratelimit::TokenBucket;
+use crate::sequencer::Sequencer;
+use crate::store::{blocking, keys, Cf, Direction, Store, StoreResult};
+
+/// How long a peer may take to connect or answer one request (a transaction of 100
+/// units takes milliseconds; silence this long means the peer is gone).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connecting peer may take to finish its handshake and have its keys found.
+const AUTHENTICATION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What peers, and those claiming to be peers, may make this server spend (F8), fixed at
+/// start-up; the rest is in [`LiveLimits`].
+#[derive(Debug, Clone)]
+pub struct FederationLimits {
+    /// Connections still in their handshake or key discovery.
+    pub handshakes: usize,
+    /// Bytes of request frames read at once, over all peers.
+    pub body_bytes: usize,
+}
+
+/// Timing knobs from the configuration.
+#[derive(Debug, Clone)]
+pub struct FederationTiming {
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+}
+
+/// A peer's link state, for operators (`missived peers`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: ServerName,
+    pub queue_depth: u64,
+    pub up: bool,
+    pub failures: u32,
+    pub last_success_ms: Option<u64>,
+    pub next_retry_in_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+struct Peer {
+    name: ServerName,
+    /// One wake-up per lane.
+    wake: Vec<Notify>,
+    link: Mutex<Link>,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl Peer {
+    fn wake_all(&self) {
+        for w in &self.wake {
+            w.notify_one();
+        }
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub struct Federation {
+    server: ServerName,
+    key: Arc<ServerKey>,
+    endpoint: quinn::Endpoint,
+    discovery: Arc<Discovery>,
+    store: Arc<dyn Store>,
+    sequencer: Sequencer,
+    timing: FederationTiming,
+    peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
+    gaps: Mutex<GapFill>,
+    presence: Arc<crate::presence::Presence>,
+    edus: Mutex<EduBatcher>,
+    shutdown: watch::Receiver<bool>,
+    live: Arc<LiveLimits>,
+    slots: Arc<Slots>,
+    handshakes: Arc<Semaphore>,
+    bodies: BodyBudget,
+    /// Request budget per peer, shared by its connections; an entry lives while one of
+    /// them does (dead entries are pruned past the connection limit).
+    buckets: Mutex<HashMap<ServerName, Weak<Mutex<TokenBucket>>>>,
+}
+
+fn response(res: FedResponse) -> Vec<u8> {
+    codec::encode(&FedResponseFrame { v: PROTOCOL_VERSION, res })
+}
+
+fn fed_error(code: FedErrorCode, message: impl Into<String>) -> FedResponse {
+    FedResponse::Error { code, message: message.into() }
+}
+
+impl Federation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        server: ServerName,
+        key: Arc<ServerKey>,
+        endpoint: quinn::Endpoint,
+        discovery: Arc<Discovery>,
+        store: Arc<dyn Store>,
+        sequencer: Sequencer,
+        timing: FederationTiming,
+        presence: Arc<crate::presence::Presence>,
+        shutdown: watch::Receiver<bool>,
+        limits: FederationLimits,
+        live: Arc<LiveLimits>,
+    ) -> Arc<Federation> {
+        let (connections, per_address) = live.federation_connections();
+        Arc::new(Federation {
+            slots: Slots::new(connections, per_address),
+            handshakes: Arc::new(Semaphore::new(limits.handshakes)),
+            bodies: BodyBudget::new(limits.body_bytes),
+            buckets: Mutex::new(HashMap::new()),
+            live,
+            server,
+            key,
+            endpoint,
+            discovery,
+            store,
+            sequencer,
+            gaps: Mutex::new(GapFill::new(timing.retry_base, timing.retry_cap)),
+            timing,
+            peers: Mutex::new(HashMap::new()),
+            presence,
+            edus: Mutex::new(EduBatcher::default()),
+            shutdown,
+        })
+    }
+
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
+    /// Starts accepting peers, a sender for every destination with queued units, and the
+    /// sweep of held units.
+    pub async fn start(self: &Arc<Self>, mut queued: mpsc::UnboundedReceiver<ServerName>) -> anyhow::Result<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.accept_loop().await });
+        for dest in self.queued_destinations().await? {
+            self.peer(&dest).wake_all();
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(dest) = queued.recv().await {
+                me.peer(&dest).wake_all();
+            }
+        });
+        self.start_sweep();
+        Ok(())
+    }
+
+    async fn queued_destinations(&self) -> StoreResult<Vec<ServerName>> {
+        let store = self.store.clone();
+        blocking(move || link::queued_destinations(&*store)).await?
+    }
+
+    fn peer(self: &Arc<Self>, name: &ServerName) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = peers.get(name) {
+            return p.clone();
+        }
+        let p = Arc::new(Peer {
+            name: name.clone(),
+            wake: (0..LANES).map(|_| Notify::new()).collect(),
+            link: Mutex::new(Link::new(self.timing.retry_base, self.timing.retry_cap, crate::sabotage::core_faults())),
+            conn: tokio::sync::Mutex::new(None),
+        });
+        peers.insert(name.clone(), p.clone());
+        for lane in 0..LANES {
+            let me = self.clone();
+            let task_peer = p.clone();
+            tokio::spawn(async move { me.sender(task_peer, lane).await }.instrument(tracing::info_span!("to", peer = %name, lane)));
+        }
+        p
+    }
+
+    /// The peer reached us: whatever we owe it may go at once.
+    fn contacted(self: &Arc<Self>, name: &ServerName) {
+        let p = self.peer(name);
+        p.link().contacted();
+        p.wake_all();
+    }
+
+    pub(super) async fn connection(&self, peer: &ServerName, slot: &tokio::sync::Mutex<Option<quinn::Connection>>) -> Result<quinn::Connection, String> {
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let info = self.discovery.resolve(peer).await.map_err(|e| e.to_string())?;
+        let conn = self.connect(peer, &info).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self, peer: &ServerName, info: &PeerInfo) -> Result<quinn::Connection, String> {
+        let verifier = PinnedServerVerifier::new(Pin::AnyOf(info.keys.clone()));
+        let cfg = tls::federation_client_config(verifier, &self.key, self.server.as_str(), FEDERATION_ALPN)
+            .map_err(|e| e.to_string())?;
+        let connecting = self.endpoint.connect_with(cfg, info.addr, peer.as_str()).map_err(|e| e.to_string())?;
+        tokio::time::timeout(REQUEST_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("connecting to {} timed out", info.addr))?
+            .map_err(|e| format!("connecting to {} ({}): {e}", info.addr, info.via))
+    }
+
+    pub(super) async fn request(&self, conn: &quinn::Connection, req: FedRequest) -> Result<FedResponse, String> {
+        let body = codec::encode(&FedRequestFrame { v: PROTOCOL_VERSION, req });
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, &body).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let body = read_frame(&mut recv, MAX_FEDERATION_FRAME).await.map_err(|e| e.to_string())?.ok_or("no response")?;
+            let f: FedResponseFrame = codec::decode(&body).map_err(|e| e.to_string())?;
+            Ok::<_, String>(f.res)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| "peer did not answer in time".to_string())?
+    }
+
+    /// Every peer we know of or owe units to, with its queue depth and link state.
+    pub async fn status(self: &Arc<Self>) -> anyhow::Result<Vec<PeerStatus>> {
+        let mut names: Vec<ServerName> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        for d in self.queued_destinations().await? {
+            if !names.contains(&d) {
+                names.push(d);
+            }
+        }
+        names.sort();
+        let depths = {
+            let (store, names) = (self.store.clone(), names.clone());
+            blocking(move || {
+                names
+                    .iter()
+                    .map(|n| Ok(store.scan(Cf::OutQueue, &keys::queue_of(n), None, Direction::Forward, usize::MAX)?.len() as u64))
+                    .collect::<StoreResult<Vec<u64>>>()
+            })
+            .await??
+        };
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (name, depth) in names.into_iter().zip(depths) {
+            let st = self.peer(&name).link().status();
+            out.push(PeerStatus {
+                name,
+                queue_depth: depth,
+                up: st.up,
+                failures: st.failures,
+                last_success_ms: st.last_success_ms,
+                next_retry_in_ms: st.next_attempt.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+                last_error: st.last_error,
+            });
+        }
+        Ok(out)
+    }
+}
