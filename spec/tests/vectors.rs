@@ -296,7 +296,7 @@ fn regenerate() {
         })
         .collect();
     let doc = json!({
-        "description": "Canonical order (spec §4.5): messages of one conversation in arrival order; canonical_order lists their ids sorted by rank = sum(deps), then origin name bytewise, then seq. order_key_hex is the sortable key of §4.5; deps_cbor_hex the deterministic encoding of the vector (§4.3).",
+        "description": "Canonical order (spec §4.6): messages of one conversation in arrival order; canonical_order lists their ids sorted by rank = sum(deps), then origin name bytewise, then seq. order_key_hex is the sortable key of §4.6; deps_cbor_hex the deterministic encoding of the vector (§4.3).",
         "vectors": [{"messages": msgs, "canonical_order": keyed.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>()}],
     });
     std::fs::write(dir().join("ordering.json"), serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
