@@ -328,6 +328,26 @@ fn frames_decode_and_reencode_byte_exact() {
     assert_eq!(fresh, stored);
 }
 
+/// The request vectors hold one request of every kind, and `Request::NAMES` (which tells
+/// `bad_frame` from `invalid_request`, §5.2) lists exactly their names as encoded.
+#[test]
+fn request_names_are_the_encoded_ones() {
+    let mut names: Vec<&str> = requests()
+        .iter()
+        .map(|(_, _, f)| {
+            let encoded = codec::encode(&f.req);
+            let key: std::collections::BTreeMap<String, ciborium::Value> = codec::decode(&encoded).unwrap();
+            assert_eq!(key.keys().collect::<Vec<_>>(), [f.req.name()], "name() of {:?}", f.req);
+            f.req.name()
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut known = missive_spec::Request::NAMES.to_vec();
+    known.sort_unstable();
+    assert_eq!(names, known);
+}
+
 #[test]
 fn conversation_ids_match() {
     for v in load("conversation_ids.json") {
