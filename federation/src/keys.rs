@@ -1,11 +1,16 @@
 //! Server signing keys (ed25519): generation, the on-disk PKCS#8 PEM form, and the textual
 //! public key that other servers and clients pin (`ed25519:` + unpadded base64url).
+//!
+//! The key file is PKCS#8 v1 (RFC 5958 `OneAsymmetricKey` version 0, RFC 8410): a
+//! `-----BEGIN PRIVATE KEY-----` PEM holding the 32-byte seed and no public key, the form
+//! OpenSSL 3 (`openssl pkey`), Python's `cryptography` and Go's `x509.ParsePKCS8PrivateKey`
+//! read. Files written earlier as v2 (with the public key) still load.
 
 use std::path::Path;
 
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -44,12 +49,14 @@ impl ServerKey {
         Ok(ServerKey { signing })
     }
 
-    /// Writes the key as PKCS#8 PEM, readable only by its owner, refusing to overwrite.
+    /// Writes the key as PKCS#8 v1 PEM (seed only, see the module notes), readable only by
+    /// its owner, refusing to overwrite.
     pub fn save_new(&self, path: &Path) -> Result<(), KeyError> {
         use std::io::Write;
         let p = path.display().to_string();
-        let pem = self
-            .signing
+        // `SigningKey`'s own encoding is v2, with the public key, which OpenSSL 3 refuses.
+        let seed_only = KeypairBytes { secret_key: self.signing.to_bytes(), public_key: None };
+        let pem = seed_only
             .to_pkcs8_pem(Default::default())
             .map_err(|e| KeyError::Format { path: p.clone(), reason: e.to_string() })?;
         let mut opts = std::fs::OpenOptions::new();
@@ -152,5 +159,48 @@ mod tests {
         assert_eq!(PublicKey::parse(&text).unwrap(), k.public());
         assert!(PublicKey::parse("ed25519:short").is_err());
         assert_eq!(PublicKey::from_spki_der(&k.public().spki_der()), Some(k.public()));
+    }
+
+    #[test]
+    fn the_key_file_is_pkcs8_v1_and_old_v2_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let k = ServerKey::generate();
+        k.save_new(&path).unwrap();
+        let pem = std::fs::read_to_string(&path).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+        let der = pem_der(&pem);
+        // SEQUENCE { INTEGER 0 (v1), AlgorithmIdentifier { 1.3.101.112 }, OCTET STRING { seed } }.
+        assert_eq!(der.len(), 48, "a v1 ed25519 key is 48 bytes of DER");
+        assert_eq!(&der[..16], &[0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20]);
+        assert_eq!(&der[16..], k.signing_key().to_bytes().as_slice());
+        // A v2 file, as earlier versions wrote it.
+        let v2 = dir.path().join("old.key");
+        std::fs::write(&v2, k.signing_key().to_pkcs8_pem(Default::default()).unwrap().as_bytes()).unwrap();
+        assert_eq!(ServerKey::load(&v2).unwrap().public(), k.public());
+    }
+
+    /// The DER inside a one-block PEM.
+    fn pem_der(pem: &str) -> Vec<u8> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD.decode(body).unwrap()
+    }
+
+    /// OpenSSL reads the key file (OpenSSL 3 refuses PKCS#8 v2 ed25519 keys).
+    #[test]
+    fn openssl_reads_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let k = ServerKey::generate();
+        k.save_new(&path).unwrap();
+        let out = match std::process::Command::new("openssl").args(["pkey", "-in"]).arg(&path).args(["-pubout", "-outform", "DER"]).output() {
+            Ok(out) => out,
+            Err(e) => {
+                println!("skipped: openssl cannot be run here ({e})");
+                return;
+            }
+        };
+        assert!(out.status.success(), "openssl pkey failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.stdout, k.public().spki_der(), "openssl derived another public key");
     }
 }

@@ -1,6 +1,7 @@
 //! The client API over QUIC (spec §5): one request per bidirectional stream, answered with
 //! one response frame; `subscribe` streams event frames until either side stops. A bad
-//! frame gets a typed error on its own stream; the connection and the server go on.
+//! frame gets a typed error on its own stream (`bad_frame` for the frame, `invalid_request`
+//! for a known request's arguments, §5.2); the connection and the server go on.
 //! A request frame must arrive within the read deadline, and request bodies being read
 //! share one byte budget (`framing::BodyBudget`).
 
@@ -175,7 +176,12 @@ impl Api {
         }
         let frame = match read_request(&mut recv, limits::MAX_REQUEST_FRAME, self.live.read_timeout(), &self.bodies).await {
             Ok(Some(f)) => codec::decode_request(&f.body).map_err(FrameError::Decode),
-            Ok(None) => return,
+            // Finished before a frame began: no request, so no answer, and a clean end
+            // rather than a reset (§5.4).
+            Ok(None) => {
+                let _ = send.finish();
+                return;
+            }
             Err(e) => Err(e),
         };
         let frame = match frame {

@@ -268,7 +268,8 @@ async fn a_send_to_an_ip_literal_server_is_refused_at_once_and_queues_nothing() 
     };
     let body = alice.raw(&missive_spec::codec::frame(&missive_spec::codec::encode(&frame))).await.unwrap();
     match missive_spec::codec::decode::<missive_spec::ResponseFrame>(&body).unwrap().res {
-        missive_spec::Response::Error { code, .. } => assert_eq!(code, ErrorCode::BadFrame),
+        // A request frame whose `to` is no user id: its arguments are invalid (§5.2).
+        missive_spec::Response::Error { code, .. } => assert_eq!(code, ErrorCode::InvalidRequest),
         other => panic!("a send to an IP literal was answered {other:?}"),
     }
     assert!(srv.peers_json().await.unwrap().is_empty(), "a destination was queued for an IP literal");

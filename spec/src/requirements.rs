@@ -190,6 +190,10 @@ mod tests {
         assert_eq!((find("FED-DISC-7").section.as_str(), find("FED-DISC-7").level), ("F2.2", Level::Must));
         assert_eq!((find("FED-DISC-8").section.as_str(), find("FED-DISC-8").level), ("F2.5", Level::Must));
         assert_eq!((find("FED-DISC-13").section.as_str(), find("FED-DISC-13").level), ("F2.6", Level::Should));
+        assert_eq!(find("C2S-FRAME-2").section, "§5.2");
+        assert!(find("C2S-FRAME-9").text.contains("is answered `invalid_request`"), "{}", find("C2S-FRAME-9").text);
+        assert_eq!(find("C2S-PRES-6").section, "§12");
+        assert!(find("CLI-TLS-3").is_client_duty() && !find("C2S-TLS-1").is_client_duty());
     }
 
     #[test]

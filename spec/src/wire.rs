@@ -89,6 +89,48 @@ pub enum Request {
     Typing { with: UserId },
 }
 
+impl Request {
+    /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
+    /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
+    /// (§5.2).
+    pub const NAMES: [&'static str; 14] = [
+        "info",
+        "register",
+        "login",
+        "logout",
+        "send",
+        "history",
+        "sync",
+        "subscribe",
+        "receipt",
+        "devices",
+        "revoke_device",
+        "presence",
+        "settings",
+        "typing",
+    ];
+
+    /// This request's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Info {} => "info",
+            Request::Register { .. } => "register",
+            Request::Login { .. } => "login",
+            Request::Logout {} => "logout",
+            Request::Send { .. } => "send",
+            Request::History { .. } => "history",
+            Request::Sync { .. } => "sync",
+            Request::Subscribe { .. } => "subscribe",
+            Request::Receipt { .. } => "receipt",
+            Request::Devices {} => "devices",
+            Request::RevokeDevice { .. } => "revoke_device",
+            Request::Presence { .. } => "presence",
+            Request::Settings { .. } => "settings",
+            Request::Typing { .. } => "typing",
+        }
+    }
+}
+
 /// Every response of the client protocol (§6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -296,7 +296,7 @@ fn regenerate() {
         })
         .collect();
     let doc = json!({
-        "description": "Canonical order (spec §4.5): messages of one conversation in arrival order; canonical_order lists their ids sorted by rank = sum(deps), then origin name bytewise, then seq. order_key_hex is the sortable key of §4.5; deps_cbor_hex the deterministic encoding of the vector (§4.3).",
+        "description": "Canonical order (spec §4.6): messages of one conversation in arrival order; canonical_order lists their ids sorted by rank = sum(deps), then origin name bytewise, then seq. order_key_hex is the sortable key of §4.6; deps_cbor_hex the deterministic encoding of the vector (§4.3).",
         "vectors": [{"messages": msgs, "canonical_order": keyed.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>()}],
     });
     std::fs::write(dir().join("ordering.json"), serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
@@ -326,6 +326,26 @@ fn frames_decode_and_reencode_byte_exact() {
         .chain(responses().iter().map(|(_, _, f)| hex::encode(codec::encode(f))))
         .collect();
     assert_eq!(fresh, stored);
+}
+
+/// The request vectors hold one request of every kind, and `Request::NAMES` (which tells
+/// `bad_frame` from `invalid_request`, §5.2) lists exactly their names as encoded.
+#[test]
+fn request_names_are_the_encoded_ones() {
+    let mut names: Vec<&str> = requests()
+        .iter()
+        .map(|(_, _, f)| {
+            let encoded = codec::encode(&f.req);
+            let key: std::collections::BTreeMap<String, ciborium::Value> = codec::decode(&encoded).unwrap();
+            assert_eq!(key.keys().collect::<Vec<_>>(), [f.req.name()], "name() of {:?}", f.req);
+            f.req.name()
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut known = missive_spec::Request::NAMES.to_vec();
+    known.sort_unstable();
+    assert_eq!(names, known);
 }
 
 #[test]

@@ -731,6 +731,7 @@ async fn presence(mut ctx: Ctx) -> anyhow::Result<()> {
     expect_code(a.presence(&bob).await, ErrorCode::UnknownUser, "presence of a stranger")?;
     expect_code(a.presence(&s.user_id("ghost")).await, ErrorCode::UnknownUser, "presence of nobody")?;
     a.send_text(&bob, "hello").await?;
+    b.send_text(&alice, "hello alice").await?;
     let p = a.presence(&bob).await?;
     ensure!(!p.online, "bob is online with no subscription");
     let (mut asub, _, _) = a.subscribe(1000).await?;
@@ -757,6 +758,7 @@ async fn presence_silent_client(mut ctx: Ctx) -> anyhow::Result<()> {
     let (alice, a) = s.new_user("alice").await?;
     let (bob, b) = s.new_user("bob").await?;
     b.send_text(&alice, "hi").await?;
+    a.send_text(&bob, "hi bob").await?;
     let token = b.token().map(str::to_owned);
     drop(b);
     // Bob subscribes from a runtime that then stops dead: no close, no keep-alives, as if
@@ -816,6 +818,7 @@ async fn typing(mut ctx: Ctx) -> anyhow::Result<()> {
     let (carol, _) = s.new_user("carol").await?;
     expect_code(a.typing(&carol).await, ErrorCode::UnknownUser, "typing to a stranger")?;
     a.send_text(&bob, "hi").await?;
+    b.send_text(&alice, "hello").await?;
     let (mut bsub, _, _) = b.subscribe(1000).await?;
     let before = now_ms();
     a.typing(&bob).await?;

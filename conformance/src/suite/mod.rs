@@ -20,6 +20,7 @@ use crate::mock_peer::MockPeer;
 mod client;
 mod federation;
 mod multi;
+mod precision;
 
 /// How binding a test is: `required` tests check MUSTs, `recommended` ones SHOULDs and
 /// the reference server's documented behaviour where the spec leaves room.
@@ -54,6 +55,7 @@ pub fn all() -> Vec<Test> {
     let mut v = client::tests();
     v.extend(federation::tests());
     v.extend(multi::tests());
+    v.extend(precision::tests());
     v
 }
 
