@@ -13,8 +13,8 @@ use missive_cli::output::{
     message_json, message_json_with_state, message_line, message_line_with_state, page_json, receipt_json, receipt_line,
 };
 use missive_cli::profile::{Profile, SessionFile};
-use missive_federation::tls::Pin;
-use missive_federation::PublicKey;
+use missive_transport::tls::Pin;
+use missive_transport::PublicKey;
 use missive_spec::{limits, Cursor, DeviceId, Event, EventKind, Message, ReceiptKind, ServerName, UserId, Watermark};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -300,12 +300,12 @@ fn print_page_message(json: bool, m: &Message, me: &UserId, page: &missive_cli::
 
 /// Reconnect delays: the project's backoff, doubling from 250 ms to at most 5 s, with
 /// jitter so that many clients do not return to a restarted server at the same instant.
-fn reconnect_backoff() -> missive_federation::backoff::Backoff {
-    missive_federation::backoff::Backoff::new(std::time::Duration::from_millis(250), std::time::Duration::from_secs(5))
+fn reconnect_backoff() -> missive_transport::backoff::Backoff {
+    missive_transport::backoff::Backoff::new(std::time::Duration::from_millis(250), std::time::Duration::from_secs(5))
 }
 
 /// How long to wait before the next connection attempt.
-fn next_delay(b: &mut missive_federation::backoff::Backoff) -> std::time::Duration {
+fn next_delay(b: &mut missive_transport::backoff::Backoff) -> std::time::Duration {
     use rand::Rng;
     let now = std::time::Instant::now();
     b.failure(now, rand::thread_rng().gen()).saturating_duration_since(now)
