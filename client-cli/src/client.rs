@@ -2,9 +2,9 @@
 
 use std::net::SocketAddr;
 
-use missive_federation::framing::{read_frame, write_frame, FrameError};
-use missive_federation::tls::{self, Pin, PinnedServerVerifier};
-use missive_federation::PublicKey;
+use missive_transport::framing::{read_frame, write_frame, FrameError};
+use missive_transport::tls::{self, Pin, PinnedServerVerifier};
+use missive_transport::PublicKey;
 use missive_spec::wire::CLIENT_ALPN;
 use missive_spec::{
     codec, limits, ClientMsgId, Content, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, Message, ReceiptKind, Request,

@@ -1,11 +1,13 @@
 //! The Missive client: a library ([`client::Client`]) speaking the client protocol over
 //! QUIC, and the `missive` command-line program built on it, whose local state lives in a
 //! [`profile::Profile`] directory (session, pinned server keys, sync position) with an
-//! [`outbox::Outbox`] of messages written while the server was unreachable.
+//! [`outbox::Outbox`] of messages written while the server was unreachable, and the
+//! receipts it sends for what it received ([`receipts`]).
 
 pub mod client;
 pub mod outbox;
 pub mod output;
 pub mod profile;
+pub mod receipts;
 
 pub use client::{Client, ClientError, Page, Session, Subscription};

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use missive_federation::PublicKey;
+use missive_transport::PublicKey;
 use missive_spec::{ServerName, UserId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

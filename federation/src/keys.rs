@@ -1,5 +1,6 @@
-//! Server signing keys (ed25519): generation, the on-disk PKCS#8 PEM form, and the textual
-//! public key that other servers and clients pin (`ed25519:` + unpadded base64url).
+//! Server signing keys (ed25519): generation and the on-disk PKCS#8 PEM form. The textual
+//! public key that other servers and clients pin (`ed25519:` + unpadded base64url) is
+//! `missive_transport::key`, re-exported here.
 //!
 //! The key file is PKCS#8 v1 (RFC 5958 `OneAsymmetricKey` version 0, RFC 8410): a
 //! `-----BEGIN PRIVATE KEY-----` PEM holding the 32-byte seed and no public key, the form
@@ -8,11 +9,10 @@
 
 use std::path::Path;
 
-use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-use base64::Engine;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes};
-use ed25519_dalek::{SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
+use ed25519_dalek::SigningKey;
+
+pub use missive_transport::key::{PublicKey, PublicKeyError, ED25519_SPKI_PREFIX};
 
 /// Why a key could not be loaded or parsed.
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +23,8 @@ pub enum KeyError {
     Write { path: String, source: std::io::Error },
     #[error("key file {path} is not an ed25519 PKCS#8 PEM private key: {reason}")]
     Format { path: String, reason: String },
-    #[error("public key {0:?} is not of the form ed25519:<43 characters of base64url>")]
-    PublicKey(String),
+    #[error(transparent)]
+    PublicKey(#[from] PublicKeyError),
 }
 
 /// A server's ed25519 signing key.
@@ -84,64 +84,6 @@ impl ServerKey {
     }
 }
 
-/// A server's public key, as pinned by peers and clients.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PublicKey(pub VerifyingKey);
-
-/// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): the 32 key bytes follow.
-pub const ED25519_SPKI_PREFIX: [u8; 12] =
-    [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
-
-impl PublicKey {
-    pub fn parse(s: &str) -> Result<PublicKey, KeyError> {
-        let err = || KeyError::PublicKey(s.to_owned());
-        let b64 = s.strip_prefix("ed25519:").ok_or_else(err)?;
-        let bytes = URL_SAFE_NO_PAD.decode(b64).map_err(|_| err())?;
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| err())?;
-        VerifyingKey::from_bytes(&arr).map(PublicKey).map_err(|_| err())
-    }
-
-    pub fn to_text(&self) -> String {
-        format!("ed25519:{}", URL_SAFE_NO_PAD.encode(self.0.as_bytes()))
-    }
-
-    /// `SHA256:` + base64 of the SHA-256 of the key bytes, for people to compare.
-    pub fn fingerprint(&self) -> String {
-        format!("SHA256:{}", STANDARD_NO_PAD.encode(Sha256::digest(self.0.as_bytes())))
-    }
-
-    /// The key id units name (F§2): the first 8 bytes of SHA-256 of the key, base64url.
-    pub fn key_id(&self) -> String {
-        URL_SAFE_NO_PAD.encode(&Sha256::digest(self.0.as_bytes())[..8])
-    }
-
-    /// The DER SubjectPublicKeyInfo a certificate over this key carries.
-    pub fn spki_der(&self) -> Vec<u8> {
-        let mut out = ED25519_SPKI_PREFIX.to_vec();
-        out.extend_from_slice(self.0.as_bytes());
-        out
-    }
-
-    /// The key inside a DER SubjectPublicKeyInfo, if it is an ed25519 one.
-    pub fn from_spki_der(spki: &[u8]) -> Option<PublicKey> {
-        let key = spki.strip_prefix(&ED25519_SPKI_PREFIX[..])?;
-        let arr: [u8; 32] = key.try_into().ok()?;
-        VerifyingKey::from_bytes(&arr).ok().map(PublicKey)
-    }
-}
-
-impl std::fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.to_text())
-    }
-}
-
-impl std::fmt::Display for PublicKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.to_text())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +125,7 @@ mod tests {
     /// The DER inside a one-block PEM.
     fn pem_der(pem: &str) -> Vec<u8> {
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        use base64::Engine;
         base64::engine::general_purpose::STANDARD.decode(body).unwrap()
     }
 

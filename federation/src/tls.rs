@@ -1,21 +1,25 @@
-//! TLS identity for Missive's QUIC links.
+//! The server's side of Missive's TLS identity: a self-signed X.509 certificate over the
+//! ed25519 server key, the QUIC server configurations that present it (to clients, and to
+//! federation peers, whose certificate is required in turn), the federation client
+//! configuration that presents it, and the endpoint whose stateless resets survive a
+//! restart.
 //!
-//! A homeserver presents a self-signed X.509 certificate over its ed25519 server key. The
-//! other end does not consult any certificate authority: it checks that the certificate
-//! carries exactly the key it expects for that server (SPKI pinning) and still verifies
-//! the TLS 1.3 handshake signature with the certificate's key. Clients that have not met a
-//! server yet record the key they saw (trust on first use) and pin it from then on.
+//! Checking the other end by its key (pins, verifiers, flow-control windows, the client
+//! configuration) lives in `missive_transport::tls`, which a client can link without a
+//! certificate generator; it is re-exported here under the same names.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName as TlsName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::keys::{PublicKey, ServerKey};
+pub use missive_transport::tls::{
+    cert_public_key, client_config, install_provider, peer_identity, provider, quic_client_config, transport_config,
+    Ed25519ClientVerifier, Flow, Pin, PinnedServerVerifier, TlsConfigError, CLIENT_API_FLOW, FEDERATION_FLOW,
+    FEDERATION_PEER_STREAMS, SERVER_FLOW,
+};
+
+use crate::keys::ServerKey;
 
 /// Why a TLS or QUIC configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +32,13 @@ pub enum TlsSetupError {
     Quic(String),
 }
 
-/// The one crypto provider Missive uses (ring).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Installs ring as the process-wide rustls provider; harmless if already installed.
-pub fn install_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+impl From<TlsConfigError> for TlsSetupError {
+    fn from(e: TlsConfigError) -> TlsSetupError {
+        match e {
+            TlsConfigError::Rustls(e) => TlsSetupError::Rustls(e),
+            TlsConfigError::Quic(e) => TlsSetupError::Quic(e),
+        }
+    }
 }
 
 /// A self-signed certificate over the server key, naming the server.
@@ -50,201 +53,17 @@ pub fn self_signed_cert(
     Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(der)))
 }
 
-/// The ed25519 key a certificate carries, if it is a well-formed certificate over one.
-pub fn cert_public_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {
-    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
-    PublicKey::from_spki_der(ee.subject_public_key_info().as_ref())
-}
-
-/// What a client accepts from the server it connects to.
-#[derive(Debug, Clone)]
-pub enum Pin {
-    /// Exactly this key.
-    Key(PublicKey),
-    /// Any one of these keys (a server during key rotation).
-    AnyOf(Vec<PublicKey>),
-    /// Any ed25519 key (first contact): the caller reads the seen key afterwards and pins it.
-    FirstUse,
-}
-
-impl Pin {
-    fn accepts(&self, key: &PublicKey) -> bool {
-        match self {
-            Pin::Key(k) => k == key,
-            Pin::AnyOf(ks) => ks.contains(key),
-            Pin::FirstUse => true,
-        }
-    }
-}
-
-/// Verifies a server certificate against a pinned key, and remembers the key it was shown.
-#[derive(Debug)]
-pub struct PinnedServerVerifier {
-    pin: Pin,
-    seen: Mutex<Option<PublicKey>>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl PinnedServerVerifier {
-    pub fn new(pin: Pin) -> Arc<PinnedServerVerifier> {
-        Arc::new(PinnedServerVerifier { pin, seen: Mutex::new(None), provider: provider() })
-    }
-    /// The key the server presented in the last handshake, matching the pin or not.
-    pub fn seen(&self) -> Option<PublicKey> {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl ServerCertVerifier for PinnedServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &TlsName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let key = cert_public_key(end_entity).ok_or(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::BadEncoding,
-        ))?;
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
-        if self.pin.accepts(&key) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-}
-
-/// Requires a client certificate over an ed25519 key and verifies the handshake signature
-/// with it. Which keys are acceptable depends on the server name the peer claims, which
-/// needs discovery: the federation endpoint checks that after the handshake
-/// ([`peer_identity`]) and closes the connection before reading any request.
-#[derive(Debug)]
-pub struct Ed25519ClientVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for Ed25519ClientVerifier {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        cert_public_key(end_entity)
-            .map(|_| ClientCertVerified::assertion())
-            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
-}
-
-/// The key and the DNS names of the certificate a QUIC peer presented.
-pub fn peer_identity(conn: &quinn::Connection) -> Option<(PublicKey, Vec<String>)> {
-    let any = conn.peer_identity()?;
-    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    let cert = certs.first()?;
-    let key = cert_public_key(cert)?;
-    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
-    let names = ee.valid_dns_names().map(str::to_owned).collect();
-    Some((key, names))
-}
-
-/// What a peer may have in flight on one connection: the streams it may open, and the
-/// bytes we buffer for it per stream and per connection before it must wait for us to
-/// read. quinn's defaults buffer without a connection limit; a server must not.
-#[derive(Debug, Clone, Copy)]
-struct Flow {
-    streams: u32,
-    stream_window: u32,
-    window: u32,
-}
-
-/// A client of the client API: requests are at most 64 KiB (§5.2).
-const CLIENT_API_FLOW: Flow = Flow { streams: 256, stream_window: 128 * 1024, window: 1024 * 1024 };
-/// A federation peer: no streams until it is authenticated (then
-/// [`FEDERATION_PEER_STREAMS`]); a frame is at most 4 MiB (F3.3).
-const FEDERATION_FLOW: Flow = Flow { streams: 0, stream_window: 4 * 1024 * 1024 + 64 * 1024, window: 8 * 1024 * 1024 };
-/// The server at the other end of a connection we opened: it answers, it opens nothing.
-const SERVER_FLOW: Flow = Flow { streams: 0, stream_window: 4 * 1024 * 1024 + 64 * 1024, window: 16 * 1024 * 1024 };
-/// Streams an authenticated federation peer may have open at once.
-pub const FEDERATION_PEER_STREAMS: u32 = 64;
-
-fn transport(idle: Duration, keep_alive: Option<Duration>, flow: Flow) -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    // The idle timeout is well within quinn's VarInt range.
-    t.max_idle_timeout(Some(idle.try_into().expect("idle timeout in range")));
-    t.keep_alive_interval(keep_alive);
-    t.max_concurrent_bidi_streams(flow.streams.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(flow.stream_window.into());
-    t.receive_window(flow.window.into());
-    Arc::new(t)
-}
-
 fn quic_server(
     key: &ServerKey,
     server_name: &str,
     alpn: &[u8],
-    transport_config: Arc<quinn::TransportConfig>,
+    transport: Arc<quinn::TransportConfig>,
     client_auth: bool,
 ) -> Result<quinn::ServerConfig, TlsSetupError> {
     let (cert, der) = self_signed_cert(key, server_name)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = if client_auth {
-        builder.with_client_cert_verifier(Arc::new(Ed25519ClientVerifier { provider: provider() }))
+        builder.with_client_cert_verifier(Ed25519ClientVerifier::new())
     } else {
         builder.with_no_client_auth()
     };
@@ -252,44 +71,19 @@ fn quic_server(
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport_config);
-    Ok(cfg)
-}
-
-fn quic_client(
-    verifier: Arc<PinnedServerVerifier>,
-    identity: Option<(&ServerKey, &str)>,
-    alpn: &[u8],
-    idle: Duration,
-    keep_alive: Duration,
-) -> Result<quinn::ClientConfig, TlsSetupError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
-    let mut tls = match identity {
-        Some((key, name)) => {
-            let (cert, der) = self_signed_cert(key, name)?;
-            builder.with_client_auth_cert(vec![cert], der)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(idle, Some(keep_alive), SERVER_FLOW));
+    cfg.transport_config(transport);
     Ok(cfg)
 }
 
 /// QUIC server configuration presenting the server's certificate under `alpn`.
 pub fn server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
-    quic_server(key, server_name, alpn, transport(idle, None, CLIENT_API_FLOW), false)
+    quic_server(key, server_name, alpn, transport_config(idle, None, CLIENT_API_FLOW), false)
 }
 
 /// QUIC server configuration for federation: presents the server's certificate and
 /// requires one from the peer.
 pub fn federation_server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
-    quic_server(key, server_name, alpn, transport(idle, Some(Duration::from_secs(5)), FEDERATION_FLOW), true)
+    quic_server(key, server_name, alpn, transport_config(idle, Some(Duration::from_secs(5)), FEDERATION_FLOW), true)
 }
 
 /// QUIC client configuration for federation: checks the peer against `verifier` and
@@ -300,7 +94,8 @@ pub fn federation_client_config(
     server_name: &str,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsSetupError> {
-    quic_client(verifier, Some((key, server_name)), alpn, Duration::from_secs(30), Duration::from_secs(5))
+    let identity = self_signed_cert(key, server_name)?;
+    Ok(quic_client_config(verifier, Some(identity), alpn, Duration::from_secs(30), Duration::from_secs(5))?)
 }
 
 /// Binds a QUIC endpoint whose stateless-reset key is derived from the server key and
@@ -323,15 +118,10 @@ pub fn bind_endpoint(
     quinn::Endpoint::new(quinn::EndpointConfig::new(Arc::new(reset)), Some(server), socket, runtime)
 }
 
-/// QUIC client configuration that checks the server against `verifier`. A client notices
-/// a vanished server within 10 s (keep-alives every 3 s), so it can reconnect.
-pub fn client_config(verifier: Arc<PinnedServerVerifier>, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsSetupError> {
-    quic_client(verifier, None, alpn, Duration::from_secs(10), Duration::from_secs(3))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::PublicKey;
 
     #[test]
     fn certificate_carries_the_server_key() {

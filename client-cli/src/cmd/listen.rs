@@ -1,0 +1,39 @@
+//! `missive listen`: prints events as they arrive, acknowledges delivery and saves the
+//! position after each frame, until Ctrl-C.
+
+use missive_cli::profile::Profile;
+use missive_cli::receipts::ack_delivered;
+
+use crate::follow::{Follow, Next};
+use crate::show;
+
+pub async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
+    let mut follow = Follow::new(profile);
+    let mut announced = false;
+    loop {
+        match follow.next(std::future::pending::<()>()).await? {
+            Next::Connected(_) | Next::Input(()) => {}
+            Next::Unreachable(delay) => eprintln!("server unreachable; retrying in {delay:?}"),
+            Next::Frame(c, f) => {
+                let Some(me) = follow.session().map(|s| s.user.clone()) else { continue };
+                if !json && !announced {
+                    eprintln!("listening as {me} (Ctrl-C to stop)");
+                    announced = true;
+                }
+                for e in &f.ephemeral {
+                    show::ephemeral(json, e);
+                }
+                for e in &f.events {
+                    show::event(json, e);
+                }
+                ack_delivered(&c, &me, &f.events).await?;
+                follow.save_position(f.next)?;
+            }
+            Next::Lost(reason) => eprintln!("connection lost ({reason}); reconnecting"),
+            Next::Interrupted => {
+                follow.close().await;
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! `missive send` and `missive outbox`: a message goes out now, or waits in the outbox
+//! until a command reaches the server.
+
+use missive_cli::client::{new_client_msg_id, ClientError};
+use missive_cli::outbox::{Outbox, Queued};
+use missive_cli::output::message_json;
+use missive_cli::profile::Profile;
+use missive_spec::{ClientMsgId, UserId};
+
+use super::parse_user;
+use crate::connect::{session_client_flushed, unreachable};
+use crate::show;
+
+pub async fn send(profile: &Profile, json: bool, to: &str, text: &str) -> anyhow::Result<()> {
+    let to = parse_user(to)?;
+    profile.require_session()?;
+    let id = new_client_msg_id();
+    let (c, _, waiting) = match session_client_flushed(profile).await {
+        Ok(x) => x,
+        Err(e) if unreachable(&e) => return queue(profile, &to, text, id, json),
+        Err(e) => return Err(e),
+    };
+    if waiting > 0 {
+        // Older messages could not all go: keep the order by queueing this one too.
+        return queue(profile, &to, text, id, json);
+    }
+    match c.send(&to, missive_spec::Content::text(text), id).await {
+        Ok(m) => {
+            if json {
+                println!("{}", message_json("sent", &m, None));
+            } else {
+                println!("sent to {} (#{})", m.to, m.seq);
+            }
+        }
+        // The request may or may not have arrived: queue it with the same id; the
+        // server's idempotent send makes the retry safe.
+        Err(ClientError::Connection(_)) => queue(profile, &to, text, id, json)?,
+        Err(e) => return Err(e.into()),
+    }
+    c.close().await;
+    Ok(())
+}
+
+pub fn outbox(profile: &Profile, json: bool) -> anyhow::Result<()> {
+    let outbox = Outbox::open(profile.dir())?;
+    let waiting = outbox.list()?;
+    for (_, q) in &waiting {
+        if json {
+            println!("{}", show::queued_json(q));
+        } else {
+            println!("{} to {}: {}", missive_cli::output::utc(q.created_ms), q.to, q.text);
+        }
+    }
+    if !json && waiting.is_empty() {
+        eprintln!("the outbox is empty");
+    }
+    Ok(())
+}
+
+/// Puts a message in the outbox, under the id it was (or would have been) sent with.
+pub fn queue(profile: &Profile, to: &UserId, text: &str, id: ClientMsgId, json: bool) -> anyhow::Result<()> {
+    let outbox = Outbox::open(profile.dir())?;
+    let q = Queued { to: to.clone(), text: text.to_owned(), client_msg_id: id.to_hex(), created_ms: now_ms() };
+    outbox.push(&q)?;
+    let waiting = outbox.list()?.len();
+    if json {
+        println!("{}", show::queued_json(&q));
+    } else {
+        println!("server unreachable: queued for {to} ({waiting} waiting); it goes out with the next command that reaches the server");
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,36 @@
+//! `missive sync`: everything since the saved position, page by page, then the position
+//! saved and delivery acknowledged.
+
+use missive_cli::profile::Profile;
+use missive_cli::receipts::ack_delivered;
+use missive_spec::limits;
+use serde_json::json;
+
+use crate::connect::session_client;
+use crate::show;
+
+pub async fn sync(profile: &Profile, json: bool) -> anyhow::Result<()> {
+    let (c, mut s) = session_client(profile).await?;
+    let mut count = 0;
+    loop {
+        let page = c.sync_page(s.sync_pos, None).await?;
+        let (next, events) = (page.next, page.events);
+        for e in &events {
+            show::event(json, e);
+        }
+        ack_delivered(&c, &s.user, &events).await?;
+        count += events.len();
+        s.sync_pos = next;
+        profile.save_session(&s)?;
+        if !page.more && events.len() < limits::SYNC_MAX_EVENTS as usize {
+            break;
+        }
+    }
+    if json {
+        println!("{}", json!({"type": "synced", "pos": s.sync_pos, "count": count}));
+    } else if count == 0 {
+        eprintln!("nothing new");
+    }
+    c.close().await;
+    Ok(())
+}

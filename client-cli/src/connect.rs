@@ -1,0 +1,98 @@
+//! Reaching the homeserver from a profile: resolving its address, checking its key
+//! against the pinned one, logging in with the saved session and sending the outbox.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use missive_cli::client::{Client, ClientError};
+use missive_cli::outbox::Outbox;
+use missive_cli::profile::{Profile, SessionFile};
+use missive_spec::{ServerName, UserId};
+use missive_transport::tls::Pin;
+use missive_transport::PublicKey;
+
+static CONNECT_TIMEOUT: OnceLock<Duration> = OnceLock::new();
+
+/// How long every connection attempt of this process waits for the server (set once).
+pub fn set_timeout(timeout: Duration) {
+    let _ = CONNECT_TIMEOUT.set(timeout);
+}
+
+async fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("cannot resolve {server} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| anyhow!("{server} resolves to no address"))
+}
+
+fn key_changed(server: &ServerName, pinned: &PublicKey, presented: &PublicKey, profile: &Profile) -> anyhow::Error {
+    anyhow!(
+        "\n@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+         @   WARNING: THE KEY OF SERVER {server} HAS CHANGED!\n\
+         @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+         Someone may be impersonating the server, or its operator replaced the key.\n\
+         pinned:    {pinned} ({})\n\
+         presented: {presented} ({})\n\
+         Refusing to connect. If the operator confirms the new key, remove \"{server}\" from\n\
+         {}/known_servers.json and log in again.",
+        pinned.fingerprint(),
+        presented.fingerprint(),
+        profile.dir().display()
+    )
+}
+
+/// Connects to the server of `user` at `addr`, checking the pinned key.
+pub async fn connect(profile: &Profile, user: &UserId, addr: &str) -> anyhow::Result<Client> {
+    let server = user.server_name();
+    let sock = resolve(addr).await?;
+    let pinned = profile.pinned(&server)?;
+    let pin = pinned.map(Pin::Key).unwrap_or(Pin::FirstUse);
+    let timeout = *CONNECT_TIMEOUT.get_or_init(|| missive_cli::client::DEFAULT_CONNECT_TIMEOUT);
+    match Client::connect_within(sock, &server, pin, timeout).await {
+        Ok(c) => Ok(c),
+        Err(ClientError::KeyMismatch { pinned, presented }) => Err(key_changed(&server, &pinned, &presented, profile)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// True when the error means the server was not reached at all.
+pub fn unreachable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ClientError>().is_some_and(|c| c.is_unreachable())
+}
+
+/// Connects with the saved session and first sends whatever waits in the outbox.
+pub async fn session_client(profile: &Profile) -> anyhow::Result<(Client, SessionFile)> {
+    let (c, s, _) = session_client_flushed(profile).await?;
+    Ok((c, s))
+}
+
+/// Like [`session_client`]; also returns how many outbox messages still wait.
+pub async fn session_client_flushed(profile: &Profile) -> anyhow::Result<(Client, SessionFile, usize)> {
+    let s = profile.require_session()?;
+    if profile.pinned(&s.user.server_name())?.is_none() {
+        bail!("no pinned key for {}; log in again", s.user.server_name());
+    }
+    let mut c = connect(profile, &s.user, &s.server).await?;
+    c.set_token(Some(s.token.clone()));
+    let waiting = flush_outbox(profile, &c).await?;
+    Ok((c, s, waiting))
+}
+
+/// Sends the outbox in order; reports on standard error. Returns how many still wait.
+async fn flush_outbox(profile: &Profile, c: &Client) -> anyhow::Result<usize> {
+    let outbox = Outbox::open(profile.dir())?;
+    if outbox.is_empty()? {
+        return Ok(0);
+    }
+    let f = outbox.flush(c).await?;
+    if !f.sent.is_empty() {
+        eprintln!("sent {} message(s) from the outbox", f.sent.len());
+    }
+    for (q, why) in &f.failed {
+        eprintln!("missive: the server refused a queued message to {}: {why} (kept in outbox/failed)", q.to);
+    }
+    Ok(f.waiting)
+}

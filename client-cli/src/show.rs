@@ -1,0 +1,68 @@
+//! How commands print what they got: one readable line, or one JSON object with `--json`
+//! (the formats themselves are `missive_cli::output`).
+
+use missive_cli::client::message_state;
+use missive_cli::outbox::Queued;
+use missive_cli::output::{
+    ephemeral_json, ephemeral_line, message_json, message_json_with_state, message_line, message_line_with_state,
+    receipt_json, receipt_line,
+};
+use missive_cli::Page;
+use missive_spec::{Ephemeral, Event, EventKind, Message, Receipt, UserId};
+use serde_json::json;
+
+pub fn message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
+    if json {
+        println!("{}", message_json(kind, m, pos));
+    } else {
+        println!("{}", message_line(m));
+    }
+}
+
+/// A message from a history page; one's own carry their state (sent, delivered, read).
+pub fn page_message(json: bool, m: &Message, me: &UserId, page: &Page) {
+    let state = (m.from == *me).then(|| message_state(m, &page.read, &page.delivered));
+    if json {
+        println!("{}", message_json_with_state("message", m, None, state));
+    } else {
+        println!("{}", message_line_with_state(m, state));
+    }
+}
+
+pub fn receipt(json: bool, r: &Receipt, pos: Option<u64>) {
+    if json {
+        println!("{}", receipt_json(r, pos));
+    } else {
+        println!("{}", receipt_line(r));
+    }
+}
+
+pub fn event(json: bool, e: &Event) {
+    match &e.event {
+        EventKind::Message(m) => message(json, "message", m, Some(e.pos)),
+        EventKind::Receipt(r) => receipt(json, r, Some(e.pos)),
+        // A kind this version does not know (spec §6.5): skipped.
+        EventKind::Unknown(_) => {}
+    }
+}
+
+pub fn ephemeral(json: bool, e: &Ephemeral) {
+    if json {
+        println!("{}", ephemeral_json(e));
+    } else {
+        println!("{}", ephemeral_line(e));
+    }
+}
+
+pub fn queued_json(q: &Queued) -> String {
+    json!({"type": "queued", "to": q.to.as_str(), "text": q.text, "client_msg_id": q.client_msg_id, "created_ms": q.created_ms}).to_string()
+}
+
+/// A command's acknowledgement: `{"type": "ok"}`, or `human` when there is one to print.
+pub fn ok(json: bool, human: Option<&str>) {
+    if json {
+        println!("{}", json!({"type": "ok"}));
+    } else if let Some(h) = human {
+        println!("{h}");
+    }
+}
