@@ -16,8 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use missive_cli::client::{new_client_msg_id, Client, ClientError};
-use missive_federation::tls::Pin;
 use missive_federation::PublicKey;
 use missive_spec::{Content, ErrorCode, Message, ServerName, UserId};
 use rand::rngs::StdRng;
@@ -28,6 +26,7 @@ use tokio::sync::Mutex;
 use crate::implementation::{ImplFile, PeerInfo, Sut};
 use crate::proxy::{Faults, Proxy};
 use crate::suite::history_all;
+use crate::wire::{new_client_msg_id, Client, ClientError};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -372,7 +371,7 @@ fn push_example(v: &mut Vec<String>, s: String) {
 }
 
 async fn connect(addr: &ServerAddr, token: Option<String>) -> Result<Client, ClientError> {
-    let mut c = Client::connect_within(addr.client, &addr.name, Pin::Key(addr.key), Duration::from_secs(1)).await?;
+    let mut c = Client::connect_within(addr.client, &addr.name, addr.key, Duration::from_secs(1)).await?;
     c.set_token(token);
     Ok(c)
 }

@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use missive_cli::client::Client;
-use missive_federation::tls::Pin;
 use missive_federation::{PublicKey, ServerKey};
 use missive_spec::{Response, ServerName, UserId};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, Command};
+
+use crate::wire::Client;
 
 /// Optional behaviour an implementation may claim; tests that need one it does not claim
 /// are skipped.
@@ -287,7 +287,7 @@ impl Sut {
                 bail!("{} exited before it was ready ({status}); log:\n{}", self.name, self.log_tail());
             }
             let probe = async {
-                let c = Client::connect_within(self.client, &self.name, Pin::Key(self.key), Duration::from_millis(500)).await?;
+                let c = Client::connect_within(self.client, &self.name, self.key, Duration::from_millis(500)).await?;
                 let r = c.info().await;
                 c.close().await;
                 r
@@ -349,7 +349,7 @@ impl Sut {
 
     /// A new connection, pinned to the server's key.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(self.client, &self.name, Pin::Key(self.key)).await?)
+        Ok(Client::connect(self.client, &self.name, self.key).await?)
     }
 
     /// A user id on this server.

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use missive_cli::client::{new_client_msg_id, Client};
 use missive_spec::{Content, UserId};
 use serde::Serialize;
 
 use crate::implementation::{ImplFile, Sut};
 use crate::suite::messages;
+use crate::wire::{new_client_msg_id, Client};
 
 /// Where the recipients live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

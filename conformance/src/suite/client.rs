@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context};
-use missive_cli::client::{new_client_msg_id, Client, ClientError};
 use missive_spec::wire::RequestFrame;
 use missive_spec::{
     codec, limits, ClientMsgId, Content, ConversationId, Cursor, Ephemeral, ErrorCode, EventKind, ReceiptKind, Request,
@@ -11,6 +10,8 @@ use missive_spec::{
 };
 
 use super::{check_canonical, collect, eventually, history_all, messages, sync_all, test, text, Ctx, Test};
+use crate::wire::framing::{self, MAX_REQUEST_BODY};
+use crate::wire::{new_client_msg_id, Client, ClientError};
 
 pub fn tests() -> Vec<Test> {
     vec![
@@ -79,7 +80,7 @@ async fn info(mut ctx: Ctx) -> anyhow::Result<()> {
     let s = ctx.server().await?;
     let c = s.connect().await?;
     let frame = RequestFrame { v: PROTOCOL_VERSION, req: Request::Info {}, auth: None };
-    match raw(&c, &codec::frame(&codec::encode(&frame))).await? {
+    match raw(&c, &framing::frame(&codec::encode(&frame))).await? {
         Response::Info { version, server_name, .. } => {
             ensure!(version == PROTOCOL_VERSION, "info says version {version}");
             ensure!(server_name == s.name, "info says server {server_name}, expected {}", s.name);
@@ -99,7 +100,7 @@ async fn unsupported_version(mut ctx: Ctx) -> anyhow::Result<()> {
         req: Request::Send { to: bob.clone(), content: Content::text("v1"), client_msg_id: new_client_msg_id() },
         auth: a.token().map(str::to_owned),
     };
-    let r = raw(&a, &codec::frame(&codec::encode(&frame))).await?;
+    let r = raw(&a, &framing::frame(&codec::encode(&frame))).await?;
     ensure!(error_code(&r) == Some(ErrorCode::UnsupportedVersion), "a version-1 send was answered {r:?}");
     // A version the server cannot even parse the rest of: {"v": 7, "req": 5}.
     let mut body = vec![0xa2];
@@ -107,7 +108,7 @@ async fn unsupported_version(mut ctx: Ctx) -> anyhow::Result<()> {
     body.push(0x07);
     body.extend(cbor_text("req"));
     body.push(0x05);
-    let r = raw(&a, &codec::frame(&body)).await?;
+    let r = raw(&a, &framing::frame(&body)).await?;
     ensure!(error_code(&r) == Some(ErrorCode::UnsupportedVersion), "{{v: 7, req: 5}} was answered {r:?}");
     ensure!(history_all(&a, &bob).await?.is_empty(), "{alice}'s version-1 send was stored");
     Ok(())
@@ -116,7 +117,7 @@ async fn unsupported_version(mut ctx: Ctx) -> anyhow::Result<()> {
 async fn too_large(mut ctx: Ctx) -> anyhow::Result<()> {
     let s = ctx.server().await?;
     let c = s.connect().await?;
-    let len = limits::MAX_REQUEST_FRAME + 1;
+    let len = MAX_REQUEST_BODY + 1;
     let mut bytes = (len as u32).to_be_bytes().to_vec();
     bytes.extend(vec![0u8; 4096]);
     let r = raw(&c, &bytes).await?;
@@ -146,7 +147,7 @@ async fn bad_frame(mut ctx: Ctx) -> anyhow::Result<()> {
         ("a truncated item", info[..info.len() - 1].to_vec()),
     ];
     for (what, body) in cases {
-        let r = raw(&c, &codec::frame(&body)).await.with_context(|| what.to_owned())?;
+        let r = raw(&c, &framing::frame(&body)).await.with_context(|| what.to_owned())?;
         ensure!(error_code(&r) == Some(ErrorCode::BadFrame), "{what} was answered {r:?}");
     }
     ensure!(matches!(c.info().await?, Response::Info { .. }), "info on the same connection after bad frames failed");
@@ -170,7 +171,7 @@ async fn tolerant_decoding(mut ctx: Ctx) -> anyhow::Result<()> {
     info.extend([0x18, 0x00]);
     info.extend(cbor_text("future"));
     info.extend(cbor_text("x"));
-    let r = raw(&a, &codec::frame(&info)).await?;
+    let r = raw(&a, &framing::frame(&info)).await?;
     ensure!(matches!(r, Response::Info { .. }), "a loosely encoded info request was answered {r:?}");
     // {"auth": T, "req": {"sync": {"since": 0, "hint": true}}, "v": 0} with an
     // indefinite-length arguments map.
@@ -188,7 +189,7 @@ async fn tolerant_decoding(mut ctx: Ctx) -> anyhow::Result<()> {
     sync.extend(cbor_text(&token));
     sync.extend(cbor_text("v"));
     sync.push(0x00);
-    let r = raw(&a, &codec::frame(&sync)).await?;
+    let r = raw(&a, &framing::frame(&sync)).await?;
     ensure!(matches!(r, Response::Events { .. }), "a loosely encoded sync request was answered {r:?}");
     Ok(())
 }
@@ -239,7 +240,7 @@ async fn register(mut ctx: Ctx) -> anyhow::Result<()> {
     body.extend(cbor_text(&upper));
     body.extend(cbor_text("password"));
     body.extend(cbor_text("long enough password"));
-    let r = raw(&again, &codec::frame(&body)).await?;
+    let r = raw(&again, &framing::frame(&body)).await?;
     ensure!(
         matches!(error_code(&r), Some(ErrorCode::BadFrame | ErrorCode::InvalidRequest)),
         "registering {upper} was answered {r:?}"
@@ -526,7 +527,7 @@ async fn sync_frame_size(mut ctx: Ctx) -> anyhow::Result<()> {
     let body = vec![b'x'; missive_spec::limits::MAX_CONTENT_BODY];
     let n = 300;
     for _ in 0..n {
-        b.send(&alice, Content { body: body.clone(), kind: "text".into() }, missive_cli::client::new_client_msg_id()).await?;
+        b.send(&alice, Content { body: body.clone(), kind: "text".into() }, new_client_msg_id()).await?;
     }
     // The client reads frames only up to the response frame limit.
     let first = a.sync_page(0, None).await.context("sync of a backlog larger than one frame")?;
@@ -768,7 +769,7 @@ async fn presence_silent_client(mut ctx: Ctx) -> anyhow::Result<()> {
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         let subscribed = rt.block_on(async {
-            let mut c = Client::connect(addr, &name, missive_federation::tls::Pin::Key(key)).await?;
+            let mut c = Client::connect(addr, &name, key).await?;
             c.set_token(token);
             let sub = c.subscribe(0).await?;
             Ok::<_, ClientError>((c, sub))
@@ -795,7 +796,7 @@ async fn presence_silent_client(mut ctx: Ctx) -> anyhow::Result<()> {
 }
 
 /// Reads `sub` until an ephemeral update matching `want` arrives.
-async fn wait_ephemeral(sub: &mut missive_cli::client::Subscription, want: impl Fn(&Ephemeral) -> bool, what: &str) -> anyhow::Result<Ephemeral> {
+async fn wait_ephemeral(sub: &mut crate::wire::Subscription, want: impl Fn(&Ephemeral) -> bool, what: &str) -> anyhow::Result<Ephemeral> {
     let wait = async {
         loop {
             match sub.next_frame().await? {

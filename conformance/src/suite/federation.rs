@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
-use missive_cli::client::Client;
 use missive_federation::{envelope, ServerKey};
 use missive_spec::federation::{txn_id, FedErrorCode, FedRequest, FedResponse, SignedUnit, Unit, UnitResult};
 use missive_spec::{codec, Content, ConversationId, ReceiptKind, UserId, Watermark};
@@ -13,6 +12,7 @@ use missive_spec::{codec, Content, ConversationId, ReceiptKind, UserId, Watermar
 use super::{eventually, history_all, messages, mock_info, sync_all, test, text, Ctx, Test};
 use crate::implementation::Sut;
 use crate::mock_peer::{Fate, Misbehaviour, MockPeer};
+use crate::wire::Client;
 
 const MOCK: &str = "mock.conformance.test";
 

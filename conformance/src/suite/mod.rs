@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use missive_cli::client::{Client, Subscription};
 use missive_spec::{Event, EventKind, Message, UserId};
 
 use crate::implementation::{Feature, ImplFile, PeerInfo, Sut};
 use crate::mock_peer::MockPeer;
+use crate::wire::{Client, Subscription};
 
 mod client;
 mod federation;

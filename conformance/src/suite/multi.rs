@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{ensure, Context};
-use missive_cli::client::Client;
 use missive_spec::{Message, UserId};
 
 use super::client::join_all;
 use super::{check_canonical, eventually, history_all, test, text, Ctx, Test};
 use crate::implementation::Sut;
+use crate::wire::Client;
 
 pub fn tests() -> Vec<Test> {
     vec![

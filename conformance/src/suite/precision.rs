@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context};
-use missive_cli::client::Client;
+use crate::wire::Client;
 use missive_spec::wire::RequestFrame;
 use missive_spec::{codec, limits, ErrorCode, EventKind, ReceiptKind, Request, Response, ResponseFrame, Watermark, PROTOCOL_VERSION};
 
