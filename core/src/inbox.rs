@@ -119,7 +119,7 @@ impl Core {
     pub fn inbound(&mut self, tx: &mut Tx, u: InboundUnit) -> Result<InboundOutcome, Error> {
         let outcome = |result| InboundOutcome { result, backfill: None };
         let m = &u.msg;
-        let (mut conv, new) = self.conv(&m.conv, &m.from, &m.to)?;
+        let mut conv = self.conv(&m.conv, &m.from, &m.to)?;
         // The origin cannot have seen more of our messages than we have sent.
         if m.deps.get(&self.server) > conv.heads.get(&self.server) {
             tracing::warn!(conv = %m.conv, origin = %m.origin, seq = m.seq, "unit claims messages of ours that do not exist");
@@ -160,7 +160,7 @@ impl Core {
                 Ok(InboundOutcome { result: UnitResult::Held, backfill })
             }
             Decision::Store => {
-                self.store_message(tx, &mut conv, new, &u.env, m, u.hash)?;
+                self.store_message(tx, &mut conv, &u.env, m, u.hash)?;
                 self.save_conv(tx, m.conv, conv);
                 // Release whatever was held right behind it, within the group's budget.
                 self.release_held(tx, m.conv, &m.origin)?;
@@ -202,7 +202,7 @@ impl Core {
                 break;
             };
             let hash = env.hash();
-            self.store_message(tx, &mut conv, false, &env, &held, hash)?;
+            self.store_message(tx, &mut conv, &env, &held, hash)?;
             tx.release_left -= 1;
         }
         self.save_conv(tx, conv_id, conv);

@@ -37,7 +37,7 @@ impl Core {
             return Ok(records::stored_message(&bytes)?);
         }
         let conv_id = ConversationId::one_to_one(&from, &to);
-        let (mut conv, new) = self.conv(&conv_id, &from, &to)?;
+        let mut conv = self.conv(&conv_id, &from, &to)?;
         let me = self.server.clone();
         let seq = conv.heads.get(&me) + 1;
         let mut deps = conv.heads.clone();
@@ -47,7 +47,7 @@ impl Core {
         // ask for it (F7): its messages are stored without a signature.
         let unit = Unit::Message(msg.clone());
         let env = if to.is_on(&self.server) { unsigned(&unit) } else { self.signer.sign(&unit) };
-        self.store_message(tx, &mut conv, new, &env, &msg, env.hash())?;
+        self.store_message(tx, &mut conv, &env, &msg, env.hash())?;
         tx.batch.put(Cf::SendIds, send_key.clone(), records::encode(&SendIdRecord::new(conv_id, &msg.order_key())));
         if !to.is_on(&self.server) {
             self.enqueue(tx, &to.server_name(), &conv_id, &env)?;
@@ -59,16 +59,22 @@ impl Core {
 
     /// Stores a message (local or remote) with its index entries and events, and moves
     /// the conversation's head for its origin.
-    pub(crate) fn store_message(&mut self, tx: &mut Tx, conv: &mut ConvRecord, new_conv: bool, env: &SignedUnit, msg: &Message, hash: [u8; 32]) -> StoreResult<()> {
+    pub(crate) fn store_message(&mut self, tx: &mut Tx, conv: &mut ConvRecord, env: &SignedUnit, msg: &Message, hash: [u8; 32]) -> StoreResult<()> {
         let key = msg.order_key();
         tx.batch.put(Cf::Messages, keys::message(&msg.conv, &key), records::encode(env));
         let id = MsgIdRecord { key: key.to_bytes(), hash };
         tx.batch.put(Cf::MsgIds, keys::msg_id(&msg.conv, &msg.origin, msg.seq), records::encode(&id));
         tx.stored.insert((msg.conv, msg.origin.clone(), msg.seq), hash);
         conv.heads.set(msg.origin.clone(), msg.seq);
+        // The two users share the conversation (§12: presence, typing) from the moment
+        // both have sent in it; the indexes that say so are written then, once.
+        let shared_now = !conv.senders.contains(&msg.from) && {
+            conv.senders.push(msg.from.clone());
+            conv.senders.len() == 2
+        };
         for (user, peer) in [(&msg.from, &msg.to), (&msg.to, &msg.from)] {
             if user.is_on(&self.server) {
-                if new_conv {
+                if shared_now {
                     tx.batch.put(Cf::UserConvs, keys::user_conv(user.localpart(), &msg.conv), peer.as_str().as_bytes().to_vec());
                     tx.batch.put(Cf::Contacts, keys::contact(peer, user.localpart()), Vec::new());
                 }
@@ -122,14 +128,14 @@ impl Core {
         Ok(Some(rec))
     }
 
-    /// The conversation's record, or a new one of `a` and `b` (true when new).
-    pub(crate) fn conv(&mut self, conv: &ConversationId, a: &UserId, b: &UserId) -> StoreResult<(ConvRecord, bool)> {
+    /// The conversation's record, or a new one of `a` and `b`.
+    pub(crate) fn conv(&mut self, conv: &ConversationId, a: &UserId, b: &UserId) -> StoreResult<ConvRecord> {
         if let Some(rec) = self.stored_conv(conv)? {
-            return Ok((rec, false));
+            return Ok(rec);
         }
         let mut members = vec![a.clone(), b.clone()];
         members.sort();
-        Ok((ConvRecord { members, heads: Deps::new() }, true))
+        Ok(ConvRecord { members, heads: Deps::new(), senders: Vec::new() })
     }
 
     pub(crate) fn save_conv(&mut self, tx: &mut Tx, id: ConversationId, conv: ConvRecord) {

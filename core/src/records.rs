@@ -33,6 +33,11 @@ pub struct ConvRecord {
     pub members: Vec<UserId>,
     /// Per origin, the highest `origin_seq` stored with no gap below it.
     pub heads: Deps,
+    /// The members who have sent a message in it (§12): once both have, they share it.
+    /// Records written before this field existed have none; their conversations were
+    /// indexed as shared on the first message and stay so.
+    #[serde(default)]
+    pub senders: Vec<UserId>,
 }
 
 /// Where an idempotent send's message lives.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use missive_core::checks::{self, Checked};
 use missive_core::gapfill::{self, GapFill, Step};
 use missive_core::link::{self, Link, Txn, LANES};
-use missive_core::records::{self, MsgIdRecord};
+use missive_core::records::{self, ConvRecord, MsgIdRecord};
 use missive_core::store::memory::MemStore;
 use missive_core::store::{keys, Cf, Direction, Store};
 use missive_core::{Backfill, Core, Faults, HeldLimits, NewDevice, Signer, Tx};
@@ -210,14 +210,20 @@ impl Sim {
     fn send_receipt(&mut self) {
         let a = self.rng.gen_range(0..SERVERS);
         let me = user(a, self.rng.gen_range(0..USERS));
-        let convs = self.nodes[a].store.scan(Cf::UserConvs, &keys::user_conv_prefix(me.localpart()), None, Direction::Forward, 100).unwrap();
+        let convs: Vec<ConvRecord> = self.nodes[a]
+            .store
+            .scan(Cf::Convs, &[], None, Direction::Forward, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| records::decode::<ConvRecord>("convs", &v).unwrap())
+            .filter(|c| c.members.contains(&me))
+            .collect();
         if convs.is_empty() {
             return;
         }
-        let (k, v) = &convs[self.rng.gen_range(0..convs.len())];
-        let peer = UserId::parse(std::str::from_utf8(v).unwrap()).unwrap();
+        let c = &convs[self.rng.gen_range(0..convs.len())];
+        let Some(peer) = c.members.iter().find(|m| **m != me).cloned() else { return };
         let conv = ConversationId::one_to_one(&me, &peer);
-        debug_assert!(k.ends_with(&conv.0));
         let newest = self.nodes[a].store.scan(Cf::Messages, &keys::messages_of(&conv), None, Direction::Reverse, 1).unwrap();
         let Some((key, _)) = newest.first() else { return };
         let Some((_, up_to)) = keys::parse_message(key) else { return };
@@ -342,11 +348,8 @@ impl Sim {
                     FedResponse::Units { units } if !units.is_empty() => self.receive(to, from, units).iter().all(|r| r.delivered()),
                     _ => false,
                 };
-                let n = &mut self.nodes[to];
-                if taken {
-                    n.gaps.answered(conv, &self.names[from]);
-                } else {
-                    n.gaps.failed(conv, &self.names[from], now, jitter);
+                if !taken {
+                    self.nodes[to].gaps.failed(conv, &self.names[from], now, jitter);
                 }
             }
         }

@@ -236,8 +236,14 @@ impl Presence {
     }
 
     /// A typing notification from another server, for one of our users.
+    /// A typing notification from another server for one of our users (blocking): shown
+    /// only if the two share the conversation (§12), like typing between local users.
     pub fn remote_typing(&self, update: TypingUpdate) {
         let to = update.peer.localpart().to_owned();
-        self.hub.push_ephemeral(&to, Ephemeral::Typing(update));
+        match self.store.get(Cf::Contacts, &keys::contact(&update.user, &to)) {
+            Ok(Some(_)) => self.hub.push_ephemeral(&to, Ephemeral::Typing(update)),
+            Ok(None) => tracing::debug!(from = %update.user, "typing from a user who shares no conversation; ignored"),
+            Err(e) => tracing::warn!(error = %e, "cannot read contacts"),
+        }
     }
 }

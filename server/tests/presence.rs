@@ -37,6 +37,9 @@ async fn presence_crosses_servers_quickly_and_only_to_contacts() {
     let (alice_id, bob_id) = (uid("alice", &s[0]), uid("bob", &s[1]));
     alice.send_text(&bob_id, "hi bob").await.unwrap();
     eventually("bob to get the message", || async { (!full_history(&bob, &alice_id, 5).await.is_empty()).then_some(()) }).await;
+    // Both write: they share the conversation (§12).
+    bob.send_text(&alice_id, "hi alice").await.unwrap();
+    eventually("alice to get the answer", || async { (full_history(&alice, &bob_id, 5).await.len() == 2).then_some(()) }).await;
     let (mut alice_sub, _, _) = alice.subscribe(0).await.unwrap();
 
     let t0 = Instant::now();
@@ -65,6 +68,7 @@ async fn presence_crosses_servers_quickly_and_only_to_contacts() {
     // The same between two users of one server: carol comes online for alice.
     let carol_id = uid("carol", &s[0]);
     alice.send_text(&carol_id, "hi carol").await.unwrap();
+    carol.send_text(&alice_id, "hi alice").await.unwrap();
     let t2 = Instant::now();
     let (carol_sub, _, _) = carol.subscribe(0).await.unwrap();
     next_ephemeral(&mut alice_sub, is_presence(&carol_id, true)).await;
@@ -90,6 +94,8 @@ async fn fifty_flaps_cross_federation_as_a_handful_of_updates() {
     let conn = gamma.connect("beta.test", s[0].federation, &s[0].key).await.unwrap();
     let hello = gamma.record(&gamma.message(&carol, &bob_id, 1, &[(&g, 1)], "hello bob"));
     assert_eq!(MockPeer::send_txn(&conn, vec![hello]).await.unwrap(), vec![UnitResult::Accepted]);
+    // bob answers: the two share the conversation (§12), so bob's presence is gamma's business.
+    bob.send_text(&carol, "hi carol").await.unwrap();
 
     for _ in 0..50 {
         let (sub, _, _) = bob.subscribe(0).await.unwrap();
@@ -116,6 +122,10 @@ async fn typing_crosses_servers_is_rate_limited_and_never_stored() {
     assert_eq!(alice.typing(&bob_id).await.unwrap_err().code(), Some(ErrorCode::UnknownUser));
     alice.send_text(&bob_id, "hi").await.unwrap();
     eventually("bob to get the message", || async { (!full_history(&bob, &alice_id, 5).await.is_empty()).then_some(()) }).await;
+    // One message makes no shared conversation (§12): typing to bob is still refused.
+    assert_eq!(alice.typing(&bob_id).await.unwrap_err().code(), Some(ErrorCode::UnknownUser));
+    bob.send_text(&alice_id, "hello").await.unwrap();
+    eventually("alice to get the answer", || async { (full_history(&alice, &bob_id, 5).await.len() == 2).then_some(()) }).await;
     let (_, head) = bob.sync(0, None).await.map(|(n, e)| (e, n)).unwrap();
     let (mut bob_sub, _, _) = bob.subscribe(head).await.unwrap();
 

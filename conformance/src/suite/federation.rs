@@ -566,7 +566,9 @@ async fn recv_edu(mut ctx: Ctx) -> anyhow::Result<()> {
     let c = conn(&s).await?;
     let alice = mock_user(&s.mock, "alice");
     let m = s.mock.sign(&s.mock.message(&alice, &s.local, 1, &[(&s.mock.name, 1)], "hello"));
-    expect_results(&c, vec![m], &[UnitResult::Accepted], "a first message, so they share a conversation").await?;
+    expect_results(&c, vec![m], &[UnitResult::Accepted], "a first message").await?;
+    // Both have written: they share the conversation (§12).
+    s.client.send_text(&alice, "hi alice").await.context("bob answers alice")?;
     let (mut sub, _, _) = s.client.subscribe(1000).await?;
     let eve = UserId::parse("@eve:elsewhere.conformance.test")?;
     let conv = ConversationId::one_to_one(&alice, &s.local);
@@ -616,6 +618,10 @@ async fn send_presence_coalesced(mut ctx: Ctx) -> anyhow::Result<()> {
     let alice = mock_user(&s.mock, "alice");
     s.client.send_text(&alice, "hi").await?;
     eventually("the message at the mock", || async { (!s.mock.accepted_messages().is_empty()).then_some(()) }).await?;
+    // alice answers, so the two share the conversation (§12) and bob's presence is the mock's business.
+    let c = conn(&s).await?;
+    let m = s.mock.sign(&s.mock.message(&alice, &s.local, 1, &[(&s.mock.name, 1)], "hello"));
+    expect_results(&c, vec![m], &[UnitResult::Accepted], "alice's answer").await?;
     // Ten quick flaps of bob's presence.
     for _ in 0..10 {
         let c = s.sut.login(&s.local).await?;

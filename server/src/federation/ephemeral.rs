@@ -50,15 +50,17 @@ impl Federation {
             return fed_error(FedErrorCode::TooMany, format!("at most {MAX_EDU_UPDATES} updates per request"));
         }
         let presence: Vec<_> = presence.into_iter().filter(|p| p.user.is_on(peer)).collect();
-        if !presence.is_empty() {
+        let typing: Vec<_> = typing
+            .into_iter()
+            .filter(|t| t.user.is_on(peer) && t.peer.is_on(&self.server) && t.conv == ConversationId::one_to_one(&t.user, &t.peer))
+            .collect();
+        if !presence.is_empty() || !typing.is_empty() {
             let (me, peer) = (self.clone(), peer.clone());
-            let _ = blocking(move || me.presence.remote_updates(&peer, presence)).await;
-        }
-        for t in typing {
-            let ok = t.user.is_on(peer) && t.peer.is_on(&self.server) && t.conv == ConversationId::one_to_one(&t.user, &t.peer);
-            if ok {
-                self.presence.remote_typing(t);
-            }
+            let _ = blocking(move || {
+                me.presence.remote_updates(&peer, presence);
+                typing.into_iter().for_each(|t| me.presence.remote_typing(t));
+            })
+            .await;
         }
         FedResponse::Ok {}
     }
