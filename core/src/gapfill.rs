@@ -2,8 +2,9 @@
 //! requests from this server's log (F7).
 //!
 //! One fill runs per (conversation, origin) at a time. It asks for the range above the
-//! current head, at most [`MAX_BACKFILL`] at once, goes on while answers arrive, and after
-//! a failure waits as the link's backoff says, up to [`ATTEMPTS`] failures; the sweep of
+//! current head, at most [`MAX_BACKFILL`] at once, goes on while answers move the head,
+//! and after a failure (or an answer that moved nothing) waits as the backoff says, up to
+//! [`ATTEMPTS`] failures; the sweep of
 //! held units (at start-up and every minute) starts it again for any gap still open.
 
 use std::collections::HashMap;
@@ -32,6 +33,9 @@ pub struct GapFill {
 struct Filling {
     last: u64,
     backoff: Backoff,
+    /// The head when the last request went out: an answer that did not move it counts as
+    /// a failure, so an origin that answers with nothing new cannot keep a fill spinning.
+    asked_at: Option<u64>,
 }
 
 /// The next step of one fill.
@@ -58,35 +62,41 @@ impl GapFill {
             f.last = f.last.max(b.last);
             return false;
         }
-        self.gaps.insert(key, Filling { last: b.last, backoff: Backoff::new(self.retry_base, self.retry_cap) });
+        self.gaps.insert(key, Filling { last: b.last, backoff: Backoff::new(self.retry_base, self.retry_cap), asked_at: None });
         true
     }
 
     /// What the fill of `gap` does next, given the head stored now.
     pub fn next(&mut self, conv: ConversationId, origin: &ServerName, head: u64, now: Instant) -> Step {
         let key = (conv, origin.clone());
-        let Some(f) = self.gaps.get(&key) else { return Step::Done };
+        let Some(f) = self.gaps.get_mut(&key) else { return Step::Done };
         if head >= f.last {
             self.gaps.remove(&key);
             return Step::Done;
         }
+        match f.asked_at.take() {
+            Some(h) if head > h => f.backoff.reset(),
+            Some(_) if f.backoff.failures() + 1 >= ATTEMPTS => {
+                self.gaps.remove(&key);
+                return Step::Done;
+            }
+            Some(_) => {
+                f.backoff.failure(now, 0.5);
+            }
+            None => {}
+        }
         if let Some(at) = f.backoff.next_attempt().filter(|at| *at > now) {
             return Step::Wait(at);
         }
+        f.asked_at = Some(head);
         Step::Ask { first: head + 1, last: f.last.min(head + MAX_BACKFILL) }
-    }
-
-    /// The origin answered with units that were all taken: no backoff.
-    pub fn answered(&mut self, conv: ConversationId, origin: &ServerName) {
-        if let Some(f) = self.gaps.get_mut(&(conv, origin.clone())) {
-            f.backoff.reset();
-        }
     }
 
     /// The request failed; the fill waits, or ends after [`ATTEMPTS`] failures.
     pub fn failed(&mut self, conv: ConversationId, origin: &ServerName, now: Instant, jitter: f64) {
         let key = (conv, origin.clone());
         let Some(f) = self.gaps.get_mut(&key) else { return };
+        f.asked_at = None;
         if f.backoff.failures() + 1 >= ATTEMPTS {
             self.gaps.remove(&key);
             return;
@@ -190,5 +200,18 @@ mod tests {
         assert!(g.want(&Backfill { conv, origin: origin.clone(), first: 1, last: 9 }));
         assert_eq!(g.next(conv, &origin, 9, t0), Step::Done, "filled");
         assert!(g.is_empty());
+        // An origin whose answers never move the head cannot keep a fill going.
+        assert!(g.want(&Backfill { conv, origin: origin.clone(), first: 1, last: 9 }));
+        let mut t = t0;
+        let mut asks = 0;
+        loop {
+            match g.next(conv, &origin, 2, t) {
+                Step::Ask { .. } => asks += 1,
+                Step::Wait(at) => t = at,
+                Step::Done => break,
+            }
+            assert!(asks <= ATTEMPTS, "a fill without progress never ends");
+        }
+        assert_eq!(asks, ATTEMPTS);
     }
 }

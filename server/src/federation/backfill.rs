@@ -67,12 +67,9 @@ impl Federation {
                 Step::Wait(at) => tokio::time::sleep_until(at.into()).await,
                 Step::Ask { first, last } => {
                     tracing::info!(%conv, %origin, first, last, "asking origin for missing units");
-                    match self.request_backfill(&origin, conv, first, last).await {
-                        Ok(()) => self.gaps().answered(conv, &origin),
-                        Err(e) => {
-                            tracing::warn!(%origin, error = %e, "backfill failed");
-                            self.gaps().failed(conv, &origin, Instant::now(), jitter());
-                        }
+                    if let Err(e) = self.request_backfill(&origin, conv, first, last).await {
+                        tracing::warn!(%origin, error = %e, "backfill failed");
+                        self.gaps().failed(conv, &origin, Instant::now(), jitter());
                     }
                 }
             }
