@@ -64,7 +64,7 @@ impl EduBatcher {
     /// The request for `dest` if its batch is due at `now`, in requests of at most
     /// [`MAX_EDU_UPDATES`] updates.
     pub fn take(&mut self, now: Instant, dest: &ServerName) -> Vec<FedRequest> {
-        if !self.pending.get(dest).is_some_and(|p| p.due.is_some_and(|d| d <= now)) {
+        if self.pending.get(dest).is_none_or(|p| p.due.is_none_or(|d| d > now)) {
             return Vec::new();
         }
         let Some(p) = self.pending.remove(dest) else { return Vec::new() };

@@ -6,9 +6,12 @@ use std::sync::Mutex;
 
 use super::{Batch, Cf, Direction, Op, Store, StoreResult};
 
+/// One column family: keys in order.
+type Family = BTreeMap<Vec<u8>, Vec<u8>>;
+
 #[derive(Default)]
 pub struct MemStore {
-    cfs: Mutex<BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    cfs: Mutex<BTreeMap<&'static str, Family>>,
 }
 
 impl Store for MemStore {
