@@ -43,6 +43,9 @@ impl EduBatcher {
     /// Adds an update for `dest` at `now`. Returns when `dest`'s batch is due if this update
     /// started it (the caller sets one timer per batch), `None` if it joined a waiting one.
     pub fn push(&mut self, now: Instant, dest: ServerName, e: Ephemeral) -> Option<Instant> {
+        if matches!(e, Ephemeral::Unknown(_)) {
+            return None;
+        }
         let p = self.pending.entry(dest).or_default();
         match e {
             Ephemeral::Presence(u) => {
@@ -53,7 +56,7 @@ impl EduBatcher {
             }
             Ephemeral::Unknown(_) => {}
         }
-        if p.due.is_some() || (p.presence.is_empty() && p.typing.is_empty()) {
+        if p.due.is_some() {
             return None;
         }
         let due = now + EDU_COALESCE;

@@ -20,6 +20,11 @@ use crate::Backfill;
 
 /// Failed attempts at one gap before it is left to the next sweep.
 pub const ATTEMPTS: u32 = 8;
+/// Fills running at once toward one origin, and in all: a peer that names ever more
+/// conversations cannot make this server run ever more requests (F8). A gap over either
+/// bound is taken up by a later sweep, or when its origin sends the unit again.
+pub const MAX_FILLS_PER_ORIGIN: usize = 64;
+pub const MAX_FILLS: usize = 1_024;
 
 type Gap = (ConversationId, ServerName);
 
@@ -28,6 +33,8 @@ pub struct GapFill {
     retry_base: Duration,
     retry_cap: Duration,
     gaps: HashMap<Gap, Filling>,
+    /// Fills running per origin (entries only while one runs).
+    per_origin: HashMap<ServerName, usize>,
 }
 
 struct Filling {
@@ -51,17 +58,22 @@ pub enum Step {
 
 impl GapFill {
     pub fn new(retry_base: Duration, retry_cap: Duration) -> GapFill {
-        GapFill { retry_base, retry_cap, gaps: HashMap::new() }
+        GapFill { retry_base, retry_cap, gaps: HashMap::new(), per_origin: HashMap::new() }
     }
 
-    /// Wants `b` filled. True when no fill of its (conversation, origin) was running: the
-    /// caller starts one. A running fill widens to cover `b`.
+    /// Wants `b` filled. True when no fill of its (conversation, origin) was running and
+    /// there is room for one: the caller starts it. A running fill widens to cover `b`.
     pub fn want(&mut self, b: &Backfill) -> bool {
         let key = (b.conv, b.origin.clone());
         if let Some(f) = self.gaps.get_mut(&key) {
             f.last = f.last.max(b.last);
             return false;
         }
+        let from_origin = self.per_origin.get(&b.origin).copied().unwrap_or(0);
+        if self.gaps.len() >= MAX_FILLS || from_origin >= MAX_FILLS_PER_ORIGIN {
+            return false;
+        }
+        *self.per_origin.entry(b.origin.clone()).or_insert(0) += 1;
         self.gaps.insert(key, Filling { last: b.last, backoff: Backoff::new(self.retry_base, self.retry_cap), asked_at: None });
         true
     }
@@ -71,13 +83,13 @@ impl GapFill {
         let key = (conv, origin.clone());
         let Some(f) = self.gaps.get_mut(&key) else { return Step::Done };
         if head >= f.last {
-            self.gaps.remove(&key);
+            self.end(&key);
             return Step::Done;
         }
         match f.asked_at.take() {
             Some(h) if head > h => f.backoff.reset(),
             Some(_) if f.backoff.failures() + 1 >= ATTEMPTS => {
-                self.gaps.remove(&key);
+                self.end(&key);
                 return Step::Done;
             }
             Some(_) => {
@@ -98,15 +110,22 @@ impl GapFill {
         let Some(f) = self.gaps.get_mut(&key) else { return };
         f.asked_at = None;
         if f.backoff.failures() + 1 >= ATTEMPTS {
-            self.gaps.remove(&key);
+            self.end(&key);
             return;
         }
         f.backoff.failure(now, jitter);
     }
 
-    /// Forgets every fill (a restart): the sweep starts them again.
-    pub fn clear(&mut self) {
-        self.gaps.clear();
+    fn end(&mut self, key: &Gap) {
+        if self.gaps.remove(key).is_none() {
+            return;
+        }
+        if let Some(n) = self.per_origin.get_mut(&key.1) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_origin.remove(&key.1);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -213,5 +232,32 @@ mod tests {
             assert!(asks <= ATTEMPTS, "a fill without progress never ends");
         }
         assert_eq!(asks, ATTEMPTS);
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn fills_are_bounded_per_origin_and_in_all() {
+        let t0 = Instant::now();
+        let mut g = GapFill::new(Duration::from_millis(100), Duration::from_secs(1));
+        let gap = |origin: &ServerName, i: usize| {
+            let mut conv = [0u8; 32];
+            conv[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            Backfill { conv: ConversationId(conv), origin: origin.clone(), first: 1, last: 5 }
+        };
+        let flood = ServerName::parse("flood.test").unwrap();
+        let started = (0..10 * MAX_FILLS_PER_ORIGIN).filter(|i| g.want(&gap(&flood, *i))).count();
+        assert_eq!(started, MAX_FILLS_PER_ORIGIN, "one origin holds more fills than its share");
+        let honest = ServerName::parse("honest.test").unwrap();
+        assert!(g.want(&gap(&honest, 0)), "another origin still gets a fill");
+        // A fill that ends makes room for its origin again.
+        let first = gap(&flood, 0);
+        assert_eq!(g.next(first.conv, &flood, 5, t0), Step::Done);
+        assert!(g.want(&gap(&flood, 10 * MAX_FILLS_PER_ORIGIN)));
+        // In all: many origins together stop at the total.
+        let total = (0..2 * MAX_FILLS)
+            .filter(|i| g.want(&gap(&ServerName::parse(&format!("o{}.test", i / MAX_FILLS_PER_ORIGIN)).unwrap(), *i)))
+            .count();
+        assert_eq!(g.len(), MAX_FILLS);
+        assert!(total < 2 * MAX_FILLS);
     }
 }

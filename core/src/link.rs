@@ -47,11 +47,18 @@ struct Undecodable {
 }
 
 /// What the writer must record for a settled transaction.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Settlement {
-    pub lane: u8,
     pub delivered: Vec<Vec<u8>>,
     pub dead: Vec<(Vec<u8>, DeadLetter)>,
+    /// What the link does once the writer recorded it.
+    pub progress: Progress,
+}
+
+/// How a settled transaction moves its link on ([`Link::settled`]).
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    pub lane: u8,
     /// The last row of the leading run now removed: the lane reads on after it.
     pub removed_through: Option<Vec<u8>>,
     /// Some units were not taken (`retry` and the like): back off before the next round.
@@ -128,7 +135,7 @@ impl Link {
     /// Decides what becomes of each row once the peer answered `results` (one per sent
     /// unit; a transaction with nothing to send is settled with none).
     pub fn settle(&self, txn: &Txn, results: &[UnitResult]) -> Settlement {
-        let mut s = Settlement { lane: txn.lane, answered: !txn.units.is_empty(), ..Default::default() };
+        let mut s = Settlement { progress: Progress { lane: txn.lane, answered: !txn.units.is_empty(), ..Default::default() }, ..Default::default() };
         let mut extra = self.faults.settle_extra();
         for (k, row) in &txn.rows {
             match row {
@@ -148,11 +155,11 @@ impl Link {
                         extra = false;
                         s.delivered.push(k.clone());
                     }
-                    _ => s.retry = true,
+                    _ => s.progress.retry = true,
                 },
             }
-            if !s.retry {
-                s.removed_through = Some(k.clone());
+            if !s.progress.retry {
+                s.progress.removed_through = Some(k.clone());
             }
         }
         s
@@ -160,7 +167,7 @@ impl Link {
 
     /// The writer recorded `s`: the lane reads on after it; the link is up, and backs off
     /// only if the peer asked for some units again.
-    pub fn settled(&mut self, s: &Settlement, now: Instant, now_ms: u64, jitter: f64) -> Option<Instant> {
+    pub fn settled(&mut self, s: &Progress, now: Instant, now_ms: u64, jitter: f64) -> Option<Instant> {
         if let Some(k) = &s.removed_through {
             self.after[usize::from(s.lane)] = Some(k.clone());
         }
@@ -331,10 +338,10 @@ mod tests {
         let s = link.settle(&txn, &[UnitResult::Accepted, UnitResult::Equivocation, UnitResult::Retry, UnitResult::Duplicate]);
         assert_eq!(s.delivered, vec![keys::queue(&dest, 0, 1), keys::queue(&dest, 0, 5)]);
         assert_eq!(s.dead.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), vec![keys::queue(&dest, 0, 2), keys::queue(&dest, 0, 3)]);
-        assert!(s.retry);
-        assert_eq!(s.removed_through, Some(keys::queue(&dest, 0, 3)), "the lane must read row 4 again");
+        assert!(s.progress.retry);
+        assert_eq!(s.progress.removed_through, Some(keys::queue(&dest, 0, 3)), "the lane must read row 4 again");
         let now = Instant::now();
-        assert!(link.settled(&s, now, 1, 0.0).is_some(), "a retry backs off");
+        assert!(link.settled(&s.progress, now, 1, 0.0).is_some(), "a retry backs off");
         assert_eq!(link.read_after(0), Some(&keys::queue(&dest, 0, 3)[..]));
         assert!(link.status().up);
     }

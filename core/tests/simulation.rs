@@ -334,7 +334,7 @@ impl Sim {
                 let (txn, _) = n.inflight.remove(&(from, lane)).unwrap();
                 let s = n.links[from].settle(&txn, &results);
                 n.group(now_ms, |c, tx| c.settle(tx, &s)).unwrap();
-                n.links[from].settled(&s, now, now_ms, jitter);
+                n.links[from].settled(&s.progress, now, now_ms, jitter);
             }
             Body::Backfill { conv, first, last } => {
                 let n = &self.nodes[to];

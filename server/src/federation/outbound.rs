@@ -75,11 +75,10 @@ impl Federation {
             }
         };
         let settlement = peer.link().settle(&txn, &results);
-        let retry = settlement.retry;
-        match self.sequencer.settle(settlement.clone()).await {
+        let progress = settlement.progress.clone();
+        match self.sequencer.settle(settlement).await {
             Ok(()) => {
-                if let Some(at) = peer.link().settled(&settlement, Instant::now(), now_ms(), jitter()) {
-                    debug_assert!(retry);
+                if let Some(at) = peer.link().settled(&progress, Instant::now(), now_ms(), jitter()) {
                     tracing::warn!(retry_in = ?at.saturating_duration_since(Instant::now()), "peer asked to retry some units");
                 }
             }
