@@ -38,6 +38,11 @@ pub struct ConvRecord {
     /// indexed as shared on the first message and stay so.
     #[serde(default)]
     pub senders: Vec<UserId>,
+    /// When a message of it was last stored (ms, this server's clock): its place in each
+    /// local member's `Active` index. 0 in records written before the index existed,
+    /// until `Core::index_activity` has indexed them.
+    #[serde(default)]
+    pub active_ms: u64,
 }
 
 /// Where an idempotent send's message lives.

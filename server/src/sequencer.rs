@@ -167,6 +167,7 @@ enum Applied {
 
 impl Writer {
     fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
+        self.index_activity();
         loop {
             // With releases pending, look for commands without waiting for one.
             let first = if self.core.releases_pending() {
@@ -177,12 +178,7 @@ impl Writer {
                     None => break,
                 }
             };
-            let limits = HeldLimits {
-                per_conversation: self.ctx.limits.held_per_conversation(),
-                per_peer: self.ctx.limits.held_per_peer(),
-                release_batch: self.ctx.limits.held_release_batch(),
-            };
-            let mut tx = self.core.begin(now_ms(), limits);
+            let mut tx = self.core.begin(now_ms(), self.held_limits());
             let mut done = Vec::new();
             let mut state = match first {
                 Some(cmd) => self.apply(cmd, &mut tx, &mut done),
@@ -205,7 +201,37 @@ impl Writer {
         // Dropping the receiver fails every later command with shutting_down.
     }
 
-    fn commit(&mut self, mut tx: missive_core::Tx, done: Vec<Completion>) {
+    fn held_limits(&self) -> HeldLimits {
+        HeldLimits {
+            per_conversation: self.ctx.limits.held_per_conversation(),
+            per_peer: self.ctx.limits.held_per_peer(),
+            release_batch: self.ctx.limits.held_release_batch(),
+        }
+    }
+
+    /// Indexes conversations stored before the activity index existed (§6.10), a
+    /// thousand per write, before the first command. A failure is logged and left for the
+    /// next start: those conversations are missing from `conversations` until then.
+    fn index_activity(&mut self) {
+        let mut after = None;
+        loop {
+            let mut tx = self.core.begin(now_ms(), self.held_limits());
+            let next = match self.core.index_activity(&mut tx, after, 1000) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot index conversations by activity; trying again at the next start");
+                    return;
+                }
+            };
+            if !self.commit(tx, Vec::new()) || next.is_none() {
+                return;
+            }
+            after = next;
+        }
+    }
+
+    /// Writes the group and answers its commands; whether the write became durable.
+    fn commit(&mut self, mut tx: missive_core::Tx, done: Vec<Completion>) -> bool {
         let batch = std::mem::take(&mut tx.batch);
         let result = if batch.is_empty() { Ok(()) } else { self.store.write(batch) };
         let committed = match result {
@@ -229,6 +255,7 @@ impl Writer {
                 }
             }
         }
+        committed
     }
 
     /// Applies one command to the group. A command that fails keeps none of its writes.

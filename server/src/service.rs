@@ -153,6 +153,7 @@ impl Service {
                 Ok(Response::Sent { message })
             }
             Request::History { with, after, limit, before } => self.read(auth, move |s, c| s.history(&c, with, after, limit, before)).await,
+            Request::Conversations { limit, before } => self.read(auth, move |s, c| s.conversations(&c, limit, before)).await,
             Request::Sync { limit, since } => {
                 let limit = limit.unwrap_or(limits::SYNC_MAX_EVENTS);
                 self.read(auth, move |s, c| {
@@ -367,7 +368,7 @@ impl Service {
         Ok(Response::Session { user, token, device: id })
     }
 
-    fn shares_conversation(&self, me: &UserId, other: &UserId) -> Result<bool, ApiError> {
+    pub(crate) fn shares_conversation(&self, me: &UserId, other: &UserId) -> Result<bool, ApiError> {
         let conv = ConversationId::one_to_one(me, other);
         Ok(self.store.get(Cf::UserConvs, &keys::user_conv(me.localpart(), &conv))?.is_some())
     }

@@ -87,13 +87,20 @@ pub enum Request {
     Settings { hide_last_seen: bool },
     /// §13: the caller is typing to `with`.
     Typing { with: UserId },
+    /// §6.10: the caller's conversations, most recently active first.
+    Conversations {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<Cursor>,
+    },
 }
 
 impl Request {
     /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
     /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
     /// (§5.2).
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 15] = [
         "info",
         "register",
         "login",
@@ -108,6 +115,7 @@ impl Request {
         "presence",
         "settings",
         "typing",
+        "conversations",
     ];
 
     /// This request's name on the wire.
@@ -127,6 +135,7 @@ impl Request {
             Request::Presence { .. } => "presence",
             Request::Settings { .. } => "settings",
             Request::Typing { .. } => "typing",
+            Request::Conversations { .. } => "conversations",
         }
     }
 }
@@ -175,6 +184,12 @@ pub enum Response {
         last_seen: Option<u64>,
     },
     Devices { devices: Vec<DeviceInfo> },
+    /// §6.10: one page of the caller's conversations, most recently active first.
+    Conversations {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        older: Option<Cursor>,
+        conversations: Vec<ConversationSummary>,
+    },
     Error { code: ErrorCode, message: String },
 }
 
@@ -431,6 +446,26 @@ pub struct Receipt {
     pub peer: UserId,
     pub user: UserId,
     pub up_to: Watermark,
+}
+
+/// One of the caller's conversations, as `conversations` lists it (§6.10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationSummary {
+    pub conv: ConversationId,
+    /// The newest message in canonical order: the first one `history` would list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Message>,
+    /// The other member.
+    pub with: UserId,
+    /// Messages from `with` after the caller's read position, counted up to
+    /// [`crate::limits::CONVERSATIONS_UNREAD_CAP`].
+    pub unread: u32,
+    /// The other member's presence, present when the caller may see it (§12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceUpdate>,
+    /// When the server last stored a message of the conversation (ms since the epoch, the
+    /// server's clock).
+    pub active_ms: u64,
 }
 
 /// One of the caller's devices (§11).
