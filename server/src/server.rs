@@ -65,7 +65,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         hasher: crate::hashing::Hasher::new(limits.password_hashes),
         store: store.clone(),
         sequencer: sequencer.clone(),
-        hub,
+        hub: hub.clone(),
         presence: presence.clone(),
         server: config.server_name.clone(),
         registration: Registration { policy: config.registration.policy, token: config.registration.token.clone() },
@@ -105,6 +105,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     federation.start_edus(edu_rx);
     let inflight = Arc::new(Inflight::default());
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
+    let admin_store = service.store.clone();
     let api = Arc::new(Api {
         service,
         shutdown: shutdown_rx.clone(),
@@ -116,7 +117,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let serving = tokio::spawn(api.serve(endpoint.clone()));
     let reloadable = Arc::new(Reloadable::new(config_path, config.clone(), federation.clone(), logging, live.clone()));
     let admin_ctx = crate::admin::AdminContext {
-        sequencer: sequencer.clone(),
+        accounts: crate::admin::Accounts { sequencer: sequencer.clone(), store: admin_store, hub, server: config.server_name.clone() },
         federation: federation.clone(),
         reloadable: reloadable.clone(),
     };

@@ -351,8 +351,9 @@ impl Service {
             None
         };
         let ok = self.hasher.run(move || match rec {
-            Some(r) => accounts::verify_password(&password, &r.password_hash),
-            None => {
+            Some(r) if r.may_log_in() => accounts::verify_password(&password, &r.password_hash),
+            // Disabled and removed accounts get the answer of an unknown user, after the same work.
+            _ => {
                 accounts::verify_dummy(&password);
                 false
             }
@@ -374,7 +375,10 @@ impl Service {
     }
 
     fn local_user_exists(&self, user: &UserId) -> Result<bool, ApiError> {
-        Ok(self.store.get(Cf::Users, &keys::user(user.localpart()))?.is_some())
+        match self.store.get(Cf::Users, &keys::user(user.localpart()))? {
+            Some(v) => Ok(records::decode::<UserRecord>("users", &v)?.exists()),
+            None => Ok(false),
+        }
     }
 
     fn check_send(&self, c: &Caller, to: &UserId, content: &missive_spec::Content) -> Result<(), ApiError> {
