@@ -25,6 +25,8 @@ With --json, every command prints one JSON object per line, each with a \"type\"
             (state: sent, delivered or read; on one's own messages in history and chat)
   receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
+  failed   {type, pos, conv, origin, seq, reason}            sync, listen, chat
+            (the recipient's server refused your message #seq for good)
   device   {type, id, name, current, created_ms}             devices
   conversation {type, with, conv, active_ms, unread,
             unread_capped, online, last_seen, last}          conversations

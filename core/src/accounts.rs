@@ -2,7 +2,8 @@
 //! outlive a restart, and the settlement of outbound transactions (queue rows removed,
 //! refused units moved to dead letters).
 
-use missive_spec::{DeviceId, ErrorCode, UserId};
+use missive_spec::federation::Unit;
+use missive_spec::{DeviceId, ErrorCode, EventKind, Undeliverable, UserId};
 
 use crate::link::Settlement;
 use crate::records::{self, DeviceRecord, PresenceRecord, TokenRecord, UserRecord};
@@ -204,6 +205,13 @@ impl Core {
         for (k, dl) in &s.dead {
             tx.batch.put(Cf::DeadLetters, k.clone(), records::encode(dl));
             tx.batch.delete(Cf::OutQueue, k.clone());
+            // A refused message of a local user: every device of the sender learns it (§10.5).
+            if let Ok(Unit::Message(m)) = missive_spec::codec::decode::<Unit>(&dl.unit.unit) {
+                if m.from.is_on(&self.server) && m.origin == self.server {
+                    let u = Undeliverable { seq: m.seq, conv: m.conv, origin: m.origin, reason: dl.reason.clone() };
+                    self.push_event(tx, m.from.localpart(), EventKind::Undeliverable(u))?;
+                }
+            }
         }
         Ok(())
     }

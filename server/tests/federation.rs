@@ -233,3 +233,44 @@ async fn a_queue_drained_after_a_restart_still_delivers_what_comes_next() {
     let h = history_of(&bob, &alice_id, 4).await;
     assert_eq!(h[0].content.as_text(), Some("after the drain"));
 }
+
+/// Spec §10.5: a message the recipient's server refuses for good (no such user there)
+/// turns into an `undeliverable` event on every device of the sender, within seconds;
+/// the next message to a real user still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_an_unknown_remote_user_fails_on_every_device_of_the_sender() {
+    use missive_spec::{EventKind, Undeliverable};
+    let (_d, s) = federated(&["alpha.test", "beta.test"]).await;
+    let alice = register(&s[0], "alice").await;
+    let phone = login(&s[0], "alice").await;
+    let bob = register(&s[1], "bob").await;
+    let (mut subs, mut backlog) = (Vec::new(), Vec::new());
+    for c in [&alice, &phone] {
+        let (sub, _, got) = c.subscribe(0).await.unwrap();
+        subs.push(sub);
+        backlog.push(got);
+    }
+    let nobody = uid("nobody", &s[1]);
+    let sent = alice.send_text(&nobody, "anyone there?").await.unwrap();
+    for (sub, got) in subs.iter_mut().zip(backlog) {
+        let failed = tokio::time::timeout(DEADLINE, async {
+            let mut got = got;
+            loop {
+                for e in got.drain(..) {
+                    if let EventKind::Undeliverable(u) = e.event {
+                        return u;
+                    }
+                }
+                got = sub.next().await.unwrap().expect("subscription ended").1;
+            }
+        })
+        .await
+        .expect("no undeliverable event in time");
+        assert_eq!(failed, Undeliverable { seq: sent.seq, conv: sent.conv, origin: sent.origin.clone(), reason: "unknown_recipient".into() });
+    }
+    // The refusal is recorded once: a later sync shows one event for it.
+    let (_, events) = phone.sync(0, None).await.unwrap();
+    assert_eq!(events.iter().filter(|e| matches!(e.event, EventKind::Undeliverable(_))).count(), 1);
+    alice.send_text(&uid("bob", &s[1]), "hello bob").await.unwrap();
+    assert_eq!(texts(&history_of(&bob, &uid("alice", &s[0]), 1).await), vec!["hello bob"]);
+}

@@ -27,5 +27,5 @@ pub use ids::{ClientMsgId, ConversationId, DeviceId, IdError, ServerName, UserId
 pub use ordering::{Deps, OrderKey};
 pub use wire::{
     Content, ConversationSummary, Cursor, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind, Message, PresenceUpdate, Receipt, ReceiptKind,
-    RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, TypingUpdate, Watermark, PROTOCOL_VERSION,
+    RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, TypingUpdate, Undeliverable, Watermark, PROTOCOL_VERSION,
 };

@@ -327,6 +327,8 @@ pub enum EventKind {
     Message(Message),
     /// A watermark of either user of one of the user's conversations moved (§10).
     Receipt(Receipt),
+    /// The recipient's server refused one of the user's messages for good (§10.5).
+    Undeliverable(Undeliverable),
     /// A kind this version does not know (a later minor revision); skipped (§6.5).
     /// Encoded again, it is its name with no fields: `{NAME: {}}`.
     Unknown(String),
@@ -379,7 +381,7 @@ macro_rules! tolerant_enum {
     };
 }
 
-tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(Receipt) });
+tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(Receipt), "undeliverable" => Undeliverable(Undeliverable) });
 tolerant_enum!(Ephemeral { "presence" => Presence(PresenceUpdate), "typing" => Typing(TypingUpdate) });
 
 /// Updates pushed to live subscriptions and never stored (§12, §13).
@@ -446,6 +448,17 @@ pub struct Receipt {
     pub peer: UserId,
     pub user: UserId,
     pub up_to: Watermark,
+}
+
+/// The recipient's server refused the message `origin`/`seq` of `conv` for good (§10.5):
+/// its state is *failed*.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undeliverable {
+    pub seq: u64,
+    pub conv: ConversationId,
+    pub origin: ServerName,
+    /// The refusing server's unit result (`unknown_recipient`, …) or another snake_case code.
+    pub reason: String,
 }
 
 /// One of the caller's conversations, as `conversations` lists it (§6.10).

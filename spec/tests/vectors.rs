@@ -9,7 +9,7 @@ use missive_spec::diag::{check_deterministic, diagnostic};
 use missive_spec::{
     ClientMsgId, Content, ConversationId, ConversationSummary, Cursor, Deps, DeviceId, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind,
     Message, OrderKey, PresenceUpdate, Receipt, ReceiptKind, RegistrationPolicy, Request, RequestFrame, Response,
-    ResponseFrame, ServerName, TypingUpdate, UserId, Watermark,
+    ResponseFrame, ServerName, TypingUpdate, Undeliverable, UserId, Watermark,
 };
 use serde_json::{json, Value};
 
@@ -206,6 +206,24 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
                     current: true,
                     created_ms: 1_795_366_800_000,
                 }],
+            }),
+        ),
+        (
+            "undeliverable event",
+            "10.5",
+            f(Response::Events {
+                more: false,
+                next: 9,
+                events: vec![Event {
+                    pos: 9,
+                    event: EventKind::Undeliverable(Undeliverable {
+                        seq: m.seq,
+                        conv: m.conv,
+                        origin: m.origin.clone(),
+                        reason: "unknown_recipient".into(),
+                    }),
+                }],
+                ephemeral: vec![],
             }),
         ),
         (

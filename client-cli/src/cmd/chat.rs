@@ -98,7 +98,8 @@ pub async fn chat(profile: &Profile, json: bool, with: &str) -> anyhow::Result<(
                         }
                         // The other user's receipts change the state of our messages.
                         EventKind::Receipt(r) if r.conv == conv && r.user == with => show::receipt(json, &r, Some(e.pos)),
-                        EventKind::Receipt(_) | EventKind::Unknown(_) => {}
+                        EventKind::Undeliverable(u) if u.conv == conv => show::failed(json, &u, Some(e.pos)),
+                        EventKind::Receipt(_) | EventKind::Undeliverable(_) | EventKind::Unknown(_) => {}
                     }
                 }
                 // On screen means delivered and read.
