@@ -16,11 +16,19 @@ use missive_server::signals::Signals;
 use missive_spec::{RegistrationPolicy, ServerName};
 
 #[derive(Parser)]
-#[command(name = "missived", version, about = "Missive homeserver")]
+#[command(name = "missived", version = VERSION, about = "Missive homeserver")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// `missived --version`; a build with the test-only `sabotage` feature says so, so that
+/// scripts can refuse to serve with it.
+const VERSION: &str = if cfg!(feature = "sabotage") {
+    concat!(env!("CARGO_PKG_VERSION"), " (test build: deliberate faults compiled in, never serve with it)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
 
 /// Where the config is read from when `--config` is not given.
 const DEFAULT_CONFIG: &str = "/etc/missive/missived.toml";
@@ -79,6 +87,9 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
+        /// Log as text lines or as one JSON object per line [default: the config's `[log] format`].
+        #[arg(long, value_enum)]
+        log_format: Option<config::LogFormat>,
     },
     /// Manage accounts (works whether or not the server is running).
     User {
@@ -238,9 +249,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Init { server_name, data_dir, client_listen, federation_listen, registration, key } => {
             init(&server_name, &data_dir, client_listen, federation_listen, registration, key.as_deref())
         }
-        Command::Run { config } => {
+        Command::Run { config, log_format } => {
             let loaded = config.load()?;
-            let logging = Logging::init(&loaded.log.level);
+            let logging = Logging::init(&loaded.log.level, log_format.unwrap_or(loaded.log.format));
             let signals = Signals::register().context("cannot handle signals")?;
             missive_server::server::run(&config.path, loaded, logging, signals).await
         }

@@ -86,8 +86,8 @@ impl Reloadable {
 pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     // Taken apart field by field, so that a new setting cannot be added without deciding
     // here whether a reload applies it.
-    let Config { server_name, data_dir, key_file, client, registration, federation, log: _, peers: _, limits: _ } = new;
-    // `log` and `peers` are applied live (`Reloadable::apply`); `limits` each apply live or
+    let Config { server_name, data_dir, key_file, client, registration, federation, log, peers: _, limits: _ } = new;
+    // `log.level` and `peers` are applied live (`Reloadable::apply`); `limits` each apply live or
     // at a restart, as `LiveLimits::apply` decides and reports.
     let ClientSection { listen: client_listen, max_connections, max_connections_per_address } = client;
     let RegistrationSection { policy, token } = registration;
@@ -96,6 +96,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let (c, r, f) = (&old.client, &old.registration, &old.federation);
     [
         ("server_name", *server_name != old.server_name),
+        ("log.format", log.format != old.log.format),
         ("data_dir", *data_dir != old.data_dir),
         ("key_file", *key_file != old.key_file),
         ("client.listen", *client_listen != c.listen),

@@ -245,3 +245,25 @@ async fn on_sigterm_every_open_subscription_is_told_shutting_down() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_json_writes_one_object_per_line() {
+    let (_dir, srv) = server_with_config("alpha.test", "open", |t| t.replace("format = \"text\"", "format = \"json\"")).await;
+    register(&srv, "alice").await;
+    let log = log_shows(&srv, "\"message\"").await;
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object per line: {l:?}: {e}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}
+
+/// A build with the deliberate faults says so in `--version` (scripts/homeserver refuses to
+/// serve with one); this test binary is built with the same features as the `missived` it runs.
+#[tokio::test]
+async fn version_says_whether_deliberate_faults_are_compiled_in() {
+    let out = tokio::process::Command::new(missived()).arg("--version").output().await.unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(version.contains("test build"), cfg!(feature = "sabotage"), "{version}");
+}
