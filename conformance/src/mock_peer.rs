@@ -132,7 +132,7 @@ impl MockPeer {
     pub fn start_with_key(name: &str, ip: std::net::IpAddr, key: ServerKey) -> anyhow::Result<MockPeer> {
         tls::install_provider();
         let name = ServerName::parse(name)?;
-        let sc = tls::federation_server_config(&key, name.as_str(), FEDERATION_ALPN, Duration::from_secs(30))?;
+        let sc = tls::federation_server_config(&key, name.as_str(), FEDERATION_ALPN)?;
         let endpoint = quinn::Endpoint::server(sc, SocketAddr::new(ip, 0))?;
         let addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared::default());

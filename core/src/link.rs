@@ -207,6 +207,17 @@ impl Link {
         at
     }
 
+    /// The connection to the peer went away (its keep-alives stopped, or it closed): the
+    /// link is down until the peer answers again. Nothing is backed off: the next unit
+    /// tries at once.
+    pub fn connection_lost(&mut self, error: String) {
+        if self.up {
+            tracing::warn!(%error, "federation link down: connection lost");
+            self.up = false;
+            self.last_error = Some(error);
+        }
+    }
+
     /// This server could not read or write its own store: back off as for the peer, so a
     /// disk that refuses writes does not become a storm of resends.
     pub fn local_failure(&mut self, error: String, now: Instant, jitter: f64) -> Instant {

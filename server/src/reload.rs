@@ -71,6 +71,10 @@ impl Reloadable {
     /// Puts the live settings of `new` into effect; `old` is the configuration until now.
     fn apply(&self, old: &Config, new: &Config, discovery: DiscoveryConfig) {
         self.federation.discovery().set_statics(discovery.statics);
+        // What waited for a peer that is pinned (or pinned differently) now goes at once,
+        // not at the end of its backoff.
+        let repinned = new.peers.iter().filter(|p| !old.peers.contains(p)).map(|p| p.name.clone());
+        self.federation.repinned(repinned);
         if new.log.level != old.log.level {
             match self.logging.set_level(&new.log.level) {
                 Ok(true) => tracing::info!(level = %new.log.level, "log level changed"),

@@ -27,8 +27,6 @@ use crate::store::Store;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clients send keep-alives every 3 s; one silent this long is gone (and offline).
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// A federation link with no traffic for this long is closed (keep-alives run every 5 s).
-const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the server until SIGTERM or SIGINT, reloading `config_path` at SIGHUP, then shuts
 /// down without losing accepted work.
@@ -78,7 +76,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let fed_config = tls::federation_server_config(&key, config.server_name.as_str(), FEDERATION_ALPN, FEDERATION_IDLE_TIMEOUT)?;
+    let fed_config = tls::federation_server_config(&key, config.server_name.as_str(), FEDERATION_ALPN)?;
     let fed_endpoint = tls::bind_endpoint(config.federation.listen, fed_config, &key, b"federation")
         .with_context(|| format!("cannot listen for federation on {}", config.federation.listen))?;
     let fed_addr = fed_endpoint.local_addr()?;
