@@ -180,7 +180,7 @@ mod tests {
         install_provider();
         let (a, b) = (ServerKey::generate(), ServerKey::generate());
         let alpn = b"missive-test-fed";
-        let sc = federation_server_config(&b, "beta.test", alpn, Duration::from_secs(5)).unwrap();
+        let sc = federation_server_config(&b, "beta.test", alpn).unwrap();
         let server = quinn::Endpoint::server(sc, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = server.local_addr().unwrap();
         let accept = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });
