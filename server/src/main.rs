@@ -292,7 +292,12 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
     println!("  fingerprint: {}", key.public().fingerprint());
     println!("Start it with: missived run --config {}", config_path.display());
     println!("Another server pins this one with:");
-    println!("  missived peer add --config THEIR_CONFIG {name} {federation} {}", key.public());
+    // A wildcard address is no address to reach: peers dial the server's name instead.
+    let reach = if federation.ip().is_unspecified() { format!("{name}:{}", federation.port()) } else { federation.to_string() };
+    println!("  missived peer add --config THEIR_CONFIG {name} {reach} {}", key.public());
+    if federation.ip().is_unspecified() {
+        println!("(federation listens on every address of this machine: {reach} must reach it; give its public address instead if {name} does not resolve here)");
+    }
     Ok(())
 }
 

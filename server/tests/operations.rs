@@ -267,3 +267,21 @@ async fn version_says_whether_deliberate_faults_are_compiled_in() {
     let version = String::from_utf8_lossy(&out.stdout);
     assert_eq!(version.contains("test build"), cfg!(feature = "sabotage"), "{version}");
 }
+
+/// `init` with a wildcard federation address prints a `peer add` line another server can
+/// use: the server's name with the port, not 0.0.0.0.
+#[tokio::test]
+async fn init_on_a_wildcard_address_prints_a_reachable_peer_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(missived())
+        .args(["init", "--server-name", "alpha.example", "--federation-listen", "0.0.0.0:7451", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("peer add")).unwrap_or_else(|| panic!("no peer add line: {text}"));
+    assert!(line.contains(" alpha.example alpha.example:7451 ed25519:") && !line.contains("0.0.0.0"), "{line}");
+    assert!(text.contains("public address"), "{text}");
+}
