@@ -3,10 +3,10 @@
 //! refused units moved to dead letters).
 
 use missive_spec::federation::Unit;
-use missive_spec::{DeviceId, ErrorCode, EventKind, Undeliverable, UserId};
+use missive_spec::{DeviceId, ErrorCode, EventKind, ServerName, Undeliverable, UserId};
 
 use crate::link::Settlement;
-use crate::records::{self, DeviceRecord, PresenceRecord, TokenRecord, UserRecord};
+use crate::records::{self, DeadLetter, DeviceRecord, PresenceRecord, TokenRecord, UserRecord};
 use crate::store::{keys, Cf, Direction};
 use crate::{Core, Error, Tx};
 
@@ -214,6 +214,57 @@ impl Core {
             }
         }
         Ok(())
+    }
+}
+
+/// An operator's change to what waits for other servers.
+#[derive(Debug, Clone)]
+pub enum QueueChange {
+    /// Drops every unit queued for a destination (a peer removed, a mistyped name).
+    DropDestination(ServerName),
+    /// Puts dead letters (by their keys) back at the end of their lanes, to be sent again.
+    RetryDead(Vec<Vec<u8>>),
+    /// Deletes dead letters (by their keys).
+    DropDead(Vec<Vec<u8>>),
+}
+
+impl Core {
+    /// Applies an operator's queue change; returns how many units it touched.
+    pub fn change_queue(&mut self, tx: &mut Tx, change: QueueChange) -> Result<usize, Error> {
+        match change {
+            QueueChange::DropDestination(dest) => {
+                let rows = self.store.scan(Cf::OutQueue, &keys::queue_of(&dest), None, Direction::Forward, usize::MAX)?;
+                for (k, _) in &rows {
+                    tx.batch.delete(Cf::OutQueue, k.clone());
+                }
+                Ok(rows.len())
+            }
+            QueueChange::RetryDead(ids) => {
+                let mut n = 0;
+                for k in ids {
+                    let (Some((dest, lane, _)), Some(v)) = (keys::parse_queue(&k), self.store.get(Cf::DeadLetters, &k)?) else { continue };
+                    let dl: DeadLetter = records::decode("dead_letters", &v)?;
+                    let p = self.lane_position(&dest, lane)?;
+                    *p += 1;
+                    let pos = *p;
+                    tx.batch.put(Cf::OutQueue, keys::queue(&dest, lane, pos), records::encode(&dl.unit));
+                    tx.batch.delete(Cf::DeadLetters, k);
+                    tx.outbound.insert(dest);
+                    n += 1;
+                }
+                Ok(n)
+            }
+            QueueChange::DropDead(ids) => {
+                let mut n = 0;
+                for k in ids {
+                    if self.store.get(Cf::DeadLetters, &k)?.is_some() {
+                        tx.batch.delete(Cf::DeadLetters, k);
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            }
+        }
     }
 }
 

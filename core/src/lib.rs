@@ -42,7 +42,7 @@ use crate::inbox::HeldCounts;
 use crate::records::{ConvRecord, PresenceRecord, UserRecord};
 use crate::store::{Batch, Store, StoreError, StoreResult};
 
-pub use crate::accounts::{AccountChange, NewDevice, PresenceChange};
+pub use crate::accounts::{AccountChange, NewDevice, PresenceChange, QueueChange};
 pub use crate::inbox::{Backfill, InboundOutcome, InboundUnit};
 pub use crate::sabotage::Faults;
 

@@ -1,13 +1,14 @@
 //! The operator's channel into a running server: a Unix socket in the data directory,
 //! reachable only by the account that owns the data (mode 0600). `missived user …` and
 //! `missived device …` use it while the server runs, and open the database directly when
-//! it does not: either way the same [`Accounts::execute`] does the work, through the writer.
+//! it does not: either way the same [`Operations::execute`] does the work, through the writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use missive_core::AccountChange;
+use missive_core::{AccountChange, QueueChange};
+use missive_spec::federation::Unit;
 use missive_spec::{codec, limits, DeviceId, DeviceInfo, ErrorCode, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,6 +37,14 @@ pub enum AdminRequest {
     RemoveUser { user: UserId },
     /// Revoke one device of a user.
     RevokeDevice { user: UserId, device: DeviceId },
+    /// Units peers refused for good.
+    DeadLetters {},
+    /// Queue dead letters again (ids from `DeadLetters`; empty: all of them).
+    RetryDeadLetters { ids: Vec<String> },
+    /// Delete dead letters (ids from `DeadLetters`; empty: all of them).
+    DropDeadLetters { ids: Vec<String> },
+    /// Drop everything queued for a peer, and forget the link.
+    RemovePeer { name: ServerName },
     /// Re-read the config file and apply what can change live, as SIGHUP does
     /// ([`crate::reload::Reloadable`]); `missived peer add` sends it.
     #[serde(alias = "reload_peers")]
@@ -52,6 +61,9 @@ pub enum AdminResponse {
     User { user: UserInfo, devices: Vec<DeviceInfo> },
     /// The devices an account change revoked.
     Revoked { devices: Vec<DeviceId> },
+    DeadLetters { letters: Vec<DeadLetterInfo> },
+    /// How many units a queue change touched.
+    Count { count: usize },
     Peers { peers: Vec<crate::federation::PeerStatus> },
     Error { message: String },
 }
@@ -66,9 +78,23 @@ pub struct UserInfo {
     pub devices: usize,
 }
 
-/// What account requests need: the writer, the store to read, and the hub to end the
-/// subscriptions of revoked devices.
-pub struct Accounts {
+/// One unit a peer refused for good, as the operator sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterInfo {
+    /// `PEER/LANE/POSITION`: what `deadletters retry` and `drop` take.
+    pub id: String,
+    pub peer: ServerName,
+    pub reason: String,
+    /// `message`, `receipt`, or `unknown` (undecodable).
+    pub kind: String,
+    pub from: Option<UserId>,
+    pub to: Option<UserId>,
+    pub seq: Option<u64>,
+}
+
+/// What the operator's requests need: the writer, the store to read, and the hub to end
+/// the subscriptions of revoked devices.
+pub struct Operations {
     pub sequencer: Sequencer,
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
@@ -78,7 +104,7 @@ pub struct Accounts {
 /// Most accounts `missived user list` shows.
 const MAX_LISTED_USERS: usize = 100_000;
 
-impl Accounts {
+impl Operations {
     /// Carries out an account request; `None` for requests that need the running server.
     pub async fn execute(&self, req: AdminRequest) -> Option<AdminResponse> {
         let r = match req {
@@ -114,9 +140,34 @@ impl Accounts {
                     Err(e) => Err(e),
                 }
             }
+            AdminRequest::DeadLetters {} => {
+                let store = self.store.clone();
+                blocking(move || dead_letters(&*store)).await.map(|letters| AdminResponse::DeadLetters { letters })
+            }
+            AdminRequest::RetryDeadLetters { ids } => self.queue(ids, QueueChange::RetryDead).await,
+            AdminRequest::DropDeadLetters { ids } => self.queue(ids, QueueChange::DropDead).await,
+            AdminRequest::RemovePeer { name } => {
+                let r = self.sequencer.change_queue(QueueChange::DropDestination(name.clone())).await;
+                if let Ok(n) = &r {
+                    tracing::info!(peer = %name, dropped = n, "peer's queue dropped by operator");
+                }
+                r.map(|count| AdminResponse::Count { count })
+            }
             AdminRequest::Reload {} | AdminRequest::Peers {} => return None,
         };
         Some(r.unwrap_or_else(|e| AdminResponse::Error { message: e.message }))
+    }
+
+    /// Retries or drops the dead letters named by `ids` (all when empty).
+    async fn queue(&self, ids: Vec<String>, make: fn(Vec<Vec<u8>>) -> QueueChange) -> Result<AdminResponse, ApiError> {
+        let keys = if ids.is_empty() {
+            let store = self.store.clone();
+            blocking(move || Ok(store.scan(Cf::DeadLetters, &[], None, Direction::Forward, MAX_DEAD_LETTERS)?.into_iter().map(|(k, _)| k).collect())).await?
+        } else {
+            ids.iter().map(|id| parse_letter_id(id)).collect::<Result<Vec<_>, _>>()?
+        };
+        let count = self.sequencer.change_queue(make(keys)).await?;
+        Ok(AdminResponse::Count { count })
     }
 
     async fn change(&self, user: UserId, change: AccountChange) -> Result<AdminResponse, ApiError> {
@@ -135,6 +186,38 @@ impl Accounts {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     crate::store::blocking(f).await.map_err(ApiError::from)?
+}
+
+/// Most dead letters listed, retried or dropped at once.
+const MAX_DEAD_LETTERS: usize = 100_000;
+
+fn letter_id(dest: &ServerName, lane: u8, pos: u64) -> String {
+    format!("{dest}/{lane}/{pos}")
+}
+
+fn parse_letter_id(id: &str) -> Result<Vec<u8>, ApiError> {
+    let bad = || ApiError::invalid(format!("{id:?} is not a dead letter id (PEER/LANE/POSITION, as `deadletters list` shows)"));
+    let mut parts = id.rsplitn(3, '/');
+    let (pos, lane, dest) = (parts.next(), parts.next(), parts.next());
+    let pos: u64 = pos.and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let lane: u8 = lane.and_then(|l| l.parse().ok()).filter(|l| *l < keys::LANES).ok_or_else(bad)?;
+    let dest = dest.and_then(|d| ServerName::parse(d).ok()).ok_or_else(bad)?;
+    Ok(keys::queue(&dest, lane, pos))
+}
+
+fn dead_letters(store: &dyn Store) -> Result<Vec<DeadLetterInfo>, ApiError> {
+    let mut out = Vec::new();
+    for (k, v) in store.scan(Cf::DeadLetters, &[], None, Direction::Forward, MAX_DEAD_LETTERS)? {
+        let Some((peer, lane, pos)) = keys::parse_queue(&k) else { continue };
+        let dl: records::DeadLetter = records::decode("dead_letters", &v)?;
+        let (kind, from, to, seq) = match codec::decode::<Unit>(&dl.unit.unit) {
+            Ok(Unit::Message(m)) => ("message", Some(m.from), Some(m.to), Some(m.seq)),
+            Ok(Unit::Receipt(r)) => ("receipt", Some(r.user), Some(r.peer), None),
+            _ => ("unknown", None, None, None),
+        };
+        out.push(DeadLetterInfo { id: letter_id(&peer, lane, pos), peer, reason: dl.reason, kind: kind.into(), from, to, seq });
+    }
+    Ok(out)
 }
 
 fn user_info(store: &dyn Store, user: UserId, rec: &UserRecord) -> Result<UserInfo, ApiError> {
@@ -186,8 +269,8 @@ pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyho
         limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
     };
     let (sequencer, writer) = crate::sequencer::Sequencer::start(store.clone(), ctx)?;
-    let accounts = Accounts { sequencer: sequencer.clone(), store, hub, server: config.server_name.clone() };
-    let res = accounts.execute(req).await;
+    let ops = Operations { sequencer: sequencer.clone(), store, hub, server: config.server_name.clone() };
+    let res = ops.execute(req).await;
     sequencer.stop().await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     res.ok_or_else(|| anyhow::anyhow!("the server is not running"))
@@ -195,7 +278,7 @@ pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyho
 
 /// What the admin socket needs from the running server.
 pub struct AdminContext {
-    pub accounts: Accounts,
+    pub ops: Operations,
     pub federation: Arc<crate::federation::Federation>,
     pub reloadable: Arc<crate::reload::Reloadable>,
 }
@@ -285,7 +368,12 @@ async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()
             Ok(peers) => AdminResponse::Peers { peers },
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },
-        req => match ctx.accounts.execute(req).await {
+        AdminRequest::RemovePeer { name } => {
+            let r = ctx.ops.execute(AdminRequest::RemovePeer { name: name.clone() }).await;
+            ctx.federation.forget(&name);
+            r.unwrap_or(AdminResponse::Ok {})
+        }
+        req => match ctx.ops.execute(req).await {
             Some(r) => r,
             None => AdminResponse::Error { message: "not an account request".into() },
         },

@@ -1,6 +1,8 @@
 //! `missived`: the Missive homeserver binary. This file is the command table; account
-//! and device commands are `user_commands.rs`.
+//! and device commands are `user_commands.rs`, dead letters and peer removal
+//! `queue_commands.rs`.
 
+mod queue_commands;
 mod user_commands;
 
 use std::net::SocketAddr;
@@ -106,6 +108,12 @@ enum Command {
         #[command(subcommand)]
         command: PeerCommand,
     },
+    /// Units peers refused for good: list, send again, or delete them (works whether or not
+    /// the server is running).
+    Deadletters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// List federation peers of the running server: queue depth, link state, next retry.
     Peers {
         #[command(flatten)]
@@ -126,6 +134,53 @@ enum PeerCommand {
         name: String,
         address: String,
         key: String,
+    },
+    /// Unpin a peer and drop everything queued for it (also a mistyped server name that
+    /// was never pinned). The queued units are lost: it asks for confirmation.
+    Remove {
+        #[command(flatten)]
+        config: ConfigArg,
+        name: String,
+        /// Do not ask for confirmation (required when standard input is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Every dead letter: its id, peer, reason and what it carried.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue dead letters again, at the end of their lanes.
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Ids as `list` shows them (PEER/LANE/POSITION).
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters for good.
+    Drop {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Ids as `list` shows them (PEER/LANE/POSITION).
+        ids: Vec<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,6 +311,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             missive_server::server::run(&config.path, loaded, logging, signals).await
         }
         Command::Peer { command: PeerCommand::Add { config, name, address, key } } => peer_add(&config, &name, &address, &key).await,
+        Command::Peer { command: PeerCommand::Remove { config, name, yes, json } } => queue_commands::peer_remove(&config, &name, yes, json).await,
+        Command::Deadletters { command } => queue_commands::run(command).await,
         Command::Peers { config, json } => peers(&config.load()?, json).await,
         Command::User { command } => user_commands::run(command).await,
         Command::Device { command } => user_commands::device(command).await,
@@ -301,6 +358,23 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
     Ok(())
 }
 
+/// Replaces the config file with `text`, atomically, keeping the file's mode; refuses a
+/// text that does not load.
+fn rewrite_config(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("toml.tmp");
+    // A leftover from an interrupted run may be more open than we want; start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    // The rewrite keeps whatever mode the operator gave the file.
+    std::fs::set_permissions(&tmp, std::fs::metadata(path)?.permissions())?;
+    if let Err(e) = Config::load(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
 /// Creates `path` readable by its owner only (mode 0600): `missived.toml` may hold the
 /// registration token.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
@@ -333,14 +407,7 @@ async fn peer_add(config: &ConfigArg, name: &str, address: &str, key: &str) -> a
         text.push('\n');
     }
     text.push_str(&format!("\n[[peers]]\nname = \"{name}\"\naddress = \"{address}\"\nkey = \"{key}\"\n"));
-    let tmp = path.with_extension("toml.tmp");
-    // A leftover from an interrupted run may be more open than we want; start afresh.
-    let _ = std::fs::remove_file(&tmp);
-    write_private(&tmp, &text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    // The rewrite keeps whatever mode the operator gave the file.
-    std::fs::set_permissions(&tmp, std::fs::metadata(path)?.permissions())?;
-    Config::load(&tmp).context("the new peer entry does not load")?;
-    std::fs::rename(&tmp, path)?;
+    rewrite_config(path, &text).context("the new peer entry does not load")?;
     match admin::call(&config.admin_socket(), &AdminRequest::Reload {}).await? {
         Some(AdminResponse::Error { message }) => bail!("peer saved, but the running server did not reload: {message}"),
         Some(_) => println!("pinned {name} at {address}; the running server uses it now"),

@@ -24,7 +24,7 @@ use crate::hub::Hub;
 use crate::records::PresenceRecord;
 use crate::store::{Store, StoreResult};
 
-pub use missive_core::{AccountChange, Backfill, InboundUnit, NewDevice, PresenceChange};
+pub use missive_core::{AccountChange, Backfill, InboundUnit, NewDevice, PresenceChange, QueueChange};
 
 /// Most commands folded into one synced write.
 const MAX_GROUP: usize = 512;
@@ -44,6 +44,8 @@ pub enum Cmd {
     RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
     /// Changes an account; replies with the devices it revoked.
     Account { user: UserId, change: AccountChange, reply: Reply<Vec<DeviceId>> },
+    /// An operator's change to queued units or dead letters; replies how many it touched.
+    Queue { change: QueueChange, reply: Reply<usize> },
     /// Settles an outbound transaction: removes the queue rows the peer took, and moves
     /// the ones it refused for good to dead letters.
     Settle { settlement: Settlement, reply: Reply<()> },
@@ -139,6 +141,10 @@ impl Sequencer {
     /// caller wakes the user's subscriptions so that revoked ones end.
     pub async fn change_account(&self, user: UserId, change: AccountChange) -> Result<Vec<DeviceId>, ApiError> {
         self.call(|reply| Cmd::Account { user, change, reply }).await
+    }
+    /// Drops a destination's queue, or retries or drops dead letters; how many units.
+    pub async fn change_queue(&self, change: QueueChange) -> Result<usize, ApiError> {
+        self.call(|reply| Cmd::Queue { change, reply }).await
     }
     /// Records a settled transaction: delivered rows removed, refused ones dead letters.
     pub async fn settle(&self, settlement: Settlement) -> Result<(), ApiError> {
@@ -285,6 +291,7 @@ impl Writer {
             Cmd::AddDevice { user, device, reply } => finish(done, reply, core.add_device(tx, &user, device).map_err(Into::into)),
             Cmd::RemoveDevice { user, device, reply } => finish(done, reply, core.remove_device(tx, &user, device).map_err(Into::into)),
             Cmd::Account { user, change, reply } => finish(done, reply, core.change_account(tx, &user, change).map_err(Into::into)),
+            Cmd::Queue { change, reply } => finish(done, reply, core.change_queue(tx, change).map_err(Into::into)),
             Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
             Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
         };

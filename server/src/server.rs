@@ -115,7 +115,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let serving = tokio::spawn(api.serve(endpoint.clone()));
     let reloadable = Arc::new(Reloadable::new(config_path, config.clone(), federation.clone(), logging, live.clone()));
     let admin_ctx = crate::admin::AdminContext {
-        accounts: crate::admin::Accounts { sequencer: sequencer.clone(), store: admin_store, hub, server: config.server_name.clone() },
+        ops: crate::admin::Operations { sequencer: sequencer.clone(), store: admin_store, hub, server: config.server_name.clone() },
         federation: federation.clone(),
         reloadable: reloadable.clone(),
     };

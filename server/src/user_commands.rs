@@ -13,7 +13,7 @@ use crate::{DeviceCommand, UserCommand};
 
 /// Sends an account request to the running server, or carries it out on the database
 /// when no server runs.
-async fn call(config: &Config, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+pub async fn call(config: &Config, req: AdminRequest) -> anyhow::Result<AdminResponse> {
     let res = match admin::call(&config.admin_socket(), &req).await? {
         Some(r) => r,
         None => admin::offline(config, req).await?,
@@ -79,19 +79,20 @@ fn report(json: bool, user: &UserId, what: &str, res: AdminResponse) {
     }
 }
 
-/// Asks the operator to type the user id before a removal; `--yes` skips it.
-fn confirm_removal(user: &UserId, yes: bool) -> anyhow::Result<()> {
+/// Asks the operator to type what is removed (a user id, a peer's name) before a removal
+/// that cannot be undone; `--yes` skips it.
+pub fn confirm_removal(user: &str, yes: bool) -> anyhow::Result<()> {
     if yes {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
         bail!("removing {user} cannot be undone; pass --yes to confirm");
     }
-    eprint!("Removing {user} logs out its devices and retires the id for good. Type the user id to confirm: ");
+    eprint!("Removing {user} cannot be undone. Type {user} to confirm: ");
     std::io::stderr().flush()?;
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
-    if line.trim() != user.as_str() {
+    if line.trim() != user {
         bail!("not confirmed; nothing was changed");
     }
     Ok(())
@@ -139,7 +140,7 @@ pub async fn run(command: UserCommand) -> anyhow::Result<()> {
         UserCommand::Remove { config, name, yes, json } => {
             let config = config.load()?;
             let user = user_of(&config, &name)?;
-            confirm_removal(&user, yes)?;
+            confirm_removal(user.as_str(), yes)?;
             let res = call(&config, AdminRequest::RemoveUser { user: user.clone() }).await?;
             report(json, &user, "removed", res);
         }

@@ -75,6 +75,8 @@ pub struct PeerStatus {
 
 struct Peer {
     name: ServerName,
+    /// Set when the operator removed the peer: its senders end.
+    gone: std::sync::atomic::AtomicBool,
     /// One wake-up per lane.
     wake: Vec<Notify>,
     link: Mutex<Link>,
@@ -195,6 +197,7 @@ impl Federation {
         let p = Arc::new(Peer {
             name: name.clone(),
             wake: (0..LANES).map(|_| Notify::new()).collect(),
+            gone: std::sync::atomic::AtomicBool::new(false),
             link: Mutex::new(Link::new(self.timing.retry_base, self.timing.retry_cap, crate::sabotage::core_faults())),
             conn: tokio::sync::Mutex::new(None),
         });
@@ -216,6 +219,16 @@ impl Federation {
                 *slot = None;
             }
             p.link().contacted();
+            p.wake_all();
+        }
+    }
+
+    /// The operator removed a peer (its queue is dropped): its senders end and it leaves
+    /// `missived peers`. A later unit for it starts a new link.
+    pub fn forget(&self, name: &ServerName) {
+        let removed = self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some(p) = removed {
+            p.gone.store(true, std::sync::atomic::Ordering::Relaxed);
             p.wake_all();
         }
     }

@@ -20,7 +20,7 @@ impl Federation {
         let mut shutdown = self.shutdown.clone();
         let wake = &peer.wake[usize::from(lane)];
         loop {
-            if *shutdown.borrow() {
+            if *shutdown.borrow() || peer.gone.load(std::sync::atomic::Ordering::Relaxed) {
                 return;
             }
             let next = peer.link().next_attempt(Instant::now());
