@@ -1,12 +1,14 @@
 //! `missive`: the Missive command-line client. This file is the command table: the
 //! command line's definition and which module runs each command (`cmd/`). Connecting from
 //! a profile is `connect.rs`, following the live event stream across reconnections is
-//! `follow.rs`, and printing is `show.rs`.
+//! `follow.rs`, printing is `show.rs`, and the full-screen chat is `tui/`.
 
 mod cmd;
 mod connect;
 mod follow;
+mod seen;
 mod show;
+mod tui;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,14 +21,14 @@ const JSON_HELP: &str = "\
 With --json, every command prints one JSON object per line, each with a \"type\":
   session  {type, user, device, server}                      login, register
   sent     {type, conv, origin, seq, rank, from, to, ts,
-            content_type, text | body_base64}                send
+            content_type, text | body_base64}                send, chat
   message  {type, [pos], conv, origin, seq, rank, from, to,
             ts, content_type, text | body_base64, [state]}   history, sync, listen, chat
-            (state: sent, delivered or read; on one's own messages in history and chat)
+            (state: sent, delivered or read; on one's own messages in history)
   receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
   device   {type, id, name, current, created_ms}             devices
-  queued   {type, to, text, client_msg_id, created_ms}       send (server unreachable), outbox
+  queued   {type, to, text, client_msg_id, created_ms}       send, chat (server unreachable), outbox
   presence {type, user, online, last_seen}                   presence, listen, chat
   typing   {type, user, conv, until}                         listen, chat
   page     {type, count, older, newer}                       history (last line; cursors or null)
@@ -101,8 +103,13 @@ enum Command {
     Sync,
     /// Print events as they arrive, until interrupted.
     Listen,
-    /// Chat interactively: type lines to send; Ctrl-D or Ctrl-C quits.
-    Chat { with: String },
+    /// Chat: full-screen in a terminal (conversation list, scrollback, states, typing;
+    /// /help inside); with input or output redirected, or --json, typed lines are sent
+    /// and arrivals printed, until /quit or the end of input.
+    Chat {
+        /// The user to chat with (required outside a terminal).
+        with: Option<String>,
+    },
     /// Revoke this device's access token and forget the session.
     Logout,
     /// Mark the conversation with a user as read, on every device.
@@ -176,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History { with, limit, before, after } => cmd::history::history(p, json, &with, limit, before, after).await,
         Command::Sync => cmd::sync::sync(p, json).await,
         Command::Listen => cmd::listen::listen(p, json).await,
-        Command::Chat { with } => cmd::chat::chat(p, json, &with).await,
+        Command::Chat { with } => cmd::chat::chat(p, json, with.as_deref()).await,
         Command::Read { with } => cmd::history::read(p, json, &with).await,
         Command::Presence { user } => cmd::presence::presence(p, json, &user).await,
         Command::Typing { with } => cmd::presence::typing(p, json, &with).await,
