@@ -18,8 +18,8 @@ fn missive_bin() -> &'static str {
     env!("CARGO_BIN_EXE_missive")
 }
 
-/// Runs `missive --profile PROFILE ARGS` with `stdin`; it must succeed. Returns stdout.
-async fn ok(profile: &Path, args: &[&str], stdin: &str) -> String {
+/// `missive --profile PROFILE ARGS` given `stdin`, run to its end; it must succeed.
+async fn finished(profile: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     let mut child = Command::new(missive_bin())
         .env_remove("MISSIVE_PROFILE")
         .env("MISSIVE_CONNECT_TIMEOUT_MS", "500")
@@ -37,7 +37,12 @@ async fn ok(profile: &Path, args: &[&str], stdin: &str) -> String {
     drop(pipe);
     let out = tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap();
     assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
+    out
+}
+
+/// Like [`finished`]; returns standard output.
+async fn ok(profile: &Path, args: &[&str], stdin: &str) -> String {
+    String::from_utf8(finished(profile, args, stdin).await.stdout).unwrap()
 }
 
 fn json_lines(s: &str) -> Vec<Value> {
@@ -114,7 +119,10 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
     // bob chats: reads what came, answers, leaves with /quit (never sent).
     let chat1 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], "answer\n/quit\nnot sent\n").await);
     let texts = |v: &[Value]| -> Vec<String> {
-        v.iter().filter(|o| o["type"] == "message" || o["type"] == "sent").map(|o| o["text"].as_str().unwrap().to_owned()).collect()
+        v.iter()
+            .filter(|o| o["type"] == "message" || o["type"] == "sent")
+            .map(|o| o["text"].as_str().unwrap().to_owned())
+            .collect()
     };
     assert_eq!(texts(&chat1), vec!["one", "two", "answer"], "{chat1:?}");
     // alice reads bob's answer, and writes again.
@@ -148,25 +156,11 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
 async fn line_mode_refuses_an_over_long_line_and_goes_on() {
     let u = users(&["alpha.test"]).await;
     let long = "x".repeat(missive_spec::limits::MAX_CONTENT_BODY + 1);
-    let mut child = Command::new(missive_bin())
-        .env("MISSIVE_CONNECT_TIMEOUT_MS", "500")
-        .arg("--profile")
-        .arg(&u.bob)
-        .args(["--json", "chat", "@alice:alpha.test"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(format!("{long}\nstill here\n").as_bytes()).await.unwrap();
-    drop(pipe);
-    let out = tokio::time::timeout(DEADLINE, child.wait_with_output()).await.unwrap().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = finished(&u.bob, &["--json", "chat", "@alice:alpha.test"], &format!("{long}\nstill here\n")).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not sent: the line is 16385 bytes, over the limit of 16384 bytes"), "{stderr}");
-    let sent: Vec<Value> = json_lines(&String::from_utf8_lossy(&out.stdout)).into_iter().filter(|v| v["type"] == "sent").collect();
+    let sent: Vec<Value> =
+        json_lines(&String::from_utf8_lossy(&out.stdout)).into_iter().filter(|v| v["type"] == "sent").collect();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0]["text"], "still here");
 }
@@ -184,7 +178,8 @@ impl Tmux {
     }
 
     async fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().await.unwrap();
+        // -u: the screen is UTF-8 (box drawing, `…`) whatever the locale says.
+        let out = Command::new("tmux").args(["-u", "-L", &self.socket]).args(args).output().await.unwrap();
         assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -220,7 +215,13 @@ impl Tmux {
             if check(&s) {
                 return s;
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what} on {name}'s screen:\n{s}");
+            if tokio::time::Instant::now() >= deadline {
+                let mut all = String::new();
+                for other in self.tmux(&["list-sessions", "-F", "#{session_name}"]).await.lines() {
+                    all += &format!("{other}'s screen:\n{}\n", self.screen(other).await);
+                }
+                panic!("timed out waiting for {what} on {name}'s screen\n{all}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -239,7 +240,11 @@ impl Drop for Tmux {
 /// The row of the input box: the one above the status line, inside the box.
 fn input_row(screen: &str) -> String {
     let rows: Vec<&str> = screen.lines().collect();
-    rows.iter().rev().find(|r| r.starts_with('│')).map(|r| r.trim_matches(|c| c == '│' || c == ' ').to_owned()).unwrap_or_default()
+    rows.iter()
+        .rev()
+        .find(|r| r.starts_with('│'))
+        .map(|r| r.trim_matches(|c| c == '│' || c == ' ').to_owned())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +266,7 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
 
     // alice writes while no device of bob's is online: her message stays `sent`.
     tmux.chat("alice", &u.alice, bob_id).await;
-    tmux.shows("alice", "@bob:beta.test: hello bob").await;
+    tmux.shows("alice", "@bob:beta.test: hello alice").await;
     tmux.typed("alice", "first ping").await;
     tmux.key("alice", "Enter").await;
     tmux.shows("alice", "you: first ping  [sent]").await;
