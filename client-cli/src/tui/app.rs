@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use missive_cli::client::{message_state, new_client_msg_id, Frame, Page};
 use missive_cli::receipts::delivered_up_to;
+use missive_core::ephemeral::TYPING_MIN_INTERVAL_MS;
 use missive_spec::{
     limits, ClientMsgId, ConversationId, Cursor, DeviceInfo, Ephemeral, EventKind, Message, OrderKey, PresenceUpdate,
     Receipt, ReceiptKind, UserId, Watermark,
@@ -221,7 +222,12 @@ pub struct App {
     pub quit: bool,
     pub now_ms: u64,
     seen: Seen,
-    typing_sent_ms: Option<u64>,
+    /// When the last typing notification went out.
+    typing_last_ms: Option<u64>,
+    /// The earliest time the next may go.
+    typing_next_ms: u64,
+    /// A key was pressed while the next could not go yet: it goes when it may.
+    typing_due: bool,
 }
 
 impl App {
@@ -240,7 +246,9 @@ impl App {
             quit: false,
             now_ms,
             seen: Seen::default(),
-            typing_sent_ms: None,
+            typing_last_ms: None,
+            typing_next_ms: 0,
+            typing_due: false,
         };
         if let Some(with) = open {
             app.conversation(&with);
@@ -306,7 +314,17 @@ impl App {
 
     // ---- events ------------------------------------------------------------------------
 
-    pub fn tick(&mut self, now_ms: u64) {
+    /// The clock moved: typing notices and the status expire, and a typing notification
+    /// held back by the rate limit goes out.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        self.advance(now_ms);
+        if self.typing_due && now_ms >= self.typing_next_ms && !self.editor.is_empty() {
+            return self.typing();
+        }
+        Vec::new()
+    }
+
+    fn advance(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         for c in &mut self.convs {
             if c.typing_until.is_some_and(|t| t <= now_ms) {
@@ -333,7 +351,7 @@ impl App {
 
     /// A terminal event.
     pub fn terminal(&mut self, e: Event, now_ms: u64) -> Vec<Action> {
-        self.tick(now_ms);
+        self.advance(now_ms);
         match e {
             Event::Key(k) if k.kind != KeyEventKind::Release => self.key(k),
             Event::Paste(s) => {
@@ -396,11 +414,21 @@ impl App {
         if self.editor.text().starts_with('/') && !self.editor.text().starts_with("//") {
             return Vec::new();
         }
-        if self.typing_sent_ms.is_some_and(|t| self.now_ms < t + TYPING_EVERY_MS) {
+        if self.now_ms < self.typing_next_ms {
+            self.typing_due = true;
             return Vec::new();
         }
-        self.typing_sent_ms = Some(self.now_ms);
+        self.typing_due = false;
+        self.typing_last_ms = Some(self.now_ms);
+        self.typing_next_ms = self.now_ms + TYPING_EVERY_MS;
         vec![Action::Typing { with }]
+    }
+
+    /// A message went (its arrival ends the peer's typing notice) or another conversation
+    /// opened: the next keystroke may notify again as soon as the server allows.
+    fn typing_may_renew(&mut self) {
+        self.typing_due = false;
+        self.typing_next_ms = self.typing_last_ms.map_or(0, |t| t + TYPING_MIN_INTERVAL_MS);
     }
 
     fn scroll_up(&mut self, by: usize) -> Vec<Action> {
@@ -432,7 +460,7 @@ impl App {
         self.conversation(&with);
         self.open = Some(with.clone());
         self.scroll = 0;
-        self.typing_sent_ms = None;
+        self.typing_may_renew();
         match self.current() {
             Some(c) if !c.loaded => {
                 vec![Action::History { with: with.clone(), before: None }, Action::Presence { user: with }]
@@ -482,7 +510,7 @@ impl App {
         }
         self.editor.take();
         self.scroll = 0;
-        self.typing_sent_ms = None;
+        self.typing_may_renew();
         vec![Action::Send { to, text, id: new_client_msg_id() }]
     }
 
@@ -515,7 +543,7 @@ impl App {
     /// the delivered receipts for what arrived, and a read receipt for the open
     /// conversation.
     pub fn frame(&mut self, f: &Frame, now_ms: u64) -> Vec<Action> {
-        self.tick(now_ms);
+        self.advance(now_ms);
         let mut actions: Vec<Action> = delivered_up_to(&self.me, &f.events)
             .into_iter()
             .map(|(with, up_to)| Action::Receipt { with, kind: ReceiptKind::Delivered, up_to })
@@ -607,7 +635,7 @@ impl App {
 
     /// The answer to a request.
     pub fn done(&mut self, d: Done, now_ms: u64) -> Vec<Action> {
-        self.tick(now_ms);
+        self.advance(now_ms);
         match d {
             Done::Sent(m) => {
                 self.saw(&m);
@@ -801,8 +829,18 @@ pub(crate) mod tests {
         let (bob, alice, mut app) = two();
         let typed = |a: &[Action]| a.iter().filter(|a| matches!(a, Action::Typing { .. })).count();
         assert_eq!(typed(&keys(&mut app, "hello")), 1, "one for a burst of keys");
+        assert_eq!(typed(&app.tick(app.now_ms + TYPING_EVERY_MS - 1)), 0);
+        assert_eq!(typed(&app.tick(app.now_ms + 1)), 1, "keys typed meanwhile renew it when the interval ends");
+        assert_eq!(typed(&app.tick(app.now_ms + TYPING_EVERY_MS)), 0, "no keys, no renewal");
+        assert_eq!(typed(&keys(&mut app, "!")), 1, "a key after the interval");
+        // Sent: the next message's typing may go as soon as the server allows (1 s), and
+        // a burst of keys before that is announced then, not lost.
+        enter(&mut app);
+        assert_eq!(typed(&keys(&mut app, "next")), 0);
+        assert_eq!(typed(&app.tick(app.now_ms + TYPING_MIN_INTERVAL_MS - 1)), 0);
+        assert_eq!(typed(&app.tick(app.now_ms + 1)), 1);
+        app.editor.take();
         app.tick(app.now_ms + TYPING_EVERY_MS);
-        assert_eq!(typed(&keys(&mut app, "!")), 1, "again once the interval passed");
         assert_eq!(typed(&keys(&mut app, "/x")), 0);
 
         let t = TypingUpdate {

@@ -15,7 +15,7 @@ use anyhow::Context;
 use missive_cli::client::{Client, ClientError};
 use missive_cli::outbox::{Outbox, Queued};
 use missive_cli::profile::Profile;
-use missive_spec::{Content, UserId};
+use missive_spec::{Content, ErrorCode, UserId};
 use ratatui::crossterm::event::{self, DisableBracketedPaste, EnableBracketedPaste, Event};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{self, EnterAlternateScreen, LeaveAlternateScreen};
@@ -128,11 +128,11 @@ fn request_task() -> (mpsc::Sender<Job>, mpsc::Receiver<Answer>) {
                     Err(e) => Some(Answer::Done(Done::Failed { what: "sending", error: e.to_string() })),
                 },
                 // The server limits typing notifications too; a refusal is not worth a word.
-                Action::Typing { with } => c
-                    .typing(&with)
-                    .await
-                    .err()
-                    .map(|e| Answer::Done(Done::Failed { what: "typing", error: e.to_string() })),
+                Action::Typing { with } => match c.typing(&with).await {
+                    // The screen keeps to the server's limit; a refusal at its edge is harmless.
+                    Ok(()) | Err(ClientError::Server { code: ErrorCode::RateLimited, .. }) => None,
+                    Err(e) => Some(Answer::Done(Done::Failed { what: "a typing notification", error: e.to_string() })),
+                },
                 Action::Receipt { with, kind, up_to } => c
                     .receipt(&with, kind, up_to)
                     .await
@@ -250,7 +250,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                     }
                 }
             },
-            Ok(Next::Input(Input::Tick)) => app.tick(now),
+            Ok(Next::Input(Input::Tick)) => pending.extend(app.tick(now)),
             Ok(Next::Unreachable(delay)) => app.connection(Connection::Offline(format!(
                 "server unreachable, next try in {} s",
                 delay.as_secs().max(1)
