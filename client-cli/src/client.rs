@@ -7,7 +7,7 @@ use missive_transport::tls::{self, Pin, PinnedServerVerifier};
 use missive_transport::PublicKey;
 use missive_spec::wire::CLIENT_ALPN;
 use missive_spec::{
-    codec, limits, ClientMsgId, Content, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, Message, ReceiptKind, Request,
+    codec, limits, ClientMsgId, Content, ConversationSummary, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, Message, ReceiptKind, Request,
     RequestFrame, Response, ResponseFrame, ServerName, UserId, Watermark, PROTOCOL_VERSION,
 };
 use rand::RngCore;
@@ -339,6 +339,15 @@ impl Client {
     pub async fn typing(&self, with: &UserId) -> Result<(), ClientError> {
         match self.request(Request::Typing { with: with.clone() }).await? {
             Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// One page of the caller's conversations, most recently active first (§6.10), and
+    /// the cursor of the next page if there is one.
+    pub async fn conversations(&self, limit: Option<u32>, before: Option<Cursor>) -> Result<(Vec<ConversationSummary>, Option<Cursor>), ClientError> {
+        match self.request(Request::Conversations { limit, before }).await? {
+            Response::Conversations { older, conversations } => Ok((conversations, older)),
             r => Err(unexpected(r)),
         }
     }

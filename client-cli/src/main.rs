@@ -27,7 +27,13 @@ With --json, every command prints one JSON object per line, each with a \"type\"
             (state: sent, delivered or read; on one's own messages in history)
   receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
+  failed   {type, pos, conv, origin, seq, reason}            sync, listen, chat
+            (the recipient's server refused your message #seq for good)
   device   {type, id, name, current, created_ms}             devices
+  conversation {type, with, conv, active_ms, unread,
+            unread_capped, online, last_seen, last}          conversations
+            (last: the newest message's fields, or null; online and
+            last_seen null when the peer's presence is not shared)
   queued   {type, to, text, client_msg_id, created_ms}       send, chat (server unreachable), outbox
   presence {type, user, online, last_seen}                   presence, listen, chat
   typing   {type, user, conv, until}                         listen, chat
@@ -116,6 +122,12 @@ enum Command {
     Read { with: String },
     /// List this user's devices.
     Devices,
+    /// Your conversations, most recently active first: last message, unread count, presence.
+    Conversations {
+        /// List at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
     /// Whether a user you have a conversation with is online, or when last seen.
     Presence { user: String },
     /// Tell a user you are typing (it shows in their chat for a few seconds).
@@ -189,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Typing { with } => cmd::presence::typing(p, json, &with).await,
         Command::Settings { hide_last_seen } => cmd::account::settings(p, json, matches!(hide_last_seen, bool_arg::Bool::True)).await,
         Command::Devices => cmd::account::devices(p, json).await,
+        Command::Conversations { limit } => cmd::conversations::conversations(p, json, limit).await,
         Command::Revoke { device } => cmd::account::revoke(p, json, &device).await,
         Command::Logout => cmd::account::logout(p, json).await,
     }

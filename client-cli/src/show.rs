@@ -8,7 +8,7 @@ use missive_cli::output::{
     receipt_json, receipt_line,
 };
 use missive_cli::Page;
-use missive_spec::{Ephemeral, Event, EventKind, Message, Receipt, UserId};
+use missive_spec::{Ephemeral, Event, EventKind, Message, Receipt, Undeliverable, UserId};
 use serde_json::json;
 
 pub fn message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
@@ -41,8 +41,19 @@ pub fn event(json: bool, e: &Event) {
     match &e.event {
         EventKind::Message(m) => message(json, "message", m, Some(e.pos)),
         EventKind::Receipt(r) => receipt(json, r, Some(e.pos)),
+        EventKind::Undeliverable(u) => failed(json, u, Some(e.pos)),
         // A kind this version does not know (spec §6.5): skipped.
         EventKind::Unknown(_) => {}
+    }
+}
+
+/// One of the user's messages the recipient's server refused for good (spec §10.5):
+/// `{"type":"failed","pos":…,"conv":…,"origin":…,"seq":…,"reason":…}`.
+pub fn failed(json: bool, u: &Undeliverable, pos: Option<u64>) {
+    if json {
+        println!("{}", json!({"type": "failed", "pos": pos, "conv": u.conv.to_hex(), "origin": u.origin.as_str(), "seq": u.seq, "reason": u.reason}));
+    } else {
+        println!("-- your message {} #{} could not be delivered [failed: {}]", u.origin, u.seq, u.reason.replace('_', " "));
     }
 }
 

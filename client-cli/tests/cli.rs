@@ -358,3 +358,27 @@ async fn devices_are_listed_and_another_can_be_revoked() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
     assert_eq!(json_lines(&ok(&s.bob, &["--json", "devices"], None).await).len(), 1);
 }
+
+#[tokio::test]
+async fn conversations_list_last_message_unread_and_presence() {
+    let s = setup().await;
+    let out = run(&s.bob, &["conversations"], None).await;
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no conversations"), "{out:?}");
+    for i in 0..3 {
+        ok(&s.alice, &["send", "@bob:alpha.test", &format!("c{i}")], None).await;
+    }
+    let list = json_lines(&ok(&s.bob, &["--json", "conversations"], None).await);
+    assert_eq!(list.len(), 1, "{list:?}");
+    let c = &list[0];
+    assert_eq!((c["type"].as_str(), c["with"].as_str()), (Some("conversation"), Some("@alice:alpha.test")));
+    assert_eq!(c["unread"], 3);
+    assert_eq!(c["last"]["text"], "c2");
+    // Presence is not shared until bob has written too.
+    assert!(c["online"].is_null(), "{c}");
+    ok(&s.bob, &["send", "@alice:alpha.test", "hi"], None).await;
+    let c = &json_lines(&ok(&s.alice, &["--json", "conversations"], None).await)[0];
+    assert_eq!((c["unread"].as_u64(), c["last"]["text"].as_str()), (Some(1), Some("hi")));
+    assert_eq!(c["online"], false, "bob holds no subscription: {c}");
+    let human = ok(&s.alice, &["conversations"], None).await;
+    assert!(human.contains("@bob:alpha.test") && human.contains("1 unread") && human.contains(": hi"), "{human}");
+}

@@ -132,7 +132,7 @@ impl MockPeer {
     pub fn start_with_key(name: &str, ip: std::net::IpAddr, key: ServerKey) -> anyhow::Result<MockPeer> {
         tls::install_provider();
         let name = ServerName::parse(name)?;
-        let sc = tls::federation_server_config(&key, name.as_str(), FEDERATION_ALPN, Duration::from_secs(30))?;
+        let sc = tls::federation_server_config(&key, name.as_str(), FEDERATION_ALPN)?;
         let endpoint = quinn::Endpoint::server(sc, SocketAddr::new(ip, 0))?;
         let addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared::default());
@@ -331,12 +331,18 @@ async fn serve_stream(sh: Arc<Shared>, conn: quinn::Connection, mut send: quinn:
 }
 
 /// A well-behaved receiver's answer for one unit (no checks beyond dedupe).
+/// The one user the mock has not got: messages to it are refused for good.
+pub const NOBODY: &str = "nobody";
+
 fn admit(sh: &Shared, u: &SignedUnit) -> UnitResult {
     let Ok(unit) = envelope::open_trusted(u) else { return UnitResult::BadUnit };
     let Unit::Message(m) = unit else {
         sh.observed.lock().unwrap().accepted.push(u.clone());
         return UnitResult::Accepted;
     };
+    if m.to.localpart() == NOBODY {
+        return UnitResult::UnknownRecipient;
+    }
     let hash = u.hash();
     let mut seen = sh.seen.lock().unwrap();
     match seen.get(&(m.conv, m.origin.to_string(), m.seq)) {

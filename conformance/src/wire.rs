@@ -19,7 +19,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::VerifyingKey;
 use missive_spec::{
-    codec, ClientMsgId, Content, Cursor, DeviceId, DeviceInfo, Ephemeral, ErrorCode, Event, Message, PresenceUpdate,
+    codec, ClientMsgId, Content, ConversationSummary, Cursor, DeviceId, DeviceInfo, Ephemeral, ErrorCode, Event, Message, PresenceUpdate,
     ReceiptKind, Request, RequestFrame, Response, ResponseFrame, ServerName, UserId, Watermark, PROTOCOL_VERSION,
 };
 use rand::RngCore;
@@ -366,6 +366,14 @@ impl Client {
 
     pub async fn typing(&self, with: &UserId) -> Result<(), ClientError> {
         expect_ok(self.request(Request::Typing { with: with.clone() }).await?)
+    }
+
+    /// One page of the caller's conversations (§6.10) and the cursor of the next.
+    pub async fn conversations(&self, limit: Option<u32>, before: Option<Cursor>) -> Result<(Vec<ConversationSummary>, Option<Cursor>), ClientError> {
+        match self.request(Request::Conversations { limit, before }).await? {
+            Response::Conversations { older, conversations } => Ok((conversations, older)),
+            r => Err(unexpected(r)),
+        }
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {

@@ -2,7 +2,8 @@
 //! outlive a restart, and the settlement of outbound transactions (queue rows removed,
 //! refused units moved to dead letters).
 
-use missive_spec::{DeviceId, ErrorCode, UserId};
+use missive_spec::federation::Unit;
+use missive_spec::{DeviceId, ErrorCode, EventKind, Undeliverable, UserId};
 
 use crate::link::Settlement;
 use crate::records::{self, DeviceRecord, PresenceRecord, TokenRecord, UserRecord};
@@ -13,6 +14,17 @@ pub struct NewDevice {
     pub id: DeviceId,
     pub name: Option<String>,
     pub token_hash: [u8; 32],
+}
+
+/// An operator's (or, for the password, the user's own) change to an account.
+#[derive(Debug, Clone)]
+pub enum AccountChange {
+    /// A new password hash; with `logout_others`, every device but `keep` is revoked.
+    Password { hash: String, logout_others: bool, keep: Option<DeviceId> },
+    /// Disables (every device revoked, no login) or enables the account.
+    Disabled(bool),
+    /// Removes the account for good (§6.2).
+    Remove,
 }
 
 /// A change to a local user's stored presence facts.
@@ -32,17 +44,100 @@ impl Core {
         if self.user_exists(tx, &user)? {
             return Err(Error::refused(ErrorCode::UserExists, format!("{user} already exists")));
         }
-        let rec = UserRecord { password_hash, created_ms: tx.now_ms };
-        tx.batch.put(Cf::Users, keys::user(user.localpart()), records::encode(&rec));
+        let rec = UserRecord { password_hash, created_ms: tx.now_ms, disabled: false, removed_ms: None };
         tx.users.insert(user.localpart().to_owned());
+        self.save_user(tx, &user, rec);
         if let Some(d) = device {
             put_device(tx, &user, d);
         }
         Ok(())
     }
 
+    /// The stored record of a local user, as this group has changed it.
+    fn user_record(&self, tx: &Tx, user: &UserId) -> Result<UserRecord, Error> {
+        if let Some(r) = tx.accounts.get(user.localpart()) {
+            return Ok(r.clone());
+        }
+        match self.store.get(Cf::Users, &keys::user(user.localpart()))? {
+            Some(v) => Ok(records::decode("users", &v)?),
+            None => Err(Error::refused(ErrorCode::UnknownUser, format!("no such user {user}"))),
+        }
+    }
+
+    fn save_user(&self, tx: &mut Tx, user: &UserId, rec: UserRecord) {
+        tx.batch.put(Cf::Users, keys::user(user.localpart()), records::encode(&rec));
+        tx.accounts.insert(user.localpart().to_owned(), rec);
+    }
+
+    /// Revokes every device of a user but `keep`; returns the devices revoked.
+    fn remove_devices(&mut self, tx: &mut Tx, user: &UserId, keep: Option<&DeviceId>) -> Result<Vec<DeviceId>, Error> {
+        let mut ids: Vec<DeviceId> = tx.devices.keys().filter(|(l, _)| l == user.localpart()).map(|(_, d)| d.clone()).collect();
+        for (k, _) in self.store.scan(Cf::Devices, &keys::devices_of(user.localpart()), None, Direction::Forward, usize::MAX)? {
+            ids.extend(keys::parse_device(&k).map(|(_, id)| id));
+        }
+        ids.sort();
+        ids.dedup();
+        let mut gone = Vec::new();
+        for id in ids {
+            if Some(&id) != keep {
+                self.remove_device(tx, user, id.clone())?;
+                gone.push(id);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Applies an account change; returns the devices it revoked.
+    pub fn change_account(&mut self, tx: &mut Tx, user: &UserId, change: AccountChange) -> Result<Vec<DeviceId>, Error> {
+        match change {
+            AccountChange::Password { hash, logout_others, keep } => self.set_password(tx, user, hash, logout_others, keep.as_ref()),
+            AccountChange::Disabled(d) => self.set_disabled(tx, user, d),
+            AccountChange::Remove => self.remove_user(tx, user),
+        }
+    }
+
+    fn set_password(&mut self, tx: &mut Tx, user: &UserId, password_hash: String, logout_others: bool, keep: Option<&DeviceId>) -> Result<Vec<DeviceId>, Error> {
+        let mut rec = self.user_record(tx, user)?;
+        if !rec.exists() {
+            return Err(Error::refused(ErrorCode::UnknownUser, format!("{user} was removed")));
+        }
+        rec.password_hash = password_hash;
+        self.save_user(tx, user, rec);
+        if logout_others {
+            return self.remove_devices(tx, user, keep);
+        }
+        Ok(Vec::new())
+    }
+
+    fn set_disabled(&mut self, tx: &mut Tx, user: &UserId, disabled: bool) -> Result<Vec<DeviceId>, Error> {
+        let mut rec = self.user_record(tx, user)?;
+        if !rec.exists() {
+            return Err(Error::refused(ErrorCode::UnknownUser, format!("{user} was removed")));
+        }
+        rec.disabled = disabled;
+        self.save_user(tx, user, rec);
+        if disabled {
+            return self.remove_devices(tx, user, None);
+        }
+        Ok(Vec::new())
+    }
+
+    /// Removes an account: every device revoked, the record kept as a tombstone so that
+    /// the id is never issued again (§6.2). Its messages stay in the conversations of the
+    /// people it wrote to.
+    fn remove_user(&mut self, tx: &mut Tx, user: &UserId) -> Result<Vec<DeviceId>, Error> {
+        let mut rec = self.user_record(tx, user)?;
+        if !rec.exists() {
+            return Err(Error::refused(ErrorCode::UnknownUser, format!("{user} was already removed")));
+        }
+        rec.removed_ms = Some(tx.now_ms);
+        rec.password_hash = String::new();
+        self.save_user(tx, user, rec);
+        self.remove_devices(tx, user, None)
+    }
+
     pub fn add_device(&mut self, tx: &mut Tx, user: &UserId, d: NewDevice) -> Result<(), Error> {
-        if !self.user_exists(tx, user)? {
+        if !self.user_exists(tx, user)? || self.user_record(tx, user).is_ok_and(|r| !r.may_log_in()) {
             return Err(Error::refused(ErrorCode::BadCredentials, "wrong user or password"));
         }
         put_device(tx, user, d);
@@ -110,6 +205,13 @@ impl Core {
         for (k, dl) in &s.dead {
             tx.batch.put(Cf::DeadLetters, k.clone(), records::encode(dl));
             tx.batch.delete(Cf::OutQueue, k.clone());
+            // A refused message of a local user: every device of the sender learns it (§10.5).
+            if let Ok(Unit::Message(m)) = missive_spec::codec::decode::<Unit>(&dl.unit.unit) {
+                if m.from.is_on(&self.server) && m.origin == self.server {
+                    let u = Undeliverable { seq: m.seq, conv: m.conv, origin: m.origin, reason: dl.reason.clone() };
+                    self.push_event(tx, m.from.localpart(), EventKind::Undeliverable(u))?;
+                }
+            }
         }
         Ok(())
     }

@@ -56,8 +56,13 @@ fn receipt(store: &dyn Store, me: &ServerName, peer: &ServerName, r: Receipt) ->
 }
 
 fn local_user(store: &dyn Store, user: &missive_spec::UserId) -> Result<(), UnitResult> {
+    // A removed account's tombstone is no recipient.
     match store.get(Cf::Users, &keys::user(user.localpart())) {
-        Ok(Some(_)) => Ok(()),
+        Ok(Some(v)) => match crate::records::decode::<crate::records::UserRecord>("users", &v) {
+            Ok(r) if r.exists() => Ok(()),
+            Ok(_) => Err(UnitResult::UnknownRecipient),
+            Err(_) => Err(UnitResult::Retry),
+        },
         Ok(None) => Err(UnitResult::UnknownRecipient),
         Err(_) => Err(UnitResult::Retry),
     }

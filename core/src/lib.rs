@@ -39,10 +39,10 @@ use missive_spec::federation::{SignedUnit, Unit};
 use missive_spec::{ConversationId, DeviceId, ErrorCode, Message, ServerName, Watermark};
 
 use crate::inbox::HeldCounts;
-use crate::records::{ConvRecord, PresenceRecord};
+use crate::records::{ConvRecord, PresenceRecord, UserRecord};
 use crate::store::{Batch, Store, StoreError, StoreResult};
 
-pub use crate::accounts::{NewDevice, PresenceChange};
+pub use crate::accounts::{AccountChange, NewDevice, PresenceChange};
 pub use crate::inbox::{Backfill, InboundOutcome, InboundUnit};
 pub use crate::sabotage::Faults;
 
@@ -101,6 +101,8 @@ pub struct Tx {
     pub(crate) stored: HashMap<Identity, [u8; 32]>,
     pub(crate) held: HashMap<Identity, Option<SignedUnit>>,
     pub(crate) users: HashSet<String>,
+    /// User records changed by this group, by localpart.
+    pub(crate) accounts: HashMap<String, UserRecord>,
     pub(crate) devices: HashMap<(String, DeviceId), [u8; 32]>,
     pub(crate) removed: HashSet<(String, DeviceId)>,
     pub(crate) watermarks: HashMap<Vec<u8>, Watermark>,
@@ -180,6 +182,7 @@ impl Core {
             stored: HashMap::new(),
             held: HashMap::new(),
             users: HashSet::new(),
+            accounts: HashMap::new(),
             devices: HashMap::new(),
             removed: HashSet::new(),
             watermarks: HashMap::new(),

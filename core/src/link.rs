@@ -142,14 +142,14 @@ impl Link {
                 Err(u) => {
                     tracing::error!(error = %u.error, "queued unit does not decode; moving it to dead letters");
                     let unit = SignedUnit { key: String::new(), sig: Vec::new(), unit: u.raw.clone() };
-                    s.dead.push((k.clone(), DeadLetter { reason: format!("undecodable in the queue: {}", u.error), unit }));
+                    s.dead.push((k.clone(), DeadLetter { reason: "undecodable".into(), unit }));
                 }
                 Ok(i) => match results.get(*i) {
                     Some(r) if r.delivered() => s.delivered.push(k.clone()),
                     Some(r) if r.permanent() => {
                         tracing::error!(result = ?r, "peer refused a unit for good; moved to dead letters");
                         let unit = txn.units[*i].clone();
-                        s.dead.push((k.clone(), DeadLetter { reason: format!("{r:?}"), unit }));
+                        s.dead.push((k.clone(), DeadLetter { reason: r.code().to_owned(), unit }));
                     }
                     _ if extra => {
                         extra = false;
@@ -205,6 +205,17 @@ impl Link {
         self.up = false;
         self.last_error = Some(error);
         at
+    }
+
+    /// The connection to the peer went away (its keep-alives stopped, or it closed): the
+    /// link is down until the peer answers again. Nothing is backed off: the next unit
+    /// tries at once.
+    pub fn connection_lost(&mut self, error: String) {
+        if self.up {
+            tracing::warn!(%error, "federation link down: connection lost");
+            self.up = false;
+            self.last_error = Some(error);
+        }
     }
 
     /// This server could not read or write its own store: back off as for the peer, so a

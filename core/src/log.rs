@@ -72,8 +72,18 @@ impl Core {
             conv.senders.push(msg.from.clone());
             conv.senders.len() == 2
         };
+        // Activity never goes back in time, whatever the clock does, so that the entry
+        // replaced is always the one the record names.
+        let (was, now) = (conv.active_ms, conv.active_ms.max(tx.now_ms));
+        conv.active_ms = now;
         for (user, peer) in [(&msg.from, &msg.to), (&msg.to, &msg.from)] {
             if user.is_on(&self.server) {
+                if was != now {
+                    if was != 0 {
+                        tx.batch.delete(Cf::Active, keys::active(user.localpart(), was, &msg.conv));
+                    }
+                    tx.batch.put(Cf::Active, keys::active(user.localpart(), now, &msg.conv), peer.as_str().as_bytes().to_vec());
+                }
                 if shared_now {
                     tx.batch.put(Cf::UserConvs, keys::user_conv(user.localpart(), &msg.conv), peer.as_str().as_bytes().to_vec());
                     tx.batch.put(Cf::Contacts, keys::contact(peer, user.localpart()), Vec::new());
@@ -82,6 +92,38 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Indexes by activity (§6.10) up to `n` conversations stored before the index
+    /// existed, after `after` in key order: each takes the time of its newest message,
+    /// clamped to now. Returns where to go on from, or `None` when every conversation has
+    /// been looked at. The writer runs it at start until done; indexed records are skipped,
+    /// so a second run changes nothing.
+    pub fn index_activity(&mut self, tx: &mut Tx, after: Option<ConversationId>, n: usize) -> StoreResult<Option<ConversationId>> {
+        let from = after.map(|c| keys::conv(&c));
+        let rows = self.store.scan(Cf::Convs, &[], from.as_deref(), Direction::Forward, n)?;
+        let mut last = None;
+        for (k, v) in &rows {
+            let Ok(id) = <[u8; ConversationId::LEN]>::try_from(k.as_slice()).map(ConversationId) else { continue };
+            last = Some(id);
+            let mut conv: ConvRecord = records::decode("convs", v)?;
+            if conv.active_ms != 0 {
+                continue;
+            }
+            let Some((_, newest)) = self.store.scan(Cf::Messages, &keys::messages_of(&id), None, Direction::Reverse, 1)?.into_iter().next() else {
+                continue;
+            };
+            conv.active_ms = records::stored_message(&newest)?.ts.clamp(1, tx.now_ms.max(1));
+            if let [a, b] = conv.members.as_slice() {
+                for (user, peer) in [(a, b), (b, a)] {
+                    if user.is_on(&self.server) {
+                        tx.batch.put(Cf::Active, keys::active(user.localpart(), conv.active_ms, &id), peer.as_str().as_bytes().to_vec());
+                    }
+                }
+            }
+            self.save_conv(tx, id, conv);
+        }
+        Ok(if rows.len() < n { None } else { last })
     }
 
     /// Appends an event to a local user's stream.
@@ -135,7 +177,7 @@ impl Core {
         }
         let mut members = vec![a.clone(), b.clone()];
         members.sort();
-        Ok(ConvRecord { members, heads: Deps::new(), senders: Vec::new() })
+        Ok(ConvRecord { members, heads: Deps::new(), senders: Vec::new(), active_ms: 0 })
     }
 
     pub(crate) fn save_conv(&mut self, tx: &mut Tx, id: ConversationId, conv: ConvRecord) {

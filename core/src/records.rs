@@ -11,6 +11,25 @@ pub struct UserRecord {
     /// PHC string of the argon2id hash.
     pub password_hash: String,
     pub created_ms: u64,
+    /// Set by the operator: no login, every device revoked, messages still stored.
+    #[serde(default)]
+    pub disabled: bool,
+    /// When the operator removed the account. The record stays as a tombstone so that the
+    /// id is never issued again (§6.2).
+    #[serde(default)]
+    pub removed_ms: Option<u64>,
+}
+
+impl UserRecord {
+    /// Whether the account exists for everyone else: not removed.
+    pub fn exists(&self) -> bool {
+        self.removed_ms.is_none()
+    }
+
+    /// Whether its owner may log in.
+    pub fn may_log_in(&self) -> bool {
+        self.exists() && !self.disabled
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +57,11 @@ pub struct ConvRecord {
     /// indexed as shared on the first message and stay so.
     #[serde(default)]
     pub senders: Vec<UserId>,
+    /// When a message of it was last stored (ms, this server's clock): its place in each
+    /// local member's `Active` index. 0 in records written before the index existed,
+    /// until `Core::index_activity` has indexed them.
+    #[serde(default)]
+    pub active_ms: u64,
 }
 
 /// Where an idempotent send's message lives.

@@ -502,6 +502,29 @@ impl Sim {
                     return Err(format!("{}: {origin}'s sequence in {conv} has gaps: {s:?}", n.name));
                 }
             }
+            // The activity index (§6.10): one entry per local member of each conversation
+            // with messages, at the time its record names.
+            let mut active: HashMap<(String, ConversationId), Vec<u64>> = HashMap::new();
+            for (k, _) in n.store.scan(Cf::Active, &[], None, Direction::Forward, usize::MAX).unwrap() {
+                let (local, ms, conv) = keys::parse_active(&k).unwrap();
+                active.entry((local, conv)).or_default().push(ms);
+            }
+            let mut indexed = 0;
+            for (k, v) in n.store.scan(Cf::Convs, &[], None, Direction::Forward, usize::MAX).unwrap() {
+                let conv = ConversationId(<[u8; 32]>::try_from(k.as_slice()).unwrap());
+                let rec: ConvRecord = records::decode("convs", &v).unwrap();
+                for m in rec.members.iter().filter(|m| m.is_on(&n.name)) {
+                    let got = active.get(&(m.localpart().to_owned(), conv)).cloned().unwrap_or_default();
+                    let want = if rec.active_ms == 0 { vec![] } else { vec![rec.active_ms] };
+                    if got != want {
+                        return Err(format!("{}: {m}'s activity entries for {conv} are {got:?}, the record says {want:?}", n.name));
+                    }
+                    indexed += want.len();
+                }
+            }
+            if indexed != active.values().map(Vec::len).sum::<usize>() {
+                return Err(format!("{}: activity entries for conversations that have no record", n.name));
+            }
             // Each user's stream carries each message of theirs exactly once.
             for u in 0..USERS {
                 let me = user(i, u);

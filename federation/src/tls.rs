@@ -82,8 +82,14 @@ pub fn server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Dura
 
 /// QUIC server configuration for federation: presents the server's certificate and
 /// requires one from the peer.
-pub fn federation_server_config(key: &ServerKey, server_name: &str, alpn: &[u8], idle: Duration) -> Result<quinn::ServerConfig, TlsSetupError> {
-    quic_server(key, server_name, alpn, transport_config(idle, Some(Duration::from_secs(5)), FEDERATION_FLOW), true)
+/// A federation link with no packet from the other side for this long is dead: both ends
+/// send keep-alives every [`FEDERATION_KEEP_ALIVE`], so a peer that died (or whose network
+/// went away) shows as down within seconds, not at the next transaction's timeout.
+pub const FEDERATION_IDLE: Duration = Duration::from_secs(4);
+pub const FEDERATION_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+pub fn federation_server_config(key: &ServerKey, server_name: &str, alpn: &[u8]) -> Result<quinn::ServerConfig, TlsSetupError> {
+    quic_server(key, server_name, alpn, transport_config(FEDERATION_IDLE, Some(FEDERATION_KEEP_ALIVE), FEDERATION_FLOW), true)
 }
 
 /// QUIC client configuration for federation: checks the peer against `verifier` and
@@ -95,7 +101,7 @@ pub fn federation_client_config(
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TlsSetupError> {
     let identity = self_signed_cert(key, server_name)?;
-    Ok(quic_client_config(verifier, Some(identity), alpn, Duration::from_secs(30), Duration::from_secs(5))?)
+    Ok(quic_client_config(verifier, Some(identity), alpn, FEDERATION_IDLE, FEDERATION_KEEP_ALIVE)?)
 }
 
 /// Binds a QUIC endpoint whose stateless-reset key is derived from the server key and
@@ -174,7 +180,7 @@ mod tests {
         install_provider();
         let (a, b) = (ServerKey::generate(), ServerKey::generate());
         let alpn = b"missive-test-fed";
-        let sc = federation_server_config(&b, "beta.test", alpn, Duration::from_secs(5)).unwrap();
+        let sc = federation_server_config(&b, "beta.test", alpn).unwrap();
         let server = quinn::Endpoint::server(sc, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = server.local_addr().unwrap();
         let accept = tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() });

@@ -120,23 +120,6 @@ pub fn now_ms() -> u64 {
 }
 
 /// Adds a user straight to the database of a server that is not running.
-pub async fn add_user_offline(config: &crate::config::Config, user: missive_spec::UserId, hash: String) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::rocks::RocksStore::open(&config.db_dir())?);
-    let ctx = crate::sequencer::WriterContext {
-        server: config.server_name.clone(),
-        key: Arc::new(missive_federation::ServerKey::load(&config.key_file)?),
-        hub: Arc::new(crate::hub::Hub::default()),
-        outbound: None,
-        limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
-    };
-    let (seq, writer) = crate::sequencer::Sequencer::start(store, ctx)?;
-    let result = seq.create_user(user, hash, None).await;
-    seq.stop().await;
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    result.map_err(|e| anyhow::anyhow!(e.message))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,23 +1,41 @@
 //! The operator's channel into a running server: a Unix socket in the data directory,
-//! reachable only by the account that owns the data (mode 0600). `missived user add` uses
-//! it while the server runs, and opens the database directly when it does not.
+//! reachable only by the account that owns the data (mode 0600). `missived user …` and
+//! `missived device …` use it while the server runs, and open the database directly when
+//! it does not: either way the same [`Accounts::execute`] does the work, through the writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use missive_spec::{codec, limits, UserId};
+use missive_core::AccountChange;
+use missive_spec::{codec, limits, DeviceId, DeviceInfo, ErrorCode, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::records::{self, DeviceRecord, UserRecord};
 use crate::sequencer::Sequencer;
+use crate::store::{keys, Cf, Direction, Store};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdminRequest {
     AddUser { user: UserId, password_hash: String },
+    /// Every local account, removed ones included.
+    Users {},
+    /// One account and its devices.
+    User { user: UserId },
+    /// A new password; with `logout`, every device is revoked.
+    SetPassword { user: UserId, password_hash: String, logout: bool },
+    /// Disable (revoke every device, refuse logins) or enable an account.
+    SetDisabled { user: UserId, disabled: bool },
+    /// Remove an account for good; its id is never issued again.
+    RemoveUser { user: UserId },
+    /// Revoke one device of a user.
+    RevokeDevice { user: UserId, device: DeviceId },
     /// Re-read the config file and apply what can change live, as SIGHUP does
     /// ([`crate::reload::Reloadable`]); `missived peer add` sends it.
     #[serde(alias = "reload_peers")]
@@ -30,13 +48,154 @@ pub enum AdminRequest {
 #[serde(rename_all = "snake_case")]
 pub enum AdminResponse {
     Ok {},
+    Users { users: Vec<UserInfo> },
+    User { user: UserInfo, devices: Vec<DeviceInfo> },
+    /// The devices an account change revoked.
+    Revoked { devices: Vec<DeviceId> },
     Peers { peers: Vec<crate::federation::PeerStatus> },
     Error { message: String },
 }
 
+/// One account as the operator sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub user: UserId,
+    pub created_ms: u64,
+    /// `active`, `disabled` or `removed`.
+    pub state: String,
+    pub devices: usize,
+}
+
+/// What account requests need: the writer, the store to read, and the hub to end the
+/// subscriptions of revoked devices.
+pub struct Accounts {
+    pub sequencer: Sequencer,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub server: ServerName,
+}
+
+/// Most accounts `missived user list` shows.
+const MAX_LISTED_USERS: usize = 100_000;
+
+impl Accounts {
+    /// Carries out an account request; `None` for requests that need the running server.
+    pub async fn execute(&self, req: AdminRequest) -> Option<AdminResponse> {
+        let r = match req {
+            AdminRequest::AddUser { user, password_hash } => {
+                self.sequencer.create_user(user.clone(), password_hash, None).await.map(|()| {
+                    tracing::info!(%user, "user added by operator");
+                    AdminResponse::Ok {}
+                })
+            }
+            AdminRequest::Users {} => {
+                let (store, server) = (self.store.clone(), self.server.clone());
+                blocking(move || list_users(&*store, &server)).await.map(|users| AdminResponse::Users { users })
+            }
+            AdminRequest::User { user } => {
+                let store = self.store.clone();
+                blocking(move || show_user(&*store, &user)).await.map(|(user, devices)| AdminResponse::User { user, devices })
+            }
+            AdminRequest::SetPassword { user, password_hash, logout } => {
+                self.change(user, AccountChange::Password { hash: password_hash, logout_others: logout, keep: None }).await
+            }
+            AdminRequest::SetDisabled { user, disabled } => self.change(user, AccountChange::Disabled(disabled)).await,
+            AdminRequest::RemoveUser { user } => self.change(user, AccountChange::Remove).await,
+            AdminRequest::RevokeDevice { user, device } => {
+                let store = self.store.clone();
+                let (u, d) = (user.clone(), device.clone());
+                match blocking(move || Ok(store.get(Cf::Devices, &keys::device(u.localpart(), &d))?.is_some())).await {
+                    Ok(true) => self.sequencer.remove_device(user.clone(), device.clone()).await.map(|()| {
+                        self.hub.wake(user.localpart());
+                        tracing::info!(%user, %device, "device revoked by operator");
+                        AdminResponse::Revoked { devices: vec![device] }
+                    }),
+                    Ok(false) => Err(ApiError::new(ErrorCode::InvalidRequest, format!("{user} has no device {device}"))),
+                    Err(e) => Err(e),
+                }
+            }
+            AdminRequest::Reload {} | AdminRequest::Peers {} => return None,
+        };
+        Some(r.unwrap_or_else(|e| AdminResponse::Error { message: e.message }))
+    }
+
+    async fn change(&self, user: UserId, change: AccountChange) -> Result<AdminResponse, ApiError> {
+        let what = match &change {
+            AccountChange::Password { .. } => "password",
+            AccountChange::Disabled(true) => "disabled",
+            AccountChange::Disabled(false) => "enabled",
+            AccountChange::Remove => "removed",
+        };
+        let devices = self.sequencer.change_account(user.clone(), change).await?;
+        self.hub.wake(user.localpart());
+        tracing::info!(%user, change = %what, revoked = devices.len(), "account changed by operator");
+        Ok(AdminResponse::Revoked { devices })
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    crate::store::blocking(f).await.map_err(ApiError::from)?
+}
+
+fn user_info(store: &dyn Store, user: UserId, rec: &UserRecord) -> Result<UserInfo, ApiError> {
+    let devices = store.scan(Cf::Devices, &keys::devices_of(user.localpart()), None, Direction::Forward, usize::MAX)?.len();
+    let state = if !rec.exists() {
+        "removed"
+    } else if rec.disabled {
+        "disabled"
+    } else {
+        "active"
+    };
+    Ok(UserInfo { user, created_ms: rec.created_ms, state: state.into(), devices })
+}
+
+fn list_users(store: &dyn Store, server: &ServerName) -> Result<Vec<UserInfo>, ApiError> {
+    let mut users = Vec::new();
+    for (k, v) in store.scan(Cf::Users, &[], None, Direction::Forward, MAX_LISTED_USERS)? {
+        let Some(user) = std::str::from_utf8(&k).ok().and_then(|l| UserId::new(l, server).ok()) else { continue };
+        let rec: UserRecord = records::decode("users", &v)?;
+        users.push(user_info(store, user, &rec)?);
+    }
+    Ok(users)
+}
+
+fn show_user(store: &dyn Store, user: &UserId) -> Result<(UserInfo, Vec<DeviceInfo>), ApiError> {
+    let Some(v) = store.get(Cf::Users, &keys::user(user.localpart()))? else {
+        return Err(ApiError::new(ErrorCode::UnknownUser, format!("no such user {user}")));
+    };
+    let rec: UserRecord = records::decode("users", &v)?;
+    let mut devices = Vec::new();
+    for (k, v) in store.scan(Cf::Devices, &keys::devices_of(user.localpart()), None, Direction::Forward, usize::MAX)? {
+        let Some((_, id)) = keys::parse_device(&k) else { continue };
+        let d: DeviceRecord = records::decode("devices", &v)?;
+        devices.push(DeviceInfo { id, name: d.name, current: false, created_ms: d.created_ms });
+    }
+    Ok((user_info(store, user.clone(), &rec)?, devices))
+}
+
+/// Runs an account request with the server stopped: opens the database, starts a writer
+/// over it, and stops it again.
+pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+    let store: Arc<dyn Store> = Arc::new(crate::store::rocks::RocksStore::open(&config.db_dir())?);
+    let hub = Arc::new(Hub::default());
+    let ctx = crate::sequencer::WriterContext {
+        server: config.server_name.clone(),
+        key: Arc::new(missive_federation::ServerKey::load(&config.key_file)?),
+        hub: hub.clone(),
+        outbound: None,
+        limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
+    };
+    let (sequencer, writer) = crate::sequencer::Sequencer::start(store.clone(), ctx)?;
+    let accounts = Accounts { sequencer: sequencer.clone(), store, hub, server: config.server_name.clone() };
+    let res = accounts.execute(req).await;
+    sequencer.stop().await;
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    res.ok_or_else(|| anyhow::anyhow!("the server is not running"))
+}
+
 /// What the admin socket needs from the running server.
 pub struct AdminContext {
-    pub sequencer: Sequencer,
+    pub accounts: Accounts,
     pub federation: Arc<crate::federation::Federation>,
     pub reloadable: Arc<crate::reload::Reloadable>,
 }
@@ -126,12 +285,9 @@ async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()
             Ok(peers) => AdminResponse::Peers { peers },
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },
-        AdminRequest::AddUser { user, password_hash } => match ctx.sequencer.create_user(user.clone(), password_hash, None).await {
-            Ok(()) => {
-                tracing::info!(%user, "user added by operator");
-                AdminResponse::Ok {}
-            }
-            Err(e) => AdminResponse::Error { message: e.to_string() },
+        req => match ctx.accounts.execute(req).await {
+            Some(r) => r,
+            None => AdminResponse::Error { message: "not an account request".into() },
         },
     };
     stream.write_all(&codec::frame(&codec::encode(&res))).await?;

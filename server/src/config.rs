@@ -117,7 +117,7 @@ impl Default for LimitsSection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerEntry {
     pub name: ServerName,
@@ -153,6 +153,18 @@ pub struct RegistrationSection {
 pub struct LogSection {
     #[serde(default = "info")]
     pub level: String,
+    /// `text` (one line per event) or `json` (one JSON object per event and line).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log events are written to standard error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 fn dot() -> PathBuf {
@@ -218,7 +230,7 @@ impl Default for FederationSection {
 }
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { level: info() }
+        LogSection { level: info(), format: LogFormat::Text }
     }
 }
 
@@ -419,6 +431,9 @@ policy = "{policy}"
 # One of error, warn, info, debug, trace, off, or per-target directives such as
 # "missive_server=debug,info". RUST_LOG overrides it; SIGHUP applies a change.
 level = "info"
+# "text", or "json" for one JSON object per line (log collectors); `missived run
+# --log-format` overrides it. A change needs a restart.
+format = "text"
 
 [federation]
 # UDP address of the federation endpoint (QUIC, mutual TLS with server keys). Other

@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod conversations;
 pub mod error;
 pub mod federation;
 pub mod hashing;

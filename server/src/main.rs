@@ -1,23 +1,55 @@
-//! `missived`: the Missive homeserver binary.
+//! `missived`: the Missive homeserver binary. This file is the command table; account
+//! and device commands are `user_commands.rs`.
 
-use std::io::BufRead;
+mod user_commands;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use missive_federation::ServerKey;
 use missive_server::admin::{self, AdminRequest, AdminResponse};
 use missive_server::config::{self, Config};
 use missive_server::logging::Logging;
 use missive_server::signals::Signals;
-use missive_spec::{RegistrationPolicy, ServerName, UserId};
+use missive_spec::{RegistrationPolicy, ServerName};
 
 #[derive(Parser)]
-#[command(name = "missived", version, about = "Missive homeserver")]
+#[command(name = "missived", version = VERSION, about = "Missive homeserver")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// `missived --version`; a build with the test-only `sabotage` feature says so, so that
+/// scripts can refuse to serve with it.
+const VERSION: &str = if cfg!(feature = "sabotage") {
+    concat!(env!("CARGO_PKG_VERSION"), " (test build: deliberate faults compiled in, never serve with it)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
+/// Where the config is read from when `--config` is not given.
+const DEFAULT_CONFIG: &str = "/etc/missive/missived.toml";
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The server's config file [env: MISSIVED_CONFIG; default: /etc/missive/missived.toml].
+    #[arg(long = "config", env = "MISSIVED_CONFIG", default_value = DEFAULT_CONFIG, hide_default_value = true, hide_env = true)]
+    path: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> anyhow::Result<Config> {
+        if !self.path.exists() {
+            bail!(
+                "no config file at {}; pass --config PATH or set MISSIVED_CONFIG (`missived init` creates one)",
+                self.path.display()
+            );
+        }
+        Config::load(&self.path)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -53,13 +85,21 @@ enum Command {
     },
     /// Serve until SIGTERM or SIGINT (Ctrl-C); SIGHUP reloads the config file.
     Run {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Log as text lines or as one JSON object per line [default: the config's `[log] format`].
+        #[arg(long, value_enum)]
+        log_format: Option<config::LogFormat>,
     },
     /// Manage accounts (works whether or not the server is running).
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// List or revoke a user's devices (works whether or not the server is running).
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Manage pinned peer servers.
     Peer {
@@ -68,8 +108,8 @@ enum Command {
     },
     /// List federation peers of the running server: queue depth, link state, next retry.
     Peers {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// One JSON object per peer and line.
         #[arg(long)]
         json: bool,
@@ -81,8 +121,8 @@ enum PeerCommand {
     /// Pin a peer: its federation address (HOST:PORT) and public key (ed25519:...).
     /// The running server picks the entry up at once.
     Add {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         name: String,
         address: String,
         key: String,
@@ -93,13 +133,99 @@ enum PeerCommand {
 enum UserCommand {
     /// Add a user; the password is read from the first line of standard input.
     Add {
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Localpart (alice) or full user id (@alice:alpha.example).
         name: String,
         /// Read the password from standard input (required: passwords never go in arguments).
         #[arg(long, required = true)]
         password_stdin: bool,
+    },
+    /// List every account: state (active, disabled, removed), devices, creation time.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object per user and line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One account and its devices.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an account for good: its devices are revoked and its id is never issued again.
+    Remove {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        name: String,
+        /// Do not ask for confirmation (required when standard input is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a new password, read from the first line of standard input.
+    Passwd {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        name: String,
+        /// Read the password from standard input (required: passwords never go in arguments).
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Also log out every device of the user.
+        #[arg(long)]
+        logout: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable an account: every device is logged out and logins are refused; messages
+    /// to it are still accepted.
+    Disable {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a disabled account again.
+    Enable {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// A user's devices.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke one device of a user: its token stops working at once.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Localpart or full user id.
+        user: String,
+        device: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -123,18 +249,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Init { server_name, data_dir, client_listen, federation_listen, registration, key } => {
             init(&server_name, &data_dir, client_listen, federation_listen, registration, key.as_deref())
         }
-        Command::Run { config: path } => {
-            let config = Config::load(&path)?;
-            let logging = Logging::init(&config.log.level);
+        Command::Run { config, log_format } => {
+            let loaded = config.load()?;
+            let logging = Logging::init(&loaded.log.level, log_format.unwrap_or(loaded.log.format));
             let signals = Signals::register().context("cannot handle signals")?;
-            missive_server::server::run(&path, config, logging, signals).await
+            missive_server::server::run(&config.path, loaded, logging, signals).await
         }
         Command::Peer { command: PeerCommand::Add { config, name, address, key } } => peer_add(&config, &name, &address, &key).await,
-        Command::Peers { config, json } => peers(&Config::load(&config)?, json).await,
-        Command::User { command: UserCommand::Add { config, name, password_stdin: _ } } => {
-            let config = Config::load(&config)?;
-            user_add(&config, &name).await
-        }
+        Command::Peers { config, json } => peers(&config.load()?, json).await,
+        Command::User { command } => user_commands::run(command).await,
+        Command::Device { command } => user_commands::device(command).await,
     }
 }
 
@@ -168,7 +292,12 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
     println!("  fingerprint: {}", key.public().fingerprint());
     println!("Start it with: missived run --config {}", config_path.display());
     println!("Another server pins this one with:");
-    println!("  missived peer add --config THEIR_CONFIG {name} {federation} {}", key.public());
+    // A wildcard address is no address to reach: peers dial the server's name instead.
+    let reach = if federation.ip().is_unspecified() { format!("{name}:{}", federation.port()) } else { federation.to_string() };
+    println!("  missived peer add --config THEIR_CONFIG {name} {reach} {}", key.public());
+    if federation.ip().is_unspecified() {
+        println!("(federation listens on every address of this machine: {reach} must reach it; give its public address instead if {name} does not resolve here)");
+    }
     Ok(())
 }
 
@@ -185,13 +314,14 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-async fn peer_add(path: &Path, name: &str, address: &str, key: &str) -> anyhow::Result<()> {
+async fn peer_add(config: &ConfigArg, name: &str, address: &str, key: &str) -> anyhow::Result<()> {
+    let path = config.path.as_path();
     let name = ServerName::parse(name)?;
     let key = missive_federation::PublicKey::parse(key)?;
     if !address.contains(':') || address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
         bail!("address {address:?} is not HOST:PORT");
     }
-    let config = Config::load(path)?;
+    let config = config.load()?;
     if config.server_name == name {
         bail!("{name} is this server");
     }
@@ -228,7 +358,11 @@ async fn peers(config: &Config, json: bool) -> anyhow::Result<()> {
     };
     if json {
         for p in &peers {
-            println!("{}", serde_json::to_string(p)?);
+            let mut o = serde_json::to_value(p)?;
+            if let Some(m) = o.as_object_mut() {
+                m.insert("type".into(), "peer".into());
+            }
+            println!("{o}");
         }
         return Ok(());
     }
@@ -248,38 +382,5 @@ async fn peers(config: &Config, json: bool) -> anyhow::Result<()> {
             p.last_error.unwrap_or_default()
         );
     }
-    Ok(())
-}
-
-fn read_password() -> anyhow::Result<String> {
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).context("cannot read the password from standard input")?;
-    let pw = line.trim_end_matches(['\n', '\r']).to_owned();
-    if pw.is_empty() {
-        bail!("no password on standard input");
-    }
-    Ok(pw)
-}
-
-async fn user_add(config: &Config, name: &str) -> anyhow::Result<()> {
-    let user = if name.starts_with('@') {
-        UserId::parse(name)?
-    } else {
-        UserId::new(name, &config.server_name)?
-    };
-    if !user.is_on(&config.server_name) {
-        bail!("{user} does not belong to {}", config.server_name);
-    }
-    let password = read_password()?;
-    missive_server::accounts::check_password(&password).map_err(|e| anyhow::anyhow!(e.message))?;
-    let hash = tokio::task::spawn_blocking(move || missive_server::accounts::hash_password(&password)).await?;
-    let req = AdminRequest::AddUser { user: user.clone(), password_hash: hash.clone() };
-    match admin::call(&config.admin_socket(), &req).await? {
-        Some(AdminResponse::Ok {}) => {}
-        Some(AdminResponse::Error { message }) => bail!("{message}"),
-        Some(other) => bail!("unexpected answer {other:?}"),
-        None => missive_server::accounts::add_user_offline(config, user.clone(), hash).await?,
-    }
-    println!("added {user}");
     Ok(())
 }

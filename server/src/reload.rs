@@ -71,6 +71,10 @@ impl Reloadable {
     /// Puts the live settings of `new` into effect; `old` is the configuration until now.
     fn apply(&self, old: &Config, new: &Config, discovery: DiscoveryConfig) {
         self.federation.discovery().set_statics(discovery.statics);
+        // What waited for a peer that is pinned (or pinned differently) now goes at once,
+        // not at the end of its backoff.
+        let repinned = new.peers.iter().filter(|p| !old.peers.contains(p)).map(|p| p.name.clone());
+        self.federation.repinned(repinned);
         if new.log.level != old.log.level {
             match self.logging.set_level(&new.log.level) {
                 Ok(true) => tracing::info!(level = %new.log.level, "log level changed"),
@@ -86,8 +90,8 @@ impl Reloadable {
 pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     // Taken apart field by field, so that a new setting cannot be added without deciding
     // here whether a reload applies it.
-    let Config { server_name, data_dir, key_file, client, registration, federation, log: _, peers: _, limits: _ } = new;
-    // `log` and `peers` are applied live (`Reloadable::apply`); `limits` each apply live or
+    let Config { server_name, data_dir, key_file, client, registration, federation, log, peers: _, limits: _ } = new;
+    // `log.level` and `peers` are applied live (`Reloadable::apply`); `limits` each apply live or
     // at a restart, as `LiveLimits::apply` decides and reports.
     let ClientSection { listen: client_listen, max_connections, max_connections_per_address } = client;
     let RegistrationSection { policy, token } = registration;
@@ -96,6 +100,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let (c, r, f) = (&old.client, &old.registration, &old.federation);
     [
         ("server_name", *server_name != old.server_name),
+        ("log.format", log.format != old.log.format),
         ("data_dir", *data_dir != old.data_dir),
         ("key_file", *key_file != old.key_file),
         ("client.listen", *client_listen != c.listen),

@@ -24,7 +24,7 @@ use crate::hub::Hub;
 use crate::records::PresenceRecord;
 use crate::store::{Store, StoreResult};
 
-pub use missive_core::{Backfill, InboundUnit, NewDevice, PresenceChange};
+pub use missive_core::{AccountChange, Backfill, InboundUnit, NewDevice, PresenceChange};
 
 /// Most commands folded into one synced write.
 const MAX_GROUP: usize = 512;
@@ -42,6 +42,8 @@ pub enum Cmd {
     CreateUser { user: UserId, password_hash: String, device: Option<NewDevice>, reply: Reply<()> },
     AddDevice { user: UserId, device: NewDevice, reply: Reply<()> },
     RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
+    /// Changes an account; replies with the devices it revoked.
+    Account { user: UserId, change: AccountChange, reply: Reply<Vec<DeviceId>> },
     /// Settles an outbound transaction: removes the queue rows the peer took, and moves
     /// the ones it refused for good to dead letters.
     Settle { settlement: Settlement, reply: Reply<()> },
@@ -133,6 +135,11 @@ impl Sequencer {
     pub async fn remove_device(&self, user: UserId, device: DeviceId) -> Result<(), ApiError> {
         self.call(|reply| Cmd::RemoveDevice { user, device, reply }).await
     }
+    /// Changes an account (password, disabled, removed); the devices it revoked. The
+    /// caller wakes the user's subscriptions so that revoked ones end.
+    pub async fn change_account(&self, user: UserId, change: AccountChange) -> Result<Vec<DeviceId>, ApiError> {
+        self.call(|reply| Cmd::Account { user, change, reply }).await
+    }
     /// Records a settled transaction: delivered rows removed, refused ones dead letters.
     pub async fn settle(&self, settlement: Settlement) -> Result<(), ApiError> {
         self.call(|reply| Cmd::Settle { settlement, reply }).await
@@ -167,6 +174,7 @@ enum Applied {
 
 impl Writer {
     fn run(&mut self, mut rx: mpsc::Receiver<Cmd>) {
+        self.index_activity();
         loop {
             // With releases pending, look for commands without waiting for one.
             let first = if self.core.releases_pending() {
@@ -177,12 +185,7 @@ impl Writer {
                     None => break,
                 }
             };
-            let limits = HeldLimits {
-                per_conversation: self.ctx.limits.held_per_conversation(),
-                per_peer: self.ctx.limits.held_per_peer(),
-                release_batch: self.ctx.limits.held_release_batch(),
-            };
-            let mut tx = self.core.begin(now_ms(), limits);
+            let mut tx = self.core.begin(now_ms(), self.held_limits());
             let mut done = Vec::new();
             let mut state = match first {
                 Some(cmd) => self.apply(cmd, &mut tx, &mut done),
@@ -205,7 +208,37 @@ impl Writer {
         // Dropping the receiver fails every later command with shutting_down.
     }
 
-    fn commit(&mut self, mut tx: missive_core::Tx, done: Vec<Completion>) {
+    fn held_limits(&self) -> HeldLimits {
+        HeldLimits {
+            per_conversation: self.ctx.limits.held_per_conversation(),
+            per_peer: self.ctx.limits.held_per_peer(),
+            release_batch: self.ctx.limits.held_release_batch(),
+        }
+    }
+
+    /// Indexes conversations stored before the activity index existed (§6.10), a
+    /// thousand per write, before the first command. A failure is logged and left for the
+    /// next start: those conversations are missing from `conversations` until then.
+    fn index_activity(&mut self) {
+        let mut after = None;
+        loop {
+            let mut tx = self.core.begin(now_ms(), self.held_limits());
+            let next = match self.core.index_activity(&mut tx, after, 1000) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot index conversations by activity; trying again at the next start");
+                    return;
+                }
+            };
+            if !self.commit(tx, Vec::new()) || next.is_none() {
+                return;
+            }
+            after = next;
+        }
+    }
+
+    /// Writes the group and answers its commands; whether the write became durable.
+    fn commit(&mut self, mut tx: missive_core::Tx, done: Vec<Completion>) -> bool {
         let batch = std::mem::take(&mut tx.batch);
         let result = if batch.is_empty() { Ok(()) } else { self.store.write(batch) };
         let committed = match result {
@@ -229,6 +262,7 @@ impl Writer {
                 }
             }
         }
+        committed
     }
 
     /// Applies one command to the group. A command that fails keeps none of its writes.
@@ -250,6 +284,7 @@ impl Writer {
             }
             Cmd::AddDevice { user, device, reply } => finish(done, reply, core.add_device(tx, &user, device).map_err(Into::into)),
             Cmd::RemoveDevice { user, device, reply } => finish(done, reply, core.remove_device(tx, &user, device).map_err(Into::into)),
+            Cmd::Account { user, change, reply } => finish(done, reply, core.change_account(tx, &user, change).map_err(Into::into)),
             Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
             Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
         };

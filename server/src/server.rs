@@ -27,8 +27,6 @@ use crate::store::Store;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clients send keep-alives every 3 s; one silent this long is gone (and offline).
 const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// A federation link with no traffic for this long is closed (keep-alives run every 5 s).
-const FEDERATION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the server until SIGTERM or SIGINT, reloading `config_path` at SIGHUP, then shuts
 /// down without losing accepted work.
@@ -65,7 +63,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         hasher: crate::hashing::Hasher::new(limits.password_hashes),
         store: store.clone(),
         sequencer: sequencer.clone(),
-        hub,
+        hub: hub.clone(),
         presence: presence.clone(),
         server: config.server_name.clone(),
         registration: Registration { policy: config.registration.policy, token: config.registration.token.clone() },
@@ -78,7 +76,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let fed_config = tls::federation_server_config(&key, config.server_name.as_str(), FEDERATION_ALPN, FEDERATION_IDLE_TIMEOUT)?;
+    let fed_config = tls::federation_server_config(&key, config.server_name.as_str(), FEDERATION_ALPN)?;
     let fed_endpoint = tls::bind_endpoint(config.federation.listen, fed_config, &key, b"federation")
         .with_context(|| format!("cannot listen for federation on {}", config.federation.listen))?;
     let fed_addr = fed_endpoint.local_addr()?;
@@ -105,6 +103,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     federation.start_edus(edu_rx);
     let inflight = Arc::new(Inflight::default());
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
+    let admin_store = service.store.clone();
     let api = Arc::new(Api {
         service,
         shutdown: shutdown_rx.clone(),
@@ -116,7 +115,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let serving = tokio::spawn(api.serve(endpoint.clone()));
     let reloadable = Arc::new(Reloadable::new(config_path, config.clone(), federation.clone(), logging, live.clone()));
     let admin_ctx = crate::admin::AdminContext {
-        sequencer: sequencer.clone(),
+        accounts: crate::admin::Accounts { sequencer: sequencer.clone(), store: admin_store, hub, server: config.server_name.clone() },
         federation: federation.clone(),
         reloadable: reloadable.clone(),
     };

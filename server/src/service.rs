@@ -153,6 +153,7 @@ impl Service {
                 Ok(Response::Sent { message })
             }
             Request::History { with, after, limit, before } => self.read(auth, move |s, c| s.history(&c, with, after, limit, before)).await,
+            Request::Conversations { limit, before } => self.read(auth, move |s, c| s.conversations(&c, limit, before)).await,
             Request::Sync { limit, since } => {
                 let limit = limit.unwrap_or(limits::SYNC_MAX_EVENTS);
                 self.read(auth, move |s, c| {
@@ -350,8 +351,9 @@ impl Service {
             None
         };
         let ok = self.hasher.run(move || match rec {
-            Some(r) => accounts::verify_password(&password, &r.password_hash),
-            None => {
+            Some(r) if r.may_log_in() => accounts::verify_password(&password, &r.password_hash),
+            // Disabled and removed accounts get the answer of an unknown user, after the same work.
+            _ => {
                 accounts::verify_dummy(&password);
                 false
             }
@@ -367,13 +369,16 @@ impl Service {
         Ok(Response::Session { user, token, device: id })
     }
 
-    fn shares_conversation(&self, me: &UserId, other: &UserId) -> Result<bool, ApiError> {
+    pub(crate) fn shares_conversation(&self, me: &UserId, other: &UserId) -> Result<bool, ApiError> {
         let conv = ConversationId::one_to_one(me, other);
         Ok(self.store.get(Cf::UserConvs, &keys::user_conv(me.localpart(), &conv))?.is_some())
     }
 
     fn local_user_exists(&self, user: &UserId) -> Result<bool, ApiError> {
-        Ok(self.store.get(Cf::Users, &keys::user(user.localpart()))?.is_some())
+        match self.store.get(Cf::Users, &keys::user(user.localpart()))? {
+            Some(v) => Ok(records::decode::<UserRecord>("users", &v)?.exists()),
+            None => Ok(false),
+        }
     }
 
     fn check_send(&self, c: &Caller, to: &UserId, content: &missive_spec::Content) -> Result<(), ApiError> {

@@ -233,3 +233,94 @@ async fn a_queue_drained_after_a_restart_still_delivers_what_comes_next() {
     let h = history_of(&bob, &alice_id, 4).await;
     assert_eq!(h[0].content.as_text(), Some("after the drain"));
 }
+
+/// Spec §10.5: a message the recipient's server refuses for good (no such user there)
+/// turns into an `undeliverable` event on every device of the sender, within seconds;
+/// the next message to a real user still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_an_unknown_remote_user_fails_on_every_device_of_the_sender() {
+    use missive_spec::{EventKind, Undeliverable};
+    let (_d, s) = federated(&["alpha.test", "beta.test"]).await;
+    let alice = register(&s[0], "alice").await;
+    let phone = login(&s[0], "alice").await;
+    let bob = register(&s[1], "bob").await;
+    let (mut subs, mut backlog) = (Vec::new(), Vec::new());
+    for c in [&alice, &phone] {
+        let (sub, _, got) = c.subscribe(0).await.unwrap();
+        subs.push(sub);
+        backlog.push(got);
+    }
+    let nobody = uid("nobody", &s[1]);
+    let sent = alice.send_text(&nobody, "anyone there?").await.unwrap();
+    for (sub, got) in subs.iter_mut().zip(backlog) {
+        let failed = tokio::time::timeout(DEADLINE, async {
+            let mut got = got;
+            loop {
+                for e in got.drain(..) {
+                    if let EventKind::Undeliverable(u) = e.event {
+                        return u;
+                    }
+                }
+                got = sub.next().await.unwrap().expect("subscription ended").1;
+            }
+        })
+        .await
+        .expect("no undeliverable event in time");
+        assert_eq!(failed, Undeliverable { seq: sent.seq, conv: sent.conv, origin: sent.origin.clone(), reason: "unknown_recipient".into() });
+    }
+    // The refusal is recorded once: a later sync shows one event for it.
+    let (_, events) = phone.sync(0, None).await.unwrap();
+    assert_eq!(events.iter().filter(|e| matches!(e.event, EventKind::Undeliverable(_))).count(), 1);
+    alice.send_text(&uid("bob", &s[1]), "hello bob").await.unwrap();
+    assert_eq!(texts(&history_of(&bob, &uid("alice", &s[0]), 1).await), vec!["hello bob"]);
+}
+
+/// A message queued for a server not yet pinned leaves as soon as `missived peer add` pins
+/// it, not when the backoff it entered ends: here that backoff is at least 60 s, longer
+/// than the test waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinning_a_peer_sends_what_waited_for_it_at_once() {
+    use missive_conformance::harness::ServerProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Vec::new();
+    for (i, name) in ["alpha.test", "beta.test"].into_iter().enumerate() {
+        let data = dir.path().join(name);
+        ServerProcess::init_on(missived(), &data, name, "open", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
+        let cfg = data.join("missived.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace("retry_base_ms = 200", "retry_base_ms = 120000").replace("retry_cap_ms = 60000", "retry_cap_ms = 120000");
+        std::fs::write(&cfg, text).unwrap();
+        s.push(ServerProcess::start(missived(), &data, name).await.unwrap());
+    }
+    s[1].pin_peer(&s[0]).await.unwrap();
+    let alice = register(&s[0], "alice").await;
+    let bob = register(&s[1], "bob").await;
+    alice.send_text(&uid("bob", &s[1]), "waited for a pin").await.unwrap();
+    // The first attempt fails (no pin, no discovery on loopback): alpha backs off.
+    eventually("a failed attempt toward beta", || async {
+        let lines = s[0].peers_json().await.ok()?;
+        lines.iter().any(|l| l.contains("\"beta.test\"") && !l.contains("\"failures\":0")).then_some(())
+    })
+    .await;
+    s[0].pin_peer(&s[1]).await.unwrap();
+    assert_eq!(texts(&history_of(&bob, &uid("alice", &s[0]), 1).await), vec!["waited for a pin"]);
+}
+
+/// A peer that dies shows as down in `missived peers` within seconds, with nothing to
+/// send: the link's keep-alives stop being answered and the connection's end marks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_shows_down_within_seconds() {
+    let (_d, mut s) = federated(&["alpha.test", "beta.test"]).await;
+    let alice = register(&s[0], "alice").await;
+    let bob = register(&s[1], "bob").await;
+    alice.send_text(&uid("bob", &s[1]), "are you up?").await.unwrap();
+    history_of(&bob, &uid("alice", &s[0]), 1).await;
+    let up = |lines: Vec<String>| lines.iter().any(|l| l.contains("\"beta.test\"") && l.contains("\"up\":true"));
+    assert!(up(s[0].peers_json().await.unwrap()), "the link is not up after a delivery");
+    s[1].kill9().await;
+    let killed = std::time::Instant::now();
+    // The idle timeout is 4 s; allow twice that for a loaded machine.
+    while up(s[0].peers_json().await.unwrap()) {
+        assert!(killed.elapsed() < std::time::Duration::from_secs(8), "beta still shows up {:?} after it died", killed.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

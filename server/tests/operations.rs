@@ -245,3 +245,43 @@ async fn on_sigterm_every_open_subscription_is_told_shutting_down() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_json_writes_one_object_per_line() {
+    let (_dir, srv) = server_with_config("alpha.test", "open", |t| t.replace("format = \"text\"", "format = \"json\"")).await;
+    register(&srv, "alice").await;
+    let log = log_shows(&srv, "\"message\"").await;
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object per line: {l:?}: {e}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+}
+
+/// A build with the deliberate faults says so in `--version` (scripts/homeserver refuses to
+/// serve with one); this test binary is built with the same features as the `missived` it runs.
+#[tokio::test]
+async fn version_says_whether_deliberate_faults_are_compiled_in() {
+    let out = tokio::process::Command::new(missived()).arg("--version").output().await.unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(version.contains("test build"), cfg!(feature = "sabotage"), "{version}");
+}
+
+/// `init` with a wildcard federation address prints a `peer add` line another server can
+/// use: the server's name with the port, not 0.0.0.0.
+#[tokio::test]
+async fn init_on_a_wildcard_address_prints_a_reachable_peer_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(missived())
+        .args(["init", "--server-name", "alpha.example", "--federation-listen", "0.0.0.0:7451", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("peer add")).unwrap_or_else(|| panic!("no peer add line: {text}"));
+    assert!(line.contains(" alpha.example alpha.example:7451 ed25519:") && !line.contains("0.0.0.0"), "{line}");
+    assert!(text.contains("public address"), "{text}");
+}

@@ -156,6 +156,23 @@ impl UnitResult {
     pub fn permanent(self) -> bool {
         !self.delivered() && self != UnitResult::Retry
     }
+    /// The result as it is encoded (F6.2): `unknown_recipient`, …
+    pub fn code(self) -> &'static str {
+        match self {
+            UnitResult::Accepted => "accepted",
+            UnitResult::Duplicate => "duplicate",
+            UnitResult::Held => "held",
+            UnitResult::UnknownKey => "unknown_key",
+            UnitResult::BadSignature => "bad_signature",
+            UnitResult::BadUnit => "bad_unit",
+            UnitResult::WrongOrigin => "wrong_origin",
+            UnitResult::UnknownRecipient => "unknown_recipient",
+            UnitResult::ConvMismatch => "conv_mismatch",
+            UnitResult::Equivocation => "equivocation",
+            UnitResult::InvalidUnit => "invalid_unit",
+            UnitResult::Retry => "retry",
+        }
+    }
 }
 
 /// Errors of a whole federation request (F§6).

@@ -26,6 +26,6 @@ pub mod wire;
 pub use ids::{ClientMsgId, ConversationId, DeviceId, IdError, ServerName, UserId};
 pub use ordering::{Deps, OrderKey};
 pub use wire::{
-    Content, Cursor, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind, Message, PresenceUpdate, Receipt, ReceiptKind,
-    RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, TypingUpdate, Watermark, PROTOCOL_VERSION,
+    Content, ConversationSummary, Cursor, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind, Message, PresenceUpdate, Receipt, ReceiptKind,
+    RegistrationPolicy, Request, RequestFrame, Response, ResponseFrame, TypingUpdate, Undeliverable, Watermark, PROTOCOL_VERSION,
 };

@@ -19,6 +19,11 @@ pub const MAX_CBOR_DEPTH: usize = 16;
 /// History page size when the request names none, and the largest allowed (§6.6).
 pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
 pub const HISTORY_MAX_LIMIT: u32 = 200;
+/// `conversations` page size when the request names none, and the largest allowed (§6.10).
+pub const CONVERSATIONS_DEFAULT_LIMIT: u32 = 50;
+pub const CONVERSATIONS_MAX_LIMIT: u32 = 100;
+/// The highest `unread` count a server reports: it stops counting there (§6.10).
+pub const CONVERSATIONS_UNREAD_CAP: u32 = 100;
 /// Most events in one `events` response or subscription frame (§6.5).
 pub const SYNC_MAX_EVENTS: u32 = 500;
 /// Password length bounds, in bytes (§6.2).

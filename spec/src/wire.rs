@@ -87,13 +87,20 @@ pub enum Request {
     Settings { hide_last_seen: bool },
     /// §13: the caller is typing to `with`.
     Typing { with: UserId },
+    /// §6.10: the caller's conversations, most recently active first.
+    Conversations {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<Cursor>,
+    },
 }
 
 impl Request {
     /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
     /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
     /// (§5.2).
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 15] = [
         "info",
         "register",
         "login",
@@ -108,6 +115,7 @@ impl Request {
         "presence",
         "settings",
         "typing",
+        "conversations",
     ];
 
     /// This request's name on the wire.
@@ -127,6 +135,7 @@ impl Request {
             Request::Presence { .. } => "presence",
             Request::Settings { .. } => "settings",
             Request::Typing { .. } => "typing",
+            Request::Conversations { .. } => "conversations",
         }
     }
 }
@@ -175,6 +184,12 @@ pub enum Response {
         last_seen: Option<u64>,
     },
     Devices { devices: Vec<DeviceInfo> },
+    /// §6.10: one page of the caller's conversations, most recently active first.
+    Conversations {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        older: Option<Cursor>,
+        conversations: Vec<ConversationSummary>,
+    },
     Error { code: ErrorCode, message: String },
 }
 
@@ -312,6 +327,8 @@ pub enum EventKind {
     Message(Message),
     /// A watermark of either user of one of the user's conversations moved (§10).
     Receipt(Receipt),
+    /// The recipient's server refused one of the user's messages for good (§10.5).
+    Undeliverable(Undeliverable),
     /// A kind this version does not know (a later minor revision); skipped (§6.5).
     /// Encoded again, it is its name with no fields: `{NAME: {}}`.
     Unknown(String),
@@ -364,7 +381,7 @@ macro_rules! tolerant_enum {
     };
 }
 
-tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(Receipt) });
+tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(Receipt), "undeliverable" => Undeliverable(Undeliverable) });
 tolerant_enum!(Ephemeral { "presence" => Presence(PresenceUpdate), "typing" => Typing(TypingUpdate) });
 
 /// Updates pushed to live subscriptions and never stored (§12, §13).
@@ -431,6 +448,37 @@ pub struct Receipt {
     pub peer: UserId,
     pub user: UserId,
     pub up_to: Watermark,
+}
+
+/// The recipient's server refused the message `origin`/`seq` of `conv` for good (§10.5):
+/// its state is *failed*.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undeliverable {
+    pub seq: u64,
+    pub conv: ConversationId,
+    pub origin: ServerName,
+    /// The refusing server's unit result (`unknown_recipient`, …) or another snake_case code.
+    pub reason: String,
+}
+
+/// One of the caller's conversations, as `conversations` lists it (§6.10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationSummary {
+    pub conv: ConversationId,
+    /// The newest message in canonical order: the first one `history` would list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Message>,
+    /// The other member.
+    pub with: UserId,
+    /// Messages from `with` after the caller's read position, counted up to
+    /// [`crate::limits::CONVERSATIONS_UNREAD_CAP`].
+    pub unread: u32,
+    /// The other member's presence, present when the caller may see it (§12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceUpdate>,
+    /// When the server last stored a message of the conversation (ms since the epoch, the
+    /// server's clock).
+    pub active_ms: u64,
 }
 
 /// One of the caller's devices (§11).

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use missive_spec::codec;
 use missive_spec::diag::{check_deterministic, diagnostic};
 use missive_spec::{
-    ClientMsgId, Content, ConversationId, Cursor, Deps, DeviceId, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind,
+    ClientMsgId, Content, ConversationId, ConversationSummary, Cursor, Deps, DeviceId, DeviceInfo, Ephemeral, ErrorCode, Event, EventKind,
     Message, OrderKey, PresenceUpdate, Receipt, ReceiptKind, RegistrationPolicy, Request, RequestFrame, Response,
-    ResponseFrame, ServerName, TypingUpdate, UserId, Watermark,
+    ResponseFrame, ServerName, TypingUpdate, Undeliverable, UserId, Watermark,
 };
 use serde_json::{json, Value};
 
@@ -101,6 +101,11 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
         ("settings", "12.4", f(Request::Settings { hide_last_seen: true }, &token)),
         ("typing", "13", f(Request::Typing { with: user("@bob:beta.example") }, &token)),
         ("revoke device", "11", f(Request::RevokeDevice { device: DeviceId::parse("K7Q2M9XW4BRT").unwrap() }, &token)),
+        (
+            "conversations",
+            "6.10",
+            f(Request::Conversations { limit: Some(20), before: Some(Cursor("AAABmsZ1RgBVE2xJ".into())) }, &token),
+        ),
         (
             "history before cursor",
             "6.6",
@@ -200,6 +205,39 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
                     name: Some("laptop".into()),
                     current: true,
                     created_ms: 1_795_366_800_000,
+                }],
+            }),
+        ),
+        (
+            "undeliverable event",
+            "10.5",
+            f(Response::Events {
+                more: false,
+                next: 9,
+                events: vec![Event {
+                    pos: 9,
+                    event: EventKind::Undeliverable(Undeliverable {
+                        seq: m.seq,
+                        conv: m.conv,
+                        origin: m.origin.clone(),
+                        reason: "unknown_recipient".into(),
+                    }),
+                }],
+                ephemeral: vec![],
+            }),
+        ),
+        (
+            "conversations",
+            "6.10",
+            f(Response::Conversations {
+                older: Some(Cursor("AAABmsZ1RgBVE2xJ".into())),
+                conversations: vec![ConversationSummary {
+                    conv: m.conv,
+                    last: Some(m.clone()),
+                    with: m.from.clone(),
+                    unread: 1,
+                    presence: Some(PresenceUpdate { user: m.from.clone(), online: false, last_seen: Some(1_795_366_800_000) }),
+                    active_ms: 1_795_366_900_000,
                 }],
             }),
         ),

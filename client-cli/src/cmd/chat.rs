@@ -187,6 +187,8 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
                             }
                         }
                         EventKind::Receipt(r) if r.user != *me => show::receipt(json, r, Some(e.pos)),
+                        // One's own message refused for good by the recipient's server.
+                        EventKind::Undeliverable(u) => show::failed(json, u, Some(e.pos)),
                         EventKind::Receipt(_) | EventKind::Unknown(_) => {}
                     }
                 }

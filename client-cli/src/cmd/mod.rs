@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod chat;
+pub mod conversations;
 pub mod history;
 pub mod listen;
 pub mod login;

@@ -4,14 +4,14 @@
 //! back as [`Done`]. Nothing here touches the network or the terminal, so every
 //! transition is tested without either.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use missive_cli::client::{message_state, new_client_msg_id, Frame, Page};
 use missive_cli::receipts::delivered_up_to;
 use missive_core::ephemeral::TYPING_MIN_INTERVAL_MS;
 use missive_spec::{
     limits, ClientMsgId, ConversationId, Cursor, DeviceInfo, Ephemeral, EventKind, Message, OrderKey, PresenceUpdate,
-    Receipt, ReceiptKind, UserId, Watermark,
+    Receipt, ReceiptKind, ServerName, UserId, Watermark,
 };
 use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
@@ -129,6 +129,9 @@ pub struct Conversation {
     /// Where older history starts, once a page was loaded (`None`: nothing older).
     pub older: Option<Cursor>,
     pub loaded: bool,
+    /// One's own messages the peer's server refused for good, by (origin, seq), with why.
+    /// At most [`MAX_KEPT`]; past it the record starts again empty.
+    pub failed: HashMap<(ServerName, u64), String>,
 }
 
 impl Conversation {
@@ -146,11 +149,15 @@ impl Conversation {
             active_ms: 0,
             older: None,
             loaded: false,
+            failed: HashMap::new(),
         }
     }
 
-    /// The state of one of one's own messages: sent, delivered or read.
+    /// The state of one of one's own messages: sent, delivered, read or failed.
     pub fn state_of(&self, m: &Message) -> &'static str {
+        if self.failed.contains_key(&(m.origin.clone(), m.seq)) {
+            return "failed";
+        }
         message_state(m, &self.read, &self.delivered)
     }
 
@@ -570,6 +577,15 @@ impl App {
                     }
                 }
                 EventKind::Receipt(r) => self.receipt(r),
+                EventKind::Undeliverable(u) => {
+                    let Some(c) = self.convs.iter_mut().find(|c| c.conv == u.conv) else { continue };
+                    if c.failed.len() >= MAX_KEPT {
+                        c.failed.clear();
+                    }
+                    c.failed.insert((u.origin.clone(), u.seq), u.reason.clone());
+                    let text = format!("your message #{} to {} could not be delivered: {}", u.seq, c.with, u.reason);
+                    self.error(text);
+                }
                 EventKind::Unknown(_) => {}
             }
         }
@@ -875,9 +891,21 @@ pub(crate) mod tests {
         assert_eq!(state(&app), "read");
         app.frame(&frame(vec![EventKind::Receipt(receipt(ReceiptKind::Delivered))], vec![]), app.now_ms);
         assert_eq!(state(&app), "read", "a replayed older receipt changes nothing");
+        let refused = missive_spec::Undeliverable {
+            seq: mine.seq,
+            conv: mine.conv,
+            origin: mine.origin.clone(),
+            reason: "unknown_recipient".into(),
+        };
+        let other = msg(&bob, &alice, 2, 6, "later");
+        app.done(Done::Sent(other.clone()), app.now_ms);
+        app.frame(&frame(vec![EventKind::Undeliverable(refused)], vec![]), app.now_ms);
+        assert_eq!(state(&app), "failed");
+        assert_eq!(app.current().unwrap().state_of(&other), "sent", "only the refused one");
+        assert!(app.status.as_ref().is_some_and(|s| s.error && s.text.contains("could not be delivered")));
         // The stream repeats one's own message: it stays one message.
         app.frame(&frame(vec![EventKind::Message(mine.clone())], vec![]), app.now_ms);
-        assert_eq!(app.current().unwrap().messages.len(), 1);
+        assert_eq!(app.current().unwrap().messages.len(), 2);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use anyhow::Context;
 use missive_cli::client::{Client, ClientError};
 use missive_cli::outbox::{Outbox, Queued};
 use missive_cli::profile::Profile;
-use missive_spec::{Content, ErrorCode, UserId};
+use missive_spec::{limits, Content, ErrorCode, UserId};
 use ratatui::crossterm::event::{self, DisableBracketedPaste, EnableBracketedPaste, Event};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{self, EnterAlternateScreen, LeaveAlternateScreen};
@@ -27,6 +27,8 @@ use tokio::sync::mpsc;
 use self::app::{Action, App, Connection, Done, Listed};
 use crate::follow::{Follow, Next};
 
+/// Conversations asked for at start and on each reconnection.
+const LISTED: u32 = limits::CONVERSATIONS_MAX_LIMIT;
 /// How often the screen updates without input (typing indicators expire, status fades).
 const TICK: Duration = Duration::from_millis(250);
 /// After a fatal-looking error of the connection (a refused session), wait this long
@@ -161,10 +163,14 @@ fn request_task() -> (mpsc::Sender<Job>, mpsc::Receiver<Answer>) {
     (job_tx, answers)
 }
 
-/// The user's conversations, for the list. Until the server can list them, the list
-/// grows from what the event stream and the opened conversations show.
-async fn conversations(_c: &Client) -> Result<Vec<Listed>, ClientError> {
-    Ok(Vec::new())
+/// The user's most recently active conversations, for the list (which then grows with
+/// what the event stream and opened conversations bring).
+async fn conversations(c: &Client) -> Result<Vec<Listed>, ClientError> {
+    let (list, _older) = c.conversations(Some(LISTED), None).await?;
+    Ok(list
+        .into_iter()
+        .map(|s| Listed { with: s.with, active_ms: s.active_ms, unread: s.unread, last: s.last, presence: s.presence })
+        .collect())
 }
 
 enum Input {

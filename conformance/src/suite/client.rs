@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, ensure, Context};
 use missive_spec::wire::RequestFrame;
 use missive_spec::{
-    codec, limits, ClientMsgId, Content, ConversationId, Cursor, Ephemeral, ErrorCode, EventKind, ReceiptKind, Request,
+    codec, limits, ClientMsgId, Content, ConversationId, ConversationSummary, Cursor, Ephemeral, ErrorCode, EventKind, ReceiptKind, Request,
     Response, ResponseFrame, UserId, Watermark, PROTOCOL_VERSION,
 };
 
@@ -37,6 +37,8 @@ pub fn tests() -> Vec<Test> {
         test!("c2s.sync.frame_size", Required, ["C2S-SYNC-6", "C2S-SYNC-4"], [], sync_frame_size),
         test!("c2s.history.paging", Required, ["C2S-HIST-1", "C2S-HIST-2", "CORE-ORDER-1"], [], history_paging),
         test!("c2s.history.errors", Required, ["C2S-HIST-3", "C2S-HIST-4"], [], history_errors),
+        test!("c2s.conversations", Required, ["C2S-CONV-1", "C2S-CONV-2", "C2S-CONV-4", "C2S-CONV-5"], [], conversations),
+        test!("c2s.conversations.read_presence", Required, ["C2S-CONV-2", "C2S-CONV-3"], [Receipts, Presence], conversations_read_presence),
         test!("c2s.receipts", Required, ["C2S-RCPT-1", "C2S-RCPT-2", "C2S-RCPT-3", "C2S-RCPT-5", "C2S-RCPT-6"], [Receipts], receipts),
         test!("c2s.receipts.devices", Required, ["C2S-RCPT-4"], [Receipts], receipts_devices),
         test!("c2s.devices", Required, ["C2S-DEV-1", "C2S-DEV-2"], [Devices], devices),
@@ -838,4 +840,108 @@ async fn typing(mut ctx: Ctx) -> anyhow::Result<()> {
 /// Now, in ms since the epoch (typing `until` is in the server's clock; loopback shares it).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Every conversation of `c`, page by page of `limit`; fails on a repeat.
+async fn all_conversations(c: &Client, limit: u32) -> anyhow::Result<Vec<ConversationSummary>> {
+    let mut all: Vec<ConversationSummary> = Vec::new();
+    let mut before = None;
+    loop {
+        let (page, older) = c.conversations(Some(limit), before).await?;
+        ensure!(page.len() <= limit as usize, "a conversations page of limit {limit} held {}", page.len());
+        for s in page {
+            ensure!(!all.iter().any(|a| a.conv == s.conv), "conversation with {} listed twice while paging", s.with);
+            all.push(s);
+        }
+        match older {
+            Some(o) => before = Some(o),
+            None => return Ok(all),
+        }
+    }
+}
+
+fn find<'a>(list: &'a [ConversationSummary], with: &UserId) -> anyhow::Result<&'a ConversationSummary> {
+    list.iter().find(|s| s.with == *with).ok_or_else(|| anyhow!("no conversation with {with} listed"))
+}
+
+async fn conversations(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, a) = s.new_user("alice").await?;
+    let (bob, b) = s.new_user("bob").await?;
+    let (carol, c) = s.new_user("carol").await?;
+    let (dave, d) = s.new_user("dave").await?;
+    let (empty, _) = a.conversations(None, None).await?;
+    ensure!(empty.is_empty(), "a new user lists {} conversations", empty.len());
+    for i in 0..3 {
+        b.send_text(&alice, &format!("b{i}")).await?;
+    }
+    let c0 = c.send_text(&alice, "c0").await?;
+    let a0 = a.send_text(&dave, "a0").await?;
+    let list = all_conversations(&a, 50).await?;
+    let order: Vec<&UserId> = list.iter().map(|s| &s.with).collect();
+    ensure!(list.len() == 3, "alice lists {order:?}, expected her 3 conversations");
+    // Most recently active first: by activity time, ties by conversation id, descending.
+    for w in list.windows(2) {
+        ensure!((w[0].active_ms, w[0].conv) > (w[1].active_ms, w[1].conv), "alice's conversations are not most recent first: {order:?}");
+    }
+    let (sb, sc, sd) = (find(&list, &bob)?, find(&list, &carol)?, find(&list, &dave)?);
+    ensure!(sb.active_ms <= sc.active_ms && sc.active_ms <= sd.active_ms, "activity times do not follow the order messages were stored in");
+    ensure!(sb.conv == ConversationId::one_to_one(&alice, &bob), "the conversation with bob has the wrong id");
+    ensure!(sb.last.as_ref().map(text).as_deref() == Some("b2"), "the last message with bob is {:?}, expected b2", sb.last.as_ref().map(text));
+    ensure!(sc.last.as_ref() == Some(&c0) && sd.last.as_ref() == Some(&a0), "`last` is not the newest message exactly as stored");
+    ensure!((sb.unread, sc.unread, sd.unread) == (3, 1, 0), "alice's unread counts (bob, carol, dave) are {:?}, expected (3, 1, 0)", (sb.unread, sc.unread, sd.unread));
+    let (dl, _) = d.conversations(None, None).await?;
+    ensure!(dl.len() == 1 && dl[0].with == alice && dl[0].unread == 1, "dave, written to once, lists {dl:?}");
+    // A conversation active again moves to the front.
+    b.send_text(&alice, "b3").await?;
+    let list = all_conversations(&a, 50).await?;
+    let (front, sb) = (&list[0], find(&list, &bob)?);
+    ensure!(
+        sb.active_ms == front.active_ms && sb.active_ms >= find(&list, &dave)?.active_ms,
+        "after bob wrote again alice's first conversation is with {} (active {}), bob's active {}",
+        front.with,
+        front.active_ms,
+        sb.active_ms
+    );
+    // Paging by one lists each once.
+    let paged = all_conversations(&a, 1).await?;
+    ensure!(paged.len() == 3, "paging by 1 listed {} conversations, expected 3", paged.len());
+    // The count stops at 100.
+    for i in 0..100 {
+        b.send_text(&alice, &format!("more{i}")).await?;
+    }
+    let list = all_conversations(&a, 50).await?;
+    ensure!(find(&list, &bob)?.unread == 100, "104 unread messages are counted as {}, expected 100", find(&list, &bob)?.unread);
+    expect_code(a.conversations(Some(0), None).await, ErrorCode::InvalidRequest, "conversations limit 0")?;
+    expect_code(a.conversations(Some(101), None).await, ErrorCode::InvalidRequest, "conversations limit 101")?;
+    expect_code(a.conversations(None, Some(Cursor("not a cursor".into()))).await, ErrorCode::InvalidRequest, "a made-up conversations cursor")?;
+    Ok(())
+}
+
+async fn conversations_read_presence(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, a) = s.new_user("alice").await?;
+    let (bob, b) = s.new_user("bob").await?;
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(b.send_text(&alice, &format!("r{i}")).await?);
+    }
+    let (list, _) = a.conversations(None, None).await?;
+    let sb = find(&list, &bob)?;
+    ensure!(sb.presence.is_none(), "alice sees bob's presence before she wrote to him: {:?}", sb.presence);
+    a.receipt(&bob, ReceiptKind::Read, watermark(&sent[1])).await?;
+    let (list, _) = a.conversations(None, None).await?;
+    ensure!(find(&list, &bob)?.unread == 1, "after reading 2 of 3, alice's unread count is {}", find(&list, &bob)?.unread);
+    // Alice's own reply does not count, and now they share the conversation.
+    a.send_text(&bob, "reply").await?;
+    let (list, _) = a.conversations(None, None).await?;
+    let sb = find(&list, &bob)?;
+    ensure!(sb.unread == 1, "alice's own message changed her unread count to {}", sb.unread);
+    let p = sb.presence.as_ref().ok_or_else(|| anyhow!("alice does not see bob's presence once both have written"))?;
+    ensure!(p.user == bob, "the presence listed with bob is {}'s", p.user);
+    let asked = a.presence(&bob).await?;
+    ensure!(p.online == asked.online, "the listed presence says online={}, `presence` says {}", p.online, asked.online);
+    let (bl, _) = b.conversations(None, None).await?;
+    ensure!(bl.first().map(|s| s.unread) == Some(1), "bob, answered once, lists {bl:?}");
+    Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context};
 use missive_federation::{envelope, ServerKey};
 use missive_spec::federation::{txn_id, FedErrorCode, FedRequest, FedResponse, SignedUnit, Unit, UnitResult};
-use missive_spec::{codec, Content, ConversationId, ReceiptKind, UserId, Watermark};
+use missive_spec::{codec, Content, ConversationId, EventKind, ReceiptKind, UserId, Watermark};
 
 use super::{eventually, history_all, messages, mock_info, sync_all, test, text, Ctx, Test};
 use crate::implementation::Sut;
@@ -44,6 +44,7 @@ pub fn tests() -> Vec<Test> {
         test!("fed.send.batching", Recommended, ["FED-TXN-2"], [Federation], send_batching),
         test!("fed.send.backoff", Recommended, ["FED-SEND-5"], [Federation], send_backoff),
         test!("fed.send.presence_coalesced", Recommended, ["FED-EDU-2"], [Federation, Presence], send_presence_coalesced),
+        test!("fed.send.undeliverable", Required, ["FED-SEND-8", "C2S-RCPT-8", "FED-SEND-2"], [Federation], send_undeliverable),
         test!("fed.send.receipt", Required, ["C2S-RCPT-6", "FED-RCPT-1"], [Federation, Receipts], send_receipt),
     ]
 }
@@ -495,6 +496,30 @@ async fn send_partial(mut ctx: Ctx) -> anyhow::Result<()> {
     want.sort();
     ensure!(got == want, "the mock accepted {got:?}, expected each of the 10 once");
     Ok(())
+}
+
+/// A message the peer refuses for good becomes an `undeliverable` event in the sender's
+/// stream, once, with the peer's reason; the next message still goes through.
+async fn send_undeliverable(mut ctx: Ctx) -> anyhow::Result<()> {
+    let (s, alice) = send_setup(&mut ctx, Misbehaviour::default()).await?;
+    let nobody = mock_user(&s.mock, crate::mock_peer::NOBODY);
+    let sent = s.client.send_text(&nobody, "is anyone there?").await?;
+    let failed = eventually("an undeliverable event in the sender's stream", || async {
+        let events = sync_all(&s.client).await.ok()?;
+        let failed: Vec<_> = events.into_iter().filter_map(|e| if let EventKind::Undeliverable(u) = e.event { Some(u) } else { None }).collect();
+        (!failed.is_empty()).then_some(failed)
+    })
+    .await?;
+    ensure!(failed.len() == 1, "{} undeliverable events for one refused message", failed.len());
+    let u = &failed[0];
+    ensure!(
+        (u.conv, &u.origin, u.seq, u.reason.as_str()) == (sent.conv, &sent.origin, sent.seq, "unknown_recipient"),
+        "the event names {u:?}, expected message {} #{} refused as unknown_recipient",
+        sent.origin,
+        sent.seq
+    );
+    let texts = send_texts(&s.client, &alice, "after", 1).await?;
+    delivered_in_order(&s.mock, &texts).await
 }
 
 async fn send_slow(mut ctx: Ctx) -> anyhow::Result<()> {

@@ -202,6 +202,28 @@ pub fn presence(localpart: &str) -> Vec<u8> {
     localpart.as_bytes().to_vec()
 }
 
+// active: localpart 0 active_ms BE conversation id. A user's conversations by their last
+// activity: a reverse scan lists the most recently active first.
+pub fn active_of(localpart: &str) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    k
+}
+pub fn active(localpart: &str, active_ms: u64, conv: &ConversationId) -> Vec<u8> {
+    let mut k = active_of(localpart);
+    k.extend_from_slice(&active_ms.to_be_bytes());
+    k.extend_from_slice(conv.as_bytes());
+    k
+}
+pub fn parse_active(k: &[u8]) -> Option<(String, u64, ConversationId)> {
+    let (local, rest) = split_text(k)?;
+    if rest.len() != 8 + ConversationId::LEN {
+        return None;
+    }
+    let (ms, conv) = rest.split_at(8);
+    Some((local.to_owned(), u64::from_be_bytes(ms.try_into().ok()?), ConversationId(conv.try_into().ok()?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +247,14 @@ mod tests {
             prop_assert_eq!(parse_queue(&queue(&origin, lane, pos)), Some((origin.clone(), lane, pos)));
             prop_assert!(queue(&origin, lane, pos).starts_with(&queue_lane(&origin, lane)));
             prop_assert_eq!(held(&conv, &origin, seq), msg_id(&conv, &origin, seq));
+            prop_assert_eq!(parse_active(&active(&local, pos, &conv)), Some((local.clone(), pos, conv)));
+            prop_assert!(active(&local, pos, &conv).starts_with(&active_of(&local)));
+        }
+
+        #[test]
+        fn active_keys_sort_by_time(local in "[a-z]{1,8}", a in any::<u64>(), b in any::<u64>(), c in any::<[u8; 32]>()) {
+            let conv = ConversationId(c);
+            prop_assert_eq!(a.cmp(&b), active(&local, a, &conv).cmp(&active(&local, b, &conv)));
         }
 
         #[test]

@@ -44,10 +44,13 @@ pub enum Cf {
     Contacts,
     /// localpart → `PresenceRecord` (last seen, settings)
     Presence,
+    /// localpart, last activity (ms), conversation → peer user id: a user's conversations,
+    /// most recently active last (§6.10)
+    Active,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 16] = [
+    pub const ALL: [Cf; 17] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -64,6 +67,7 @@ impl Cf {
         Cf::ReadCursors,
         Cf::Contacts,
         Cf::Presence,
+        Cf::Active,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -83,6 +87,7 @@ impl Cf {
             Cf::ReadCursors => "read_cursors",
             Cf::Contacts => "contacts",
             Cf::Presence => "presence",
+            Cf::Active => "active",
         }
     }
 }

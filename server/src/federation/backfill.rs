@@ -79,7 +79,7 @@ impl Federation {
     async fn request_backfill(self: &Arc<Self>, origin: &ServerName, conv: ConversationId, first: u64, last: u64) -> Result<(), String> {
         let peer = self.peer(origin);
         let info = self.discovery.resolve(origin).await.map_err(|e| e.to_string())?;
-        let conn = self.connection(origin, &peer.conn).await?;
+        let conn = self.connection(&peer).await?;
         match self.request(&conn, FedRequest::Backfill { conv, last, first }).await? {
             FedResponse::Units { units } if units.is_empty() => Err("origin has none of the missing units".into()),
             FedResponse::Units { units } => {

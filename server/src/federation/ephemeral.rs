@@ -27,7 +27,7 @@ impl Federation {
                     let peer = me.peer(&dest);
                     for req in requests {
                         let sent = async {
-                            let conn = me.connection(&dest, &peer.conn).await?;
+                            let conn = me.connection(&peer).await?;
                             me.request(&conn, req).await
                         };
                         if let Err(e) = sent.await {

@@ -207,6 +207,19 @@ impl Federation {
         p
     }
 
+    /// Peers whose pins changed: their backoff starts afresh, a connection made with the
+    /// old pin is dropped, and what waits for them goes at once.
+    pub fn repinned(self: &Arc<Self>, names: impl Iterator<Item = ServerName>) {
+        for name in names {
+            let p = self.peer(&name);
+            if let Ok(mut slot) = p.conn.try_lock() {
+                *slot = None;
+            }
+            p.link().contacted();
+            p.wake_all();
+        }
+    }
+
     /// The peer reached us: whatever we owe it may go at once.
     fn contacted(self: &Arc<Self>, name: &ServerName) {
         let p = self.peer(name);
@@ -214,16 +227,24 @@ impl Federation {
         p.wake_all();
     }
 
-    pub(super) async fn connection(&self, peer: &ServerName, slot: &tokio::sync::Mutex<Option<quinn::Connection>>) -> Result<quinn::Connection, String> {
-        let mut guard = slot.lock().await;
+    /// The open connection to `peer`, or a new one. A watcher marks the link down the
+    /// moment a connection ends, so `missived peers` shows a dead peer within the idle
+    /// timeout of the keep-alives.
+    async fn connection(&self, peer: &Arc<Peer>) -> Result<quinn::Connection, String> {
+        let mut guard = peer.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
-        let info = self.discovery.resolve(peer).await.map_err(|e| e.to_string())?;
-        let conn = self.connect(peer, &info).await?;
+        let info = self.discovery.resolve(&peer.name).await.map_err(|e| e.to_string())?;
+        let conn = self.connect(&peer.name, &info).await?;
         *guard = Some(conn.clone());
+        let (watched, closed) = (peer.clone(), conn.clone());
+        tokio::spawn(async move {
+            let reason = closed.closed().await;
+            watched.link().connection_lost(reason.to_string());
+        });
         Ok(conn)
     }
 

@@ -60,7 +60,7 @@ impl Federation {
 
     /// Sends one transaction and has the writer record the outcome (F5). A failure here or
     /// at the peer backs the link off alike.
-    async fn deliver(&self, peer: &Peer, txn: Txn) {
+    async fn deliver(&self, peer: &Arc<Peer>, txn: Txn) {
         let results = if txn.units.is_empty() {
             Vec::new()
         } else {
@@ -91,8 +91,8 @@ impl Federation {
         }
     }
 
-    async fn transact(&self, peer: &Peer, txn: &Txn) -> Result<Vec<UnitResult>, String> {
-        let conn = self.connection(&peer.name, &peer.conn).await?;
+    async fn transact(&self, peer: &Arc<Peer>, txn: &Txn) -> Result<Vec<UnitResult>, String> {
+        let conn = self.connection(peer).await?;
         let n = txn.units.len();
         match self.request(&conn, FedRequest::Txn { id: txn.id.clone(), units: txn.units.clone() }).await? {
             FedResponse::TxnResult { id, results } if id == txn.id && results.len() == n => Ok(results),
