@@ -937,6 +937,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_server_list_fills_the_conversations_most_recent_first() {
+        let (bob, alice, mut app) = two();
+        let carol = user("@carol:gamma.test");
+        let online = PresenceUpdate { user: carol.clone(), online: true, last_seen: None };
+        app.listed(vec![
+            Listed { with: carol.clone(), active_ms: 9, unread: 3, last: Some(msg(&carol, &bob, 4, 9, "hey")), presence: Some(online) },
+            Listed { with: alice.clone(), active_ms: 5, unread: 0, last: None, presence: None },
+        ]);
+        assert_eq!(app.convs.iter().map(|c| c.with.clone()).collect::<Vec<_>>(), vec![carol.clone(), alice]);
+        let c = &app.convs[0];
+        assert_eq!((c.unread, c.messages.len()), (3, 1));
+        assert!(c.presence.as_ref().is_some_and(|p| p.online));
+        assert!(!c.loaded, "opening it still loads its history");
+    }
+
+    #[test]
     fn errors_only_set_the_status_line() {
         let (_, _, mut app) = two();
         keys(&mut app, "draft");
