@@ -5,6 +5,7 @@ pub mod chat;
 pub mod history;
 pub mod listen;
 pub mod login;
+pub mod outbox;
 pub mod presence;
 pub mod send;
 pub mod sync;
