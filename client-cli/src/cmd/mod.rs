@@ -6,6 +6,7 @@ pub mod conversations;
 pub mod history;
 pub mod listen;
 pub mod login;
+pub mod outbox;
 pub mod presence;
 pub mod send;
 pub mod sync;

@@ -288,7 +288,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
 
 /// Puts a message written while offline into the profile's outbox.
 fn queue(profile: &Profile, app: &mut App, to: UserId, text: String, id: missive_spec::ClientMsgId) {
-    let q = Queued { to: to.clone(), text: text.clone(), client_msg_id: id.to_hex(), created_ms: now_ms() };
+    let q = Queued { to: to.clone(), text: text.clone(), client_msg_id: id.to_hex(), created_ms: now_ms(), reason: None };
     match Outbox::open(profile.dir()).and_then(|o| o.push(&q)) {
         Ok(_) => app.queued(to, text),
         Err(e) => app.error(format!("not sent, and the outbox refused it: {e:#}")),
