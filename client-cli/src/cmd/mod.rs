@@ -6,6 +6,7 @@ pub mod history;
 pub mod listen;
 pub mod login;
 pub mod presence;
+pub mod search;
 pub mod send;
 pub mod sync;
 
