@@ -98,6 +98,15 @@ impl Hit {
     }
 }
 
+/// What [`Archive::search`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    /// Newest first.
+    pub hits: Vec<Hit>,
+    /// More messages match than the limit let through.
+    pub more: bool,
+}
+
 /// The message archive of one profile.
 pub struct Archive {
     conn: Connection,
@@ -255,8 +264,8 @@ impl Archive {
     /// Messages whose text has every word of `query` (the last one as a prefix), newest
     /// first, at most `limit` (capped at [`MAX_LIMIT`]); only those exchanged with `with`
     /// when given. Any input is a valid query: words are taken from it, never its syntax.
-    pub fn search(&self, query: &str, with: Option<&UserId>, limit: u32) -> Result<Vec<Hit>, ArchiveError> {
-        let Some(q) = fts_query(query) else { return Ok(Vec::new()) };
+    pub fn search(&self, query: &str, with: Option<&UserId>, limit: u32) -> Result<Found, ArchiveError> {
+        let Some(q) = fts_query(query) else { return Ok(Found::default()) };
         let mut stmt = self
             .conn
             .prepare(
@@ -266,9 +275,11 @@ impl Archive {
                  ORDER BY message_text.rowid DESC LIMIT ?3",
             )
             .map_err(|e| self.sql(e))?;
-        let limit = i64::from(limit.min(MAX_LIMIT));
+        let limit = limit.min(MAX_LIMIT) as usize;
+        // One more than asked tells whether there are more.
+        let rows_wanted = limit as i64 + 1;
         let rows = stmt
-            .query_map(params![q, with.map(|u| u.as_str()), limit, MATCH_START, MATCH_END, SNIPPET_TOKENS], |r| {
+            .query_map(params![q, with.map(|u| u.as_str()), rows_wanted, MATCH_START, MATCH_END, SNIPPET_TOKENS], |r| {
                 Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
             })
             .map_err(|e| self.sql(e))?;
@@ -279,7 +290,9 @@ impl Archive {
                 .map_err(|e| ArchiveError::Corrupt { path: self.path.clone(), why: e.to_string() })?;
             hits.push(Hit { message, snippet });
         }
-        Ok(hits)
+        let more = hits.len() > limit;
+        hits.truncate(limit);
+        Ok(Found { hits, more })
     }
 
     /// How many messages are kept.

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use missive_cli::archive::{Archive, Hit};
+use missive_cli::archive::{Archive, Found, Hit};
 use missive_cli::output::{message_json, utc};
 use missive_cli::profile::Profile;
 use serde_json::json;
@@ -15,10 +15,7 @@ pub const DEFAULT_LIMIT: u32 = 20;
 pub fn search(profile: &Profile, json: bool, text: &str, with: Option<&str>, limit: u32) -> anyhow::Result<()> {
     let with = with.map(parse_user).transpose()?;
     let archive = Archive::open(profile)?;
-    // One more than shown tells whether there are more.
-    let mut hits = archive.search(text, with.as_ref(), limit.saturating_add(1))?;
-    let more = hits.len() > limit as usize;
-    hits.truncate(limit as usize);
+    let Found { hits, more } = archive.search(text, with.as_ref(), limit)?;
     let bold = !json && std::io::stdout().is_terminal();
     for h in &hits {
         if json {
