@@ -46,6 +46,9 @@ With --json, every command prints one JSON object per line, each with a \"type\"
   typing   {type, user, conv, until}                         listen, chat
   page     {type, count, older, newer}                       history (last line; cursors or null)
   synced   {type, pos, count}                                sync (last line)
+  found    {type, conv, origin, seq, rank, from, to, ts,
+            content_type, text | body_base64}                search (newest first)
+  searched {type, count, more}                               search (last line)
   ok       {type}                                            logout, revoke, settings, outbox drop
 Errors go to standard error, and the exit status is non-zero.";
 
@@ -133,6 +136,18 @@ enum Command {
     Sync,
     /// Print events as they arrive, until interrupted.
     Listen,
+    /// Search the messages this profile has seen (kept locally), newest first.
+    Search {
+        /// Words to find; the last one may be the start of a word.
+        text: String,
+        /// Only the conversation with this user.
+        #[arg(long)]
+        with: Option<String>,
+        /// Most hits to show (1-1000).
+        #[arg(long, default_value_t = cmd::search::DEFAULT_LIMIT,
+              value_parser = clap::value_parser!(u32).range(1..=missive_cli::archive::MAX_LIMIT as i64))]
+        limit: u32,
+    },
     /// Chat: full-screen in a terminal (conversation list, scrollback, states, typing;
     /// /help inside); with input or output redirected, or --json, typed lines are sent
     /// and arrivals printed, until /quit or the end of input.
@@ -282,6 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History { with, limit, before, after } => cmd::history::history(p, json, &with, limit, before, after).await,
         Command::Sync => cmd::sync::sync(p, json).await,
         Command::Listen => cmd::listen::listen(p, json).await,
+        Command::Search { text, with, limit } => cmd::search::search(p, json, &text, with.as_deref(), limit),
         Command::Chat { with } => cmd::chat::chat(p, json, with.as_deref()).await,
         Command::Read { with } => cmd::history::read(p, json, &with).await,
         Command::Presence { user } => cmd::presence::presence(p, json, &user).await,

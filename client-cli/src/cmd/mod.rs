@@ -8,6 +8,7 @@ pub mod listen;
 pub mod login;
 pub mod outbox;
 pub mod presence;
+pub mod search;
 pub mod send;
 pub mod sync;
 

@@ -1,6 +1,7 @@
 //! `missive send`: a message goes out now, or waits in the outbox until a command reaches
 //! the server.
 
+use missive_cli::archive::Recorder;
 use missive_cli::client::{new_client_msg_id, ClientError};
 use missive_cli::outbox::{check_size, Outbox, Queued};
 use missive_cli::output::message_json;
@@ -27,6 +28,7 @@ pub async fn send(profile: &Profile, json: bool, to: &str, text: &str) -> anyhow
     }
     match c.send(&to, missive_spec::Content::text(text), id).await {
         Ok(m) => {
+            Recorder::new(profile).record(&m);
             if json {
                 println!("{}", message_json("sent", &m, None));
             } else {
