@@ -366,8 +366,16 @@ impl Recorder {
 
     /// Keeps the messages, if the archive can be written.
     pub fn record_all<'a>(&mut self, messages: impl IntoIterator<Item = &'a Message>) {
+        if let Some(warning) = self.try_record_all(messages) {
+            eprintln!("missive: {warning}");
+        }
+    }
+
+    /// Keeps the messages, if the archive can be written; the first failure is returned as
+    /// a warning for the caller to show (the full-screen chat has no standard error).
+    pub fn try_record_all<'a>(&mut self, messages: impl IntoIterator<Item = &'a Message>) -> Option<String> {
         if self.failed {
-            return;
+            return None;
         }
         let result = match &self.archive {
             Some(a) => a.record_all(messages),
@@ -377,10 +385,9 @@ impl Recorder {
                 r
             }),
         };
-        if let Err(e) = result {
-            self.failed = true;
-            eprintln!("missive: warning: {e}; messages are not kept for `missive search`");
-        }
+        let e = result.err()?;
+        self.failed = true;
+        Some(format!("warning: {e}; messages are not kept for `missive search`"))
     }
 
     pub fn record(&mut self, m: &Message) {

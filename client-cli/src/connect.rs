@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use missive_cli::archive::Recorder;
 use missive_cli::client::{Client, ClientError};
 use missive_cli::outbox::Outbox;
 use missive_cli::profile::{Profile, SessionFile};
@@ -117,6 +118,7 @@ async fn flush_outbox(profile: &Profile, c: &Client) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let f = outbox.flush(c).await?;
+    Recorder::new(profile).record_all(&f.sent);
     if !f.sent.is_empty() {
         eprintln!("sent {} message(s) from the outbox", f.sent.len());
     }

@@ -150,6 +150,13 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
             assert!(shown.insert(id.clone()), "shown twice: {id}\nchat: {chat1:?}\nsync: {sync:?}\nchat: {chat2:?}");
         }
     }
+    // What chat showed, received or sent, is kept for search.
+    for text in ["four", "answer"] {
+        let found = json_lines(&ok(&u.bob, &["--json", "search", text], "").await);
+        let hits: Vec<&Value> = found.iter().filter(|v| v["type"] == "found").collect();
+        assert_eq!(hits.len(), 1, "{text}: {found:?}");
+        assert_eq!(hits[0]["text"], text);
+    }
 }
 
 #[tokio::test]
@@ -316,4 +323,9 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
     }
     let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
     assert!(!h.contains("/quit"), "/quit is never sent: {h}");
+    // The screen keeps what it showed for search: what arrived live, what was sent.
+    for text in ["back again", "first ping"] {
+        let found = ok(&u.alice, &["--json", "search", text], "").await;
+        assert!(json_lines(&found).iter().any(|v| v["type"] == "found" && v["text"] == text), "{text}: {found}");
+    }
 }

@@ -11,6 +11,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::bail;
+use missive_cli::archive::Recorder;
 use missive_cli::client::{new_client_msg_id, ClientError};
 use missive_cli::output::message_json;
 use missive_cli::profile::Profile;
@@ -107,6 +108,7 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
     let conv = ConversationId::one_to_one(me, with);
     let mut lines = typed_lines();
     let mut seen = Seen::default();
+    let mut archive = Recorder::new(profile);
     let mut announced = false;
     let mut follow = Follow::new(profile);
     let mut hold_until: Option<tokio::time::Instant> = None;
@@ -192,6 +194,7 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
                         EventKind::Receipt(_) | EventKind::Unknown(_) => {}
                     }
                 }
+                archive.record_events(&f.events);
                 let acks = async {
                     ack_delivered(&c, me, &f.events).await?;
                     // On screen means read, in the conversation being had.
@@ -247,6 +250,7 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
                 };
                 match c.send(with, Content::text(&text), id).await {
                     Ok(m) => {
+                        archive.record(&m);
                         seen.saw(&m);
                         unechoed.insert((m.origin.clone(), m.seq));
                         if json {

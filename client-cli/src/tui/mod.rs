@@ -15,7 +15,8 @@ use anyhow::Context;
 use missive_cli::client::{Client, ClientError};
 use missive_cli::outbox::{Outbox, Queued};
 use missive_cli::profile::Profile;
-use missive_spec::{limits, Content, ErrorCode, UserId};
+use missive_cli::archive::Recorder;
+use missive_spec::{limits, Content, ErrorCode, EventKind, Message, UserId};
 use ratatui::crossterm::event::{self, DisableBracketedPaste, EnableBracketedPaste, Event};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{self, EnterAlternateScreen, LeaveAlternateScreen};
@@ -195,6 +196,8 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
     let mut pending: Vec<Action> = Vec::new();
     let mut follow = Follow::new(profile);
     let mut hold_until: Option<tokio::time::Instant> = None;
+    // What the screen shows is kept for `missive search`, like `sync` and `history` keep it.
+    let mut archive = Recorder::new(profile);
     loop {
         let size = screen.terminal.size()?;
         app.rows = size.height.saturating_sub(6);
@@ -238,6 +241,10 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                 }
             }
             Ok(Next::Frame(_, f)) => {
+                keep(&mut archive, &mut app, f.events.iter().filter_map(|e| match &e.event {
+                    EventKind::Message(m) => Some(m),
+                    _ => None,
+                }));
                 pending.extend(app.frame(&f, now));
                 if let Err(e) = follow.save_position(f.next) {
                     app.error(format!("{e:#}"));
@@ -248,7 +255,14 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                 app.quit = true
             }
             Ok(Next::Input(Input::Answer(Some(answer)))) => match *answer {
-                Answer::Done(d) => pending.extend(app.done(d, now)),
+                Answer::Done(d) => {
+                    match &d {
+                        Done::Sent(m) => keep(&mut archive, &mut app, [m]),
+                        Done::Page { page, .. } => keep(&mut archive, &mut app, &page.messages),
+                        _ => {}
+                    }
+                    pending.extend(app.done(d, now))
+                }
                 Answer::SendLost { to, text, id, conn, reason } => {
                     queue(profile, &mut app, to, text, id);
                     if follow.client().is_some_and(|c| c.connection().stable_id() == conn) {
@@ -284,6 +298,13 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
     drop(screen);
     follow.close().await;
     Ok(())
+}
+
+/// Keeps messages in the archive; a failure to is said once, on the status line.
+fn keep<'a>(archive: &mut Recorder, app: &mut App, messages: impl IntoIterator<Item = &'a Message>) {
+    if let Some(warning) = archive.try_record_all(messages) {
+        app.error(warning);
+    }
 }
 
 /// Puts a message written while offline into the profile's outbox.
