@@ -1,15 +1,18 @@
 //! Reaching the homeserver from a profile: resolving its address, checking its key
-//! against the pinned one, logging in with the saved session and sending the outbox.
+//! against the pinned one and its name against the user's, logging in with the saved
+//! session and sending the outbox. Failures that have a known cause (a changed key, a
+//! federation port, another server's name) are said in words here.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use missive_cli::archive::Recorder;
 use missive_cli::client::{Client, ClientError};
 use missive_cli::outbox::Outbox;
 use missive_cli::profile::{Profile, SessionFile};
-use missive_spec::{ServerName, UserId};
+use missive_spec::{Response, ServerName, UserId};
 use missive_transport::tls::Pin;
 use missive_transport::PublicKey;
 
@@ -54,7 +57,34 @@ pub async fn connect(profile: &Profile, user: &UserId, addr: &str) -> anyhow::Re
     match Client::connect_within(sock, &server, pin, timeout).await {
         Ok(c) => Ok(c),
         Err(ClientError::KeyMismatch { pinned, presented }) => Err(key_changed(&server, &pinned, &presented, profile)),
+        Err(ClientError::Connect { reason, .. }) if refused_our_protocol(&reason) => Err(anyhow!(
+            "{addr} is a QUIC server that does not speak the Missive client protocol (it refused the client ALPN): \
+             is it a homeserver's federation port? The client port is `[client] listen` in missived.toml (7450 by default)"
+        )),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the handshake failed because the server offers none of our application
+/// protocols: the TLS alert `no_application_protocol` (120), which a Missive federation
+/// listener sends to a client that offers the client ALPN.
+fn refused_our_protocol(reason: &str) -> bool {
+    const NO_APPLICATION_PROTOCOL: u8 = 120;
+    let code = quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL).to_string();
+    reason.match_indices(&code).any(|(i, m)| !reason[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// Refuses, before any password is sent, a server whose name is not the one in `user`.
+pub async fn check_server_name(c: &Client, user: &UserId, addr: &str) -> anyhow::Result<()> {
+    let expected = user.server_name();
+    match c.info().await? {
+        Response::Info { server_name, .. } if server_name == expected => Ok(()),
+        Response::Info { server_name, .. } => bail!(
+            "the server at {addr} is {server_name}, but {user} belongs to {expected}: the server names differ. \
+             Log in as @{}:{server_name}, or give --server the address of {expected}'s homeserver",
+            user.localpart()
+        ),
+        other => bail!("the server at {addr} answered info with {other:?}"),
     }
 }
 
@@ -88,11 +118,12 @@ async fn flush_outbox(profile: &Profile, c: &Client) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let f = outbox.flush(c).await?;
+    Recorder::new(profile).record_all(&f.sent);
     if !f.sent.is_empty() {
         eprintln!("sent {} message(s) from the outbox", f.sent.len());
     }
     for (q, why) in &f.failed {
-        eprintln!("missive: the server refused a queued message to {}: {why} (kept in outbox/failed)", q.to);
+        eprintln!("missive: the server refused a queued message to {}: {why} (`missive outbox` lists it; `missive outbox retry ID` or `drop ID`)", q.to);
     }
     Ok(f.waiting)
 }

@@ -2,6 +2,8 @@
 //! per line. Every JSON object has a `type` (`message`, `sent`, `receipt`, `page`, `session`,
 //! `synced`, `queued`, `device`, `presence`, `typing`, `ok`), listed in `missive --help`.
 
+use crate::outbox::{short_id, Queued, State};
+
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use missive_spec::{Cursor, Ephemeral, Message, Receipt, ReceiptKind, Watermark};
@@ -111,6 +113,31 @@ pub fn utc(ms: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `{"type":"queued","id":…,"state":"waiting"|"failed","reason":…,"to":…,"text":…,"client_msg_id":…,"created_ms":…}`
+pub fn queued_json(q: &Queued, state: State, id_len: usize) -> String {
+    json!({
+        "type": "queued",
+        "id": short_id(&q.client_msg_id, id_len),
+        "state": state.as_str(),
+        "reason": q.reason,
+        "to": q.to.as_str(),
+        "text": q.text,
+        "client_msg_id": q.client_msg_id,
+        "created_ms": q.created_ms,
+    })
+    .to_string()
+}
+
+/// `3f9a1c2e  waiting  2026-12-01 18:50:20 to @bob:beta.example: hello`, and for a failed
+/// entry its reason on the next line.
+pub fn queued_line(q: &Queued, state: State, id_len: usize) -> String {
+    let head = format!("{}  {:7}  {} to {}: {}", short_id(&q.client_msg_id, id_len), state.as_str(), utc(q.created_ms), q.to, q.text);
+    match &q.reason {
+        Some(r) => format!("{head}\n          refused by the server: {r}"),
+        None => head,
+    }
 }
 
 /// `{"type":"presence","user":…,"online":…,"last_seen":…}` or

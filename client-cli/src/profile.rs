@@ -1,6 +1,7 @@
 //! The CLI's local state: one directory per profile, so that several users can run on one
 //! machine. It holds the session (server address, device, access token, sync position)
-//! and the server keys pinned on first use, like SSH's `known_hosts`.
+//! and the server keys pinned on first use, like SSH's `known_hosts`. The directory is
+//! mode 0700 and every file in it 0600, set explicitly whatever the umask.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -35,12 +36,7 @@ pub struct Profile {
 impl Profile {
     /// Opens (creating, owner-only) the profile directory.
     pub fn open(dir: &Path) -> anyhow::Result<Profile> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create profile {}", dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        }
+        create_private_dir(dir).context("cannot open the profile (set it with --profile or MISSIVE_PROFILE)")?;
         Ok(Profile { dir: dir.to_owned() })
     }
 
@@ -57,22 +53,8 @@ impl Profile {
         }
     }
 
-    /// Replaces a file atomically and durably (write, fsync, rename).
     fn write<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
-        let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(value)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_private(&self.dir, name, &serde_json::to_vec_pretty(value)?)
     }
 
     pub fn session(&self) -> anyhow::Result<Option<SessionFile>> {
@@ -91,8 +73,9 @@ impl Profile {
     }
 
     pub fn clear_session(&self) -> anyhow::Result<()> {
-        match std::fs::remove_file(self.dir.join(SESSION_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        let path = self.dir.join(SESSION_FILE);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", path.display())),
             _ => Ok(()),
         }
     }
@@ -114,4 +97,42 @@ impl Profile {
         known.insert(server.as_str().to_owned(), key.to_text());
         self.write(KNOWN_SERVERS_FILE, &known)
     }
+}
+
+/// Creates `dir` (and its parents) if missing and makes it owner-only (0700).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (mode 0700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Replaces `dir/name` atomically and durably with an owner-only (0600) file: written to a
+/// temporary file, synced, renamed into place, then the directory synced.
+pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let written = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        // Set explicitly too: the umask can change the mode given at creation, and a file
+        // left by an earlier crash keeps its old one.
+        #[cfg(unix)]
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    written.with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }

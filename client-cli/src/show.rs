@@ -65,8 +65,9 @@ pub fn ephemeral(json: bool, e: &Ephemeral) {
     }
 }
 
+/// A message just put in the outbox.
 pub fn queued_json(q: &Queued) -> String {
-    json!({"type": "queued", "to": q.to.as_str(), "text": q.text, "client_msg_id": q.client_msg_id, "created_ms": q.created_ms}).to_string()
+    missive_cli::output::queued_json(q, missive_cli::outbox::State::Waiting, missive_cli::outbox::SHORT_ID_LEN)
 }
 
 /// A command's acknowledgement: `{"type": "ok"}`, or `human` when there is one to print.

@@ -17,9 +17,10 @@ pub use missive_transport::key::{PublicKey, PublicKeyError, ED25519_SPKI_PREFIX}
 /// Why a key could not be loaded or parsed.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read key file {path}: {source}")]
+    // The cause is the error's source: printing it here too would say it twice in a chain.
+    #[error("cannot read key file {path}")]
     Read { path: String, source: std::io::Error },
-    #[error("cannot write key file {path}: {source}")]
+    #[error("cannot write key file {path}")]
     Write { path: String, source: std::io::Error },
     #[error("key file {path} is not an ed25519 PKCS#8 PEM private key: {reason}")]
     Format { path: String, reason: String },
@@ -120,6 +121,20 @@ mod tests {
         let v2 = dir.path().join("old.key");
         std::fs::write(&v2, k.signing_key().to_pkcs8_pem(Default::default()).unwrap().as_bytes()).unwrap();
         assert_eq!(ServerKey::load(&v2).unwrap().public(), k.public());
+    }
+
+    #[test]
+    fn io_errors_are_said_once_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ServerKey::load(dir.path()).err().expect("a directory is not a key file");
+        let mut chain = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            chain.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        assert!(chain.contains(&dir.path().display().to_string()), "{chain}");
+        assert_eq!(chain.matches("os error").count(), 1, "{chain}");
     }
 
     /// The DER inside a one-block PEM.

@@ -150,6 +150,18 @@ async fn a_data_dir_too_long_for_the_admin_socket_refuses_to_start() {
 }
 
 #[tokio::test]
+async fn a_database_that_cannot_be_opened_is_named_by_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let db = data.join("db");
+    std::fs::write(&db, b"a file where the database folder goes").unwrap();
+    let (code, _, stderr) = run_refused(&data.join("missived.toml")).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("cannot open the database at {}", db.display())), "{stderr}");
+}
+
+#[tokio::test]
 async fn a_start_up_that_fails_after_binding_the_admin_socket_removes_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -18,6 +18,8 @@ pub enum IdError {
     IpLiteral(String),
     #[error("user id {0:?} is not of the form @localpart:server.name (§2.2)")]
     UserId(String),
+    #[error("user id {given:?} has capital letters; user ids are lower-case: {lower:?} (§2.2)")]
+    UserIdCase { given: String, lower: String },
     #[error("device id {0:?} is not 1-32 characters of A-Z, a-z, 0-9, '-' or '_' (§2.3)")]
     DeviceId(String),
     #[error("expected {expected} bytes, got {got}")]
@@ -84,6 +86,10 @@ impl UserId {
         let colon = rest.find(':').ok_or_else(err)?;
         let (local, server) = (&rest[..colon], &rest[colon + 1..]);
         if !valid_localpart(local) || ServerName::parse(server).is_err() {
+            let lower = s.to_ascii_lowercase();
+            if lower != s && UserId::parse(&lower).is_ok() {
+                return Err(IdError::UserIdCase { given: s.to_owned(), lower });
+            }
             return Err(err());
         }
         Ok(UserId { full: s.to_owned(), colon: colon + 1 })
@@ -270,6 +276,17 @@ mod tests {
         for bad in ["alice:alpha", "@:alpha", "@Alice:alpha", "@al ice:alpha", "@alice", "@alice:", "@a:b:c"] {
             assert!(UserId::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn capitals_in_user_ids_are_named() {
+        for (given, lower) in [("@Bob:alpha.example", "@bob:alpha.example"), ("@bob:Alpha.Example", "@bob:alpha.example")] {
+            let e = UserId::parse(given).unwrap_err();
+            assert_eq!(e, IdError::UserIdCase { given: given.into(), lower: lower.into() });
+            assert!(e.to_string().contains("lower-case"), "{e}");
+        }
+        // Capitals that are not the only fault keep the general error.
+        assert_eq!(UserId::parse("@B ob:alpha.example"), Err(IdError::UserId("@B ob:alpha.example".into())));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `missive history` and `missive read`: pages of a conversation, and marking it read.
 
 use anyhow::bail;
+use missive_cli::archive::Recorder;
 use missive_cli::output::page_json;
 use missive_cli::profile::Profile;
 use missive_spec::{Cursor, ReceiptKind, Watermark};
@@ -23,6 +24,7 @@ pub async fn history(
     for m in &page.messages {
         show::page_message(json, m, &s.user, &page);
     }
+    Recorder::new(profile).record_all(&page.messages);
     // Shown means read.
     if let Some(newest) = page.messages.first() {
         let w = Watermark(newest.order_key());

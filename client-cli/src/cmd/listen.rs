@@ -1,6 +1,7 @@
 //! `missive listen`: prints events as they arrive, acknowledges delivery and saves the
 //! position after each frame, until Ctrl-C.
 
+use missive_cli::archive::Recorder;
 use missive_cli::profile::Profile;
 use missive_cli::receipts::ack_delivered;
 
@@ -10,6 +11,7 @@ use crate::show;
 pub async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
     let mut follow = Follow::new(profile);
     let mut announced = false;
+    let mut archive = Recorder::new(profile);
     loop {
         match follow.next(std::future::pending::<()>()).await? {
             Next::Connected(_) | Next::Input(()) => {}
@@ -26,6 +28,7 @@ pub async fn listen(profile: &Profile, json: bool) -> anyhow::Result<()> {
                 for e in &f.events {
                     show::event(json, e);
                 }
+                archive.record_events(&f.events);
                 ack_delivered(&c, &me, &f.events).await?;
                 follow.save_position(f.next)?;
             }

@@ -1,7 +1,9 @@
 //! `missive login` and `missive register`: a new device's session, and the server's key
-//! pinned on first contact.
+//! pinned on first contact. The password is typed at a hidden prompt when standard input
+//! is a terminal, or read from standard input with `--password-stdin`; either way it is
+//! sent only once the server has shown it is the user's own homeserver.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 
 use anyhow::{bail, Context};
 use missive_cli::client::Client;
@@ -10,12 +12,40 @@ use missive_cli::Session;
 use serde_json::json;
 
 use super::parse_user;
-use crate::connect::connect;
+use crate::connect::{check_server_name, connect};
 
-pub async fn login(profile: &Profile, json: bool, user: &str, server: &str, device_name: Option<String>) -> anyhow::Result<()> {
+/// Where the password comes from.
+#[derive(Clone, Copy)]
+pub enum PasswordFrom {
+    /// The first line of standard input (`--password-stdin`).
+    Stdin,
+    /// A hidden prompt on the terminal; registering asks twice.
+    Prompt,
+}
+
+impl PasswordFrom {
+    /// Fails at once, before connecting, when the password could not be had.
+    fn check(self) -> anyhow::Result<()> {
+        if matches!(self, PasswordFrom::Prompt) && !std::io::stdin().is_terminal() {
+            bail!("standard input is not a terminal, so the password cannot be asked for: pipe it in and pass --password-stdin");
+        }
+        Ok(())
+    }
+}
+
+pub async fn login(
+    profile: &Profile,
+    json: bool,
+    user: &str,
+    server: &str,
+    from: PasswordFrom,
+    device_name: Option<String>,
+) -> anyhow::Result<()> {
     let user = parse_user(user)?;
-    let password = read_password()?;
+    from.check()?;
     let mut c = connect(profile, &user, server).await?;
+    check_server_name(&c, &user, server).await?;
+    let password = read_password(from, &format!("Password for {user}: "), false)?;
     let session = c.login(&user, &password, device_name).await?;
     finish_login(profile, &c, session, server, json)?;
     c.close().await;
@@ -27,19 +57,38 @@ pub async fn register(
     json: bool,
     user: &str,
     server: &str,
+    from: PasswordFrom,
     token: Option<String>,
     device_name: Option<String>,
 ) -> anyhow::Result<()> {
     let user = parse_user(user)?;
-    let password = read_password()?;
+    from.check()?;
     let mut c = connect(profile, &user, server).await?;
+    check_server_name(&c, &user, server).await?;
+    let password = read_password(from, &format!("New password for {user}: "), true)?;
     let session = c.register(&user, &password, token, device_name).await?;
     finish_login(profile, &c, session, server, json)?;
     c.close().await;
     Ok(())
 }
 
-fn read_password() -> anyhow::Result<String> {
+fn read_password(from: PasswordFrom, prompt: &str, confirm: bool) -> anyhow::Result<String> {
+    match from {
+        PasswordFrom::Stdin => read_password_stdin(),
+        PasswordFrom::Prompt => {
+            let pw = rpassword::prompt_password(prompt).context("cannot read the password from the terminal")?;
+            if pw.is_empty() {
+                bail!("no password given");
+            }
+            if confirm && rpassword::prompt_password("Again: ").context("cannot read the password from the terminal")? != pw {
+                bail!("the two passwords differ");
+            }
+            Ok(pw)
+        }
+    }
+}
+
+fn read_password_stdin() -> anyhow::Result<String> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).context("cannot read the password from standard input")?;
     let pw = line.trim_end_matches(['\n', '\r']).to_owned();

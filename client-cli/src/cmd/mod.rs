@@ -6,7 +6,9 @@ pub mod conversations;
 pub mod history;
 pub mod listen;
 pub mod login;
+pub mod outbox;
 pub mod presence;
+pub mod search;
 pub mod send;
 pub mod sync;
 

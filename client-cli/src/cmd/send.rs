@@ -1,8 +1,9 @@
-//! `missive send` and `missive outbox`: a message goes out now, or waits in the outbox
-//! until a command reaches the server.
+//! `missive send`: a message goes out now, or waits in the outbox until a command reaches
+//! the server.
 
+use missive_cli::archive::Recorder;
 use missive_cli::client::{new_client_msg_id, ClientError};
-use missive_cli::outbox::{Outbox, Queued};
+use missive_cli::outbox::{check_size, Outbox, Queued};
 use missive_cli::output::message_json;
 use missive_cli::profile::Profile;
 use missive_spec::{ClientMsgId, UserId};
@@ -13,6 +14,7 @@ use crate::show;
 
 pub async fn send(profile: &Profile, json: bool, to: &str, text: &str) -> anyhow::Result<()> {
     let to = parse_user(to)?;
+    check_size(text)?;
     profile.require_session()?;
     let id = new_client_msg_id();
     let (c, _, waiting) = match session_client_flushed(profile).await {
@@ -26,6 +28,7 @@ pub async fn send(profile: &Profile, json: bool, to: &str, text: &str) -> anyhow
     }
     match c.send(&to, missive_spec::Content::text(text), id).await {
         Ok(m) => {
+            Recorder::new(profile).record(&m);
             if json {
                 println!("{}", message_json("sent", &m, None));
             } else {
@@ -41,26 +44,10 @@ pub async fn send(profile: &Profile, json: bool, to: &str, text: &str) -> anyhow
     Ok(())
 }
 
-pub fn outbox(profile: &Profile, json: bool) -> anyhow::Result<()> {
-    let outbox = Outbox::open(profile.dir())?;
-    let waiting = outbox.list()?;
-    for (_, q) in &waiting {
-        if json {
-            println!("{}", show::queued_json(q));
-        } else {
-            println!("{} to {}: {}", missive_cli::output::utc(q.created_ms), q.to, q.text);
-        }
-    }
-    if !json && waiting.is_empty() {
-        eprintln!("the outbox is empty");
-    }
-    Ok(())
-}
-
 /// Puts a message in the outbox, under the id it was (or would have been) sent with.
 pub fn queue(profile: &Profile, to: &UserId, text: &str, id: ClientMsgId, json: bool) -> anyhow::Result<()> {
     let outbox = Outbox::open(profile.dir())?;
-    let q = Queued { to: to.clone(), text: text.to_owned(), client_msg_id: id.to_hex(), created_ms: now_ms() };
+    let q = Queued { to: to.clone(), text: text.to_owned(), client_msg_id: id.to_hex(), created_ms: now_ms(), reason: None };
     outbox.push(&q)?;
     let waiting = outbox.list()?.len();
     if json {

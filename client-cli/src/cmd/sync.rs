@@ -1,6 +1,7 @@
 //! `missive sync`: everything since the saved position, page by page, then the position
 //! saved and delivery acknowledged.
 
+use missive_cli::archive::Recorder;
 use missive_cli::profile::Profile;
 use missive_cli::receipts::ack_delivered;
 use missive_spec::limits;
@@ -11,6 +12,7 @@ use crate::show;
 
 pub async fn sync(profile: &Profile, json: bool) -> anyhow::Result<()> {
     let (c, mut s) = session_client(profile).await?;
+    let mut archive = Recorder::new(profile);
     let mut count = 0;
     loop {
         let page = c.sync_page(s.sync_pos, None).await?;
@@ -18,6 +20,7 @@ pub async fn sync(profile: &Profile, json: bool) -> anyhow::Result<()> {
         for e in &events {
             show::event(json, e);
         }
+        archive.record_events(&events);
         ack_delivered(&c, &s.user, &events).await?;
         count += events.len();
         s.sync_pos = next;

@@ -54,6 +54,8 @@ fn open_db(path: &Path) -> StoreResult<DB> {
             "the disk holding {} is full: free some space, then start missived again",
             path.display()
         )),
+        // RocksDB's own messages do not always name the path (a directory it cannot create).
+        StoreError::Engine(s) => StoreError::Engine(format!("cannot open the database at {}: {s}", path.display())),
         other => other,
     })
 }

@@ -1,0 +1,331 @@
+//! `missive chat` for real: the full-screen chat driven in a real terminal (tmux) between
+//! users of two federated `missived` processes, and line mode's promise that no message
+//! or receipt shows twice across `chat`, `sync` and `chat` again.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use missive_conformance::harness::{workspace_bin, ServerProcess};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn missive_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_missive")
+}
+
+/// `missive --profile PROFILE ARGS` given `stdin`, run to its end; it must succeed.
+async fn finished(profile: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(missive_bin())
+        .env_remove("MISSIVE_PROFILE")
+        .env("MISSIVE_CONNECT_TIMEOUT_MS", "500")
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.as_bytes()).await.unwrap();
+    drop(pipe);
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap();
+    assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Like [`finished`]; returns standard output.
+async fn ok(profile: &Path, args: &[&str], stdin: &str) -> String {
+    String::from_utf8(finished(profile, args, stdin).await.stdout).unwrap()
+}
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
+}
+
+/// Polls `check` every 100 ms until it gives a value, failing after [`DEADLINE`].
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two users logged in on one server, or on two federated ones.
+struct Users {
+    _tmp: tempfile::TempDir,
+    servers: Vec<ServerProcess>,
+    alice: PathBuf,
+    bob: PathBuf,
+}
+
+async fn login(profile: &Path, user: &str, srv: &ServerProcess) {
+    let addr = srv.addr.to_string();
+    ok(profile, &["login", user, "--server", &addr, "--password-stdin"], "password-1234\n").await;
+}
+
+/// alice on `names[0]`, bob on the last of `names`, the servers pinned to each other.
+async fn users(names: &[&str]) -> Users {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut servers = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = tmp.path().join(name);
+        let ip = std::net::IpAddr::from([127, 0, 0, 2 + i as u8]);
+        ServerProcess::init_on(&workspace_bin("missived"), &dir, name, "closed", ip).await.unwrap();
+        servers.push(ServerProcess::start(&workspace_bin("missived"), &dir, name).await.unwrap());
+    }
+    for a in &servers {
+        for b in &servers {
+            if a.name != b.name {
+                a.pin_peer(b).await.unwrap();
+            }
+        }
+    }
+    let (first, last) = (&servers[0], &servers[servers.len() - 1]);
+    first.add_user("alice", "password-1234").await.unwrap();
+    last.add_user("bob", "password-1234").await.unwrap();
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    login(&alice, &format!("@alice:{}", first.name), first).await;
+    login(&bob, &format!("@bob:{}", last.name), last).await;
+    Users { _tmp: tmp, servers, alice, bob }
+}
+
+/// What identifies a shown message (`message` or `sent`) or receipt, to find repeats.
+fn identity(v: &Value) -> Option<String> {
+    match v["type"].as_str()? {
+        "message" | "sent" => Some(format!("message {} {} {}", v["conv"], v["origin"], v["seq"])),
+        "receipt" => Some(format!("receipt {} {} {} {}", v["conv"], v["user"], v["kind"], v["up_to"])),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn nothing_shows_twice_across_chat_sync_and_chat() {
+    let u = users(&["alpha.test"]).await;
+    let (alice_id, bob_id) = ("@alice:alpha.test", "@bob:alpha.test");
+    for text in ["one", "two"] {
+        ok(&u.alice, &["send", bob_id, text], "").await;
+    }
+    // bob chats: reads what came, answers, leaves with /quit (never sent).
+    let chat1 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], "answer\n/quit\nnot sent\n").await);
+    let texts = |v: &[Value]| -> Vec<String> {
+        v.iter()
+            .filter(|o| o["type"] == "message" || o["type"] == "sent")
+            .map(|o| o["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(texts(&chat1), vec!["one", "two", "answer"], "{chat1:?}");
+    // alice reads bob's answer, and writes again.
+    let alice_sees = eventually("bob's answer at alice's", || async {
+        let h = json_lines(&ok(&u.alice, &["--json", "history", bob_id], "").await);
+        texts(&h).contains(&"answer".to_owned()).then_some(h)
+    })
+    .await;
+    assert!(!texts(&alice_sees).contains(&"/quit".to_owned()) && !texts(&alice_sees).contains(&"not sent".to_owned()));
+    ok(&u.alice, &["read", bob_id], "").await;
+    ok(&u.alice, &["send", bob_id, "three"], "").await;
+    let sync = json_lines(&ok(&u.bob, &["--json", "sync"], "").await);
+    assert_eq!(texts(&sync), vec!["three"], "sync shows only what chat did not: {sync:?}");
+    assert!(
+        sync.iter().any(|o| o["type"] == "receipt" && o["user"] == alice_id && o["kind"] == "read"),
+        "alice's read receipt is new to bob: {sync:?}"
+    );
+    ok(&u.alice, &["send", bob_id, "four"], "").await;
+    let chat2 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], "").await);
+    assert_eq!(texts(&chat2), vec!["four"], "{chat2:?}");
+
+    let mut shown = HashSet::new();
+    for v in chat1.iter().chain(&sync).chain(&chat2) {
+        if let Some(id) = identity(v) {
+            assert!(shown.insert(id.clone()), "shown twice: {id}\nchat: {chat1:?}\nsync: {sync:?}\nchat: {chat2:?}");
+        }
+    }
+    // What chat showed, received or sent, is kept for search.
+    for text in ["four", "answer"] {
+        let found = json_lines(&ok(&u.bob, &["--json", "search", text], "").await);
+        let hits: Vec<&Value> = found.iter().filter(|v| v["type"] == "found").collect();
+        assert_eq!(hits.len(), 1, "{text}: {found:?}");
+        assert_eq!(hits[0]["text"], text);
+    }
+}
+
+#[tokio::test]
+async fn line_mode_refuses_an_over_long_line_and_goes_on() {
+    let u = users(&["alpha.test"]).await;
+    let long = "x".repeat(missive_spec::limits::MAX_CONTENT_BODY + 1);
+    let out = finished(&u.bob, &["--json", "chat", "@alice:alpha.test"], &format!("{long}\nstill here\n")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not sent: the line is 16385 bytes, over the limit of 16384 bytes"), "{stderr}");
+    let sent: Vec<Value> =
+        json_lines(&String::from_utf8_lossy(&out.stdout)).into_iter().filter(|v| v["type"] == "sent").collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["text"], "still here");
+}
+
+/// A tmux server of its own (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// `None` when tmux is not installed.
+    fn new() -> Option<Tmux> {
+        let found = std::process::Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
+        found.then(|| Tmux { socket: format!("missive-test-{}-{}", std::process::id(), rand::random::<u32>()) })
+    }
+
+    async fn tmux(&self, args: &[&str]) -> String {
+        // -u: the screen is UTF-8 (box drawing, `…`) whatever the locale says.
+        let out = Command::new("tmux").args(["-u", "-L", &self.socket]).args(args).output().await.unwrap();
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A 120x40 terminal named `name` running `missive chat ARGS` for `profile`; when
+    /// chat ends, the terminal says with which exit status and stays.
+    async fn chat(&self, name: &str, profile: &Path, args: &str) {
+        let command = format!(
+            "MISSIVE_CONNECT_TIMEOUT_MS=500 '{}' --profile '{}' chat {args}; echo \"chat exited with $?\"; exec sleep 600",
+            missive_bin(),
+            profile.display()
+        );
+        self.tmux(&["new-session", "-d", "-x", "120", "-y", "40", "-s", name, &command]).await;
+    }
+
+    async fn typed(&self, name: &str, text: &str) {
+        self.tmux(&["send-keys", "-t", name, "-l", text]).await;
+    }
+
+    async fn key(&self, name: &str, key: &str) {
+        self.tmux(&["send-keys", "-t", name, key]).await;
+    }
+
+    async fn screen(&self, name: &str) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", name]).await
+    }
+
+    /// Polls the screen until `check` holds; fails with the screen after [`DEADLINE`].
+    async fn until(&self, name: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let s = self.screen(name).await;
+            if check(&s) {
+                return s;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let mut all = String::new();
+                for other in self.tmux(&["list-sessions", "-F", "#{session_name}"]).await.lines() {
+                    all += &format!("{other}'s screen:\n{}\n", self.screen(other).await);
+                }
+                panic!("timed out waiting for {what} on {name}'s screen\n{all}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn shows(&self, name: &str, text: &str) -> String {
+        self.until(name, &format!("{text:?}"), |s| s.contains(text)).await
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux").arg("-L").arg(&self.socket).arg("kill-server").output();
+    }
+}
+
+/// The row of the input box: the one above the status line, inside the box.
+fn input_row(screen: &str) -> String {
+    let rows: Vec<&str> = screen.lines().collect();
+    rows.iter()
+        .rev()
+        .find(|r| r.starts_with('│'))
+        .map(|r| r.trim_matches(|c| c == '│' || c == ' ').to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_screen_chat_in_tmux_between_two_servers() {
+    let Some(tmux) = Tmux::new() else {
+        eprintln!("SKIPPED: tmux is not installed (scripts/deps installs it)");
+        return;
+    };
+    let mut u = users(&["alpha.test", "beta.test"]).await;
+    let (alice_id, bob_id) = ("@alice:alpha.test", "@bob:beta.test");
+    // Presence and typing cross once both have written (spec §12).
+    ok(&u.alice, &["send", bob_id, "hello bob"], "").await;
+    ok(&u.bob, &["send", alice_id, "hello alice"], "").await;
+    eventually("bob's first message at alice's server", || async {
+        let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
+        h.contains("hello alice").then_some(())
+    })
+    .await;
+
+    // alice writes while no device of bob's is online: her message stays `sent`.
+    tmux.chat("alice", &u.alice, bob_id).await;
+    tmux.shows("alice", "@bob:beta.test: hello alice").await;
+    tmux.typed("alice", "first ping").await;
+    tmux.key("alice", "Enter").await;
+    tmux.shows("alice", "you: first ping  [sent]").await;
+
+    // bob starts without naming anyone: his device gets it (delivered), and opening the
+    // conversation from the list reads it.
+    tmux.chat("bob", &u.bob, "").await;
+    let s = tmux.shows("bob", "@alice:alpha.test (").await;
+    assert!(s.contains("Conversations"), "{s}");
+    tmux.shows("alice", "you: first ping  [delivered]").await;
+    tmux.key("bob", "Tab").await;
+    tmux.shows("bob", "@alice:alpha.test: first ping").await;
+    tmux.shows("alice", "you: first ping  [read]").await;
+
+    // bob types half a line; alice types (bob sees it, until it expires), then sends.
+    tmux.typed("bob", "half a li").await;
+    tmux.until("bob", "the half line", |s| input_row(s) == "half a li").await;
+    tmux.typed("alice", "are you there?").await;
+    tmux.shows("bob", "@alice:alpha.test is typing…").await;
+    tmux.until("bob", "the typing notice to expire", |s| !s.contains("is typing…")).await;
+    tmux.key("alice", "Enter").await;
+    let s = tmux.shows("bob", "@alice:alpha.test: are you there?").await;
+    assert_eq!(input_row(&s), "half a li", "the half-typed line is intact:\n{s}");
+    tmux.typed("bob", "ne").await;
+    tmux.key("bob", "Enter").await;
+    tmux.shows("alice", "@bob:beta.test: half a line").await;
+    let s = tmux.shows("bob", "you: half a line  [").await;
+    assert_eq!(input_row(&s), "", "sent whole, input emptied:\n{s}");
+
+    // bob's server goes away and comes back: the session goes on.
+    let beta = u.servers.len() - 1;
+    u.servers[beta].kill9().await;
+    tmux.shows("bob", "offline (").await;
+    u.servers[beta].restart().await.unwrap();
+    tmux.until("bob", "reconnection", |s| !s.contains("offline (")).await;
+    tmux.typed("bob", "back again").await;
+    tmux.key("bob", "Enter").await;
+    tmux.shows("alice", "@bob:beta.test: back again").await;
+
+    // /quit leaves cleanly: exit status 0, the terminal back from the alternate screen.
+    for name in ["bob", "alice"] {
+        tmux.typed(name, "/quit").await;
+        tmux.key(name, "Enter").await;
+        tmux.shows(name, "chat exited with 0").await;
+        let alternate = tmux.tmux(&["display-message", "-p", "-t", name, "#{alternate_on}"]).await;
+        assert_eq!(alternate.trim(), "0", "{name}'s terminal left the alternate screen");
+    }
+    let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
+    assert!(!h.contains("/quit"), "/quit is never sent: {h}");
+    // The screen keeps what it showed for search: what arrived live, what was sent.
+    for text in ["back again", "first ping"] {
+        let found = ok(&u.alice, &["--json", "search", text], "").await;
+        assert!(json_lines(&found).iter().any(|v| v["type"] == "found" && v["text"] == text), "{text}: {found}");
+    }
+}

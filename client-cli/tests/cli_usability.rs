@@ -1,0 +1,272 @@
+//! What a person meets around the messages themselves, against a real `missived`: the
+//! hidden password prompt in a real terminal (tmux), the outbox with refused entries,
+//! errors that say what is wrong, private profile files, completions and the man page.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use missive_conformance::harness::{workspace_bin, ServerProcess};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const BIN: &str = env!("CARGO_BIN_EXE_missive");
+
+/// Runs `missive --profile PROFILE ARGS` with `stdin` piped in (closed when `None`).
+async fn missive(profile: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .env_remove("MISSIVE_PROFILE")
+        .env("MISSIVE_CONNECT_TIMEOUT_MS", "500")
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or_default().as_bytes()).await.unwrap();
+    drop(pipe);
+    tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap()
+}
+
+/// Standard output of a command that must succeed.
+async fn succeeds(profile: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let out = missive(profile, args, stdin).await;
+    assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Standard error of a command that must fail.
+async fn fails(profile: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let out = missive(profile, args, stdin).await;
+    assert!(!out.status.success(), "missive {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.stdout.is_empty(), "an error prints nothing on standard output");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn json_lines(s: &str) -> Vec<Value> {
+    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
+}
+
+/// A server `alpha.test` with users alice and bob, alice logged in.
+struct Setup {
+    tmp: tempfile::TempDir,
+    srv: ServerProcess,
+    alice: PathBuf,
+}
+
+async fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = ServerProcess::create(&workspace_bin("missived"), &tmp.path().join("srv"), "alpha.test", "closed").await.unwrap();
+    srv.add_user("alice", "alice-password").await.unwrap();
+    srv.add_user("bob", "bob-password").await.unwrap();
+    let alice = tmp.path().join("alice");
+    let addr = srv.addr.to_string();
+    succeeds(&alice, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
+    Setup { tmp, srv, alice }
+}
+
+#[tokio::test]
+async fn the_outbox_shows_refused_messages_with_the_reason_and_retries_or_drops_them() {
+    let mut s = setup().await;
+    s.srv.terminate().await.unwrap();
+    for (to, text) in [("@carol:alpha.test", "to carol"), ("@dave:alpha.test", "to dave"), ("@bob:alpha.test", "to bob")] {
+        succeeds(&s.alice, &["send", to, text], None).await;
+    }
+    // Too large: refused at once, even while the server is away, and never queued.
+    let big = "x".repeat(16_385);
+    let err = fails(&s.alice, &["send", "@bob:alpha.test", &big], None).await;
+    assert!(err.contains("16385 bytes") && err.contains("at most 16384"), "{err}");
+    let listed = json_lines(&succeeds(&s.alice, &["--json", "outbox"], None).await);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().all(|v| v["type"] == "queued" && v["state"] == "waiting" && v["reason"].is_null()), "{listed:?}");
+
+    // carol and dave do not exist: the server refuses those two for good, bob's goes.
+    s.srv.restart().await.unwrap();
+    let out = missive(&s.alice, &["sync"], None).await;
+    assert!(out.status.success());
+    let listed = json_lines(&succeeds(&s.alice, &["--json", "outbox"], None).await);
+    let failed: Vec<_> = listed.iter().map(|v| (v["text"].as_str().unwrap(), v["state"].as_str().unwrap())).collect();
+    assert_eq!(failed, vec![("to carol", "failed"), ("to dave", "failed")]);
+    let reason = listed[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("unknown_user") && reason.contains("@carol:alpha.test"), "{reason}");
+    let human = succeeds(&s.alice, &["outbox"], None).await;
+    assert!(human.contains("failed") && human.contains("refused by the server: unknown_user"), "{human}");
+    let (carol_id, dave_id) = (listed[0]["id"].as_str().unwrap().to_owned(), listed[1]["id"].as_str().unwrap().to_owned());
+    assert!(human.contains(&carol_id) && carol_id.len() >= 8, "ids are shown: {human}");
+
+    // carol gets an account; the retried message goes with the next connection.
+    s.srv.add_user("carol", "carol-password").await.unwrap();
+    let retried = json_lines(&succeeds(&s.alice, &["--json", "outbox", "retry", &carol_id], None).await);
+    assert_eq!((retried[0]["type"].as_str(), retried[0]["state"].as_str()), (Some("queued"), Some("waiting")));
+    let out = missive(&s.alice, &["sync"], None).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sent 1 message(s) from the outbox"));
+    let carol = s.tmp.path().join("carol");
+    let addr = s.srv.addr.to_string();
+    succeeds(&carol, &["login", "@carol:alpha.test", "--server", &addr, "--password-stdin"], Some("carol-password\n")).await;
+    let synced = json_lines(&succeeds(&carol, &["--json", "sync"], None).await);
+    assert!(synced.iter().any(|v| v["type"] == "message" && v["text"] == "to carol"), "{synced:?}");
+
+    // dave's is dropped; an unknown id says so.
+    let dropped = json_lines(&succeeds(&s.alice, &["--json", "outbox", "drop", &dave_id], None).await);
+    assert_eq!(dropped[0]["type"], "ok");
+    assert!(succeeds(&s.alice, &["--json", "outbox"], None).await.is_empty());
+    let err = fails(&s.alice, &["outbox", "drop", &dave_id], None).await;
+    assert!(err.contains("no outbox entry"), "{err}");
+}
+
+#[tokio::test]
+async fn errors_say_what_is_wrong() {
+    let s = setup().await;
+    let addr = s.srv.addr.to_string();
+    let other = s.tmp.path().join("other");
+
+    // Another server's name: said before any password is read (standard input is empty).
+    let err = fails(&other, &["login", "@alice:beta.test", "--server", &addr, "--password-stdin"], None).await;
+    assert!(err.contains("alpha.test") && err.contains("beta.test") && err.contains("server names differ"), "{err}");
+
+    // The federation port instead of the client port.
+    let fed = s.srv.federation.to_string();
+    let err = fails(&other, &["login", "@alice:alpha.test", "--server", &fed, "--password-stdin"], Some("alice-password\n")).await;
+    assert!(err.contains("federation port"), "{err}");
+
+    // Capitals in a user id.
+    let err = fails(&s.alice, &["send", "@Bob:alpha.test", "hi"], None).await;
+    assert!(err.contains("lower-case") && err.contains("@bob:alpha.test"), "{err}");
+
+    // No terminal and no --password-stdin: says how to pass the password.
+    let err = fails(&other, &["login", "@alice:alpha.test", "--server", &addr], Some("alice-password\n")).await;
+    assert!(err.contains("--password-stdin") && err.contains("not a terminal"), "{err}");
+
+    // I/O errors name the path, and say the cause once.
+    let file = s.tmp.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let err = fails(&file.join("profile"), &["outbox"], None).await;
+    assert!(err.contains(&file.join("profile").display().to_string()), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    std::fs::write(s.alice.join("outbox"), b"not a folder").unwrap();
+    let err = fails(&s.alice, &["outbox"], None).await;
+    assert!(err.contains(&s.alice.join("outbox").display().to_string()), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn profile_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = setup().await;
+    let lax = s.tmp.path().join("lax");
+    // A umask of 000 would leave everything world-readable if the modes were not set
+    // explicitly.
+    let sh = |line: String| {
+        let p = lax.display();
+        let line = format!("umask 000; MISSIVE_CONNECT_TIMEOUT_MS=300 {}", line.replace("PROFILE", &format!("'{p}'")));
+        std::process::Command::new("sh").arg("-c").arg(line).status().unwrap().success()
+    };
+    let addr = s.srv.addr;
+    assert!(sh(format!("printf 'bob-password\\n' | {BIN} --profile PROFILE login @bob:alpha.test --server {addr} --password-stdin")));
+    s.srv.terminate().await.unwrap();
+    assert!(sh(format!("{BIN} --profile PROFILE send @alice:alpha.test queued-while-away")));
+
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&lax), 0o700, "profile directory");
+    assert_eq!(mode(&lax.join("outbox")), 0o700, "outbox directory");
+    let mut files = vec![lax.join("session.json"), lax.join("known_servers.json")];
+    files.extend(std::fs::read_dir(lax.join("outbox")).unwrap().map(|e| e.unwrap().path()));
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
+
+/// A tmux server of its own (`-L`), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux runs");
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.cmd(&["capture-pane", "-p", "-t", "t"])
+    }
+
+    /// Waits until the screen shows `text`; returns the screen.
+    async fn wait_for(&self, text: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return screen;
+            }
+            assert!(start.elapsed() < DEADLINE, "{text:?} never appeared; the screen:\n{screen}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux").arg("-L").arg(&self.socket).arg("kill-server").status();
+    }
+}
+
+#[tokio::test]
+async fn login_asks_for_the_password_without_showing_it() {
+    let s = setup().await;
+    let bob = s.tmp.path().join("bob");
+    let tmux = Tmux { socket: format!("missive-test-{}-{:?}", std::process::id(), Instant::now()) };
+    let line = format!("{BIN} --profile {} login @bob:alpha.test --server {}; echo exit=$?; sleep 60", bob.display(), s.srv.addr);
+    tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "20", &line]);
+    tmux.wait_for("Password for @bob:alpha.test:").await;
+    tmux.cmd(&["send-keys", "-t", "t", "-l", "bob-password"]);
+    tmux.cmd(&["send-keys", "-t", "t", "Enter"]);
+    let screen = tmux.wait_for("exit=").await;
+    assert!(screen.contains("logged in as @bob:alpha.test"), "{screen}");
+    assert!(screen.contains("exit=0"), "{screen}");
+    assert!(!screen.contains("bob-password"), "the password was echoed:\n{screen}");
+    // The session works.
+    let devices = json_lines(&succeeds(&bob, &["--json", "devices"], None).await);
+    assert_eq!(devices[0]["type"], "device");
+}
+
+#[tokio::test]
+async fn completions_and_the_man_page_come_from_the_command_definition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("unused");
+    let help = succeeds(&p, &["--help"], None).await;
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.contains(&"outbox") && commands.contains(&"completions") && commands.len() > 10, "{commands:?}");
+
+    let bash = succeeds(&p, &["completions", "bash"], None).await;
+    assert!(bash.contains("complete -F _missive") && bash.contains("retry"), "{bash}");
+    let zsh = succeeds(&p, &["completions", "zsh"], None).await;
+    assert!(zsh.starts_with("#compdef missive"), "{zsh}");
+    let fish = succeeds(&p, &["completions", "fish"], None).await;
+    assert!(fish.contains("complete -c missive"), "{fish}");
+
+    let man = succeeds(&p, &["man"], None).await;
+    assert!(man.lines().any(|l| l.starts_with(".TH missive 1")), "{man}");
+    assert!(man.contains(".SH NAME") && man.contains(".SH SYNOPSIS") && man.contains(".SH SUBCOMMANDS"), "{man}");
+    for c in &commands {
+        assert!(man.contains(&format!("missive\\-{c}")), "{c} missing from the man page:\n{man}");
+    }
+    // Generating touches no profile.
+    assert!(!p.exists());
+}
