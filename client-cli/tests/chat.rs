@@ -321,11 +321,12 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
         let alternate = tmux.tmux(&["display-message", "-p", "-t", name, "#{alternate_on}"]).await;
         assert_eq!(alternate.trim(), "0", "{name}'s terminal left the alternate screen");
     }
-    let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
-    assert!(!h.contains("/quit"), "/quit is never sent: {h}");
-    // The screen keeps what it showed for search: what arrived live, what was sent.
+    // The screen keeps what it showed for search: what arrived live, what was sent
+    // (asked before `history`, which keeps what it shows too).
     for text in ["back again", "first ping"] {
         let found = ok(&u.alice, &["--json", "search", text], "").await;
         assert!(json_lines(&found).iter().any(|v| v["type"] == "found" && v["text"] == text), "{text}: {found}");
     }
+    let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
+    assert!(!h.contains("/quit"), "/quit is never sent: {h}");
 }
