@@ -244,7 +244,7 @@ impl Config {
     /// Parses and validates config text; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<Config> {
         let mut c: Config = toml::from_str(text)?;
-        c.data_dir = base.join(&c.data_dir);
+        c.data_dir = tidy(&base.join(&c.data_dir));
         c.key_file = c.data_dir.join(&c.key_file);
         if c.registration.policy == RegistrationPolicy::Token
             && c.registration.token.as_deref().is_none_or(|t| t.len() < 8)
@@ -493,6 +493,17 @@ key_document_bytes = 65536
 # key = "ed25519:..."
 "#
     )
+}
+
+/// `path` without its `.` components (`/srv/missive/./db` → `/srv/missive/db`), so that
+/// messages name paths as an operator would type them.
+fn tidy(path: &Path) -> PathBuf {
+    let p: PathBuf = path.components().filter(|c| *c != std::path::Component::CurDir).collect();
+    if p.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        p
+    }
 }
 
 #[cfg(test)]
