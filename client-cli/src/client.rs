@@ -359,6 +359,15 @@ impl Client {
         }
     }
 
+    /// §6.11: sets a new password; with `logout_others`, every other device is revoked.
+    pub async fn change_password(&self, old_password: &str, new_password: &str, logout_others: bool) -> Result<(), ClientError> {
+        let req = Request::ChangePassword { old_password: old_password.to_owned(), new_password: new_password.to_owned(), logout_others };
+        match self.request(req).await? {
+            Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub async fn revoke_device(&self, device: DeviceId) -> Result<(), ClientError> {
         match self.request(Request::RevokeDevice { device }).await? {
             Response::Ok {} => Ok(()),

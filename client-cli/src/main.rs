@@ -49,7 +49,7 @@ With --json, every command prints one JSON object per line, each with a \"type\"
   found    {type, conv, origin, seq, rank, from, to, ts,
             content_type, text | body_base64}                search (newest first)
   searched {type, count, more}                               search (last line)
-  ok       {type}                                            logout, revoke, settings, outbox drop
+  ok       {type}                                            logout, revoke, settings, passwd, outbox drop
 Errors go to standard error, and the exit status is non-zero.";
 
 #[derive(Parser)]
@@ -154,6 +154,15 @@ enum Command {
     Chat {
         /// The user to chat with (required outside a terminal).
         with: Option<String>,
+    },
+    /// Change your password: asks for the current one, then the new one twice.
+    Passwd {
+        /// Read the current and the new password from the first two lines of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Also log out every other device of yours.
+        #[arg(long)]
+        logout_others: bool,
     },
     /// Revoke this device's access token and forget the session.
     Logout,
@@ -289,6 +298,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Register { user, server, password_stdin, token, device_name } => {
             cmd::login::register(p, json, &user, &server, password_from(password_stdin), token, device_name).await
+        }
+        Command::Passwd { password_stdin, logout_others } => {
+            cmd::login::passwd(p, json, password_from(password_stdin), logout_others).await
         }
         Command::Send { to, text } => cmd::send::send(p, json, &to, &text).await,
         Command::Outbox { action: None } => cmd::outbox::list(p, json),

@@ -240,6 +240,43 @@ async fn login_asks_for_the_password_without_showing_it() {
 }
 
 #[tokio::test]
+async fn passwd_changes_the_password_at_a_hidden_prompt_and_can_log_out_the_other_devices() {
+    let s = setup().await;
+    let addr = s.srv.addr.to_string();
+    let phone = s.tmp.path().join("phone");
+    succeeds(&phone, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
+    // At the terminal: the current password, then the new one twice, none of them shown.
+    let tmux = Tmux { socket: format!("missive-test-{}-{:?}", std::process::id(), Instant::now()) };
+    let line = format!("{BIN} --profile {} passwd; echo exit=$?; sleep 60", s.alice.display());
+    tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "20", &line]);
+    for (prompt, typed) in [("Current password for @alice:alpha.test:", "alice-password"), ("New password:", "a better secret"), ("Again:", "a better secret")] {
+        tmux.wait_for(prompt).await;
+        tmux.cmd(&["send-keys", "-t", "t", "-l", typed]);
+        tmux.cmd(&["send-keys", "-t", "t", "Enter"]);
+    }
+    let screen = tmux.wait_for("exit=").await;
+    assert!(screen.contains("password changed") && screen.contains("exit=0"), "{screen}");
+    assert!(!screen.contains("alice-password") && !screen.contains("better secret"), "a password was echoed:\n{screen}");
+    // The other device stayed logged in; the old password no longer logs in, the new one does.
+    succeeds(&phone, &["devices"], None).await;
+    let laptop = s.tmp.path().join("laptop");
+    let err = fails(&laptop, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
+    assert!(err.contains("bad_credentials") || err.contains("wrong user or password"), "{err}");
+    succeeds(&laptop, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("a better secret\n")).await;
+    // From a script, with every other device logged out.
+    let out = succeeds(&s.alice, &["--json", "passwd", "--password-stdin", "--logout-others"], Some("a better secret\nthe best secret\n")).await;
+    assert_eq!(json_lines(&out)[0]["type"], "ok");
+    for other in [&phone, &laptop] {
+        let err = fails(other, &["devices"], None).await;
+        assert!(err.contains("unauthorized") || err.contains("log in"), "{err}");
+    }
+    succeeds(&s.alice, &["devices"], None).await;
+    // A wrong current password changes nothing and says so.
+    let err = fails(&s.alice, &["passwd", "--password-stdin"], Some("not it at all\nwhatever else\n")).await;
+    assert!(err.contains("wrong password"), "{err}");
+}
+
+#[tokio::test]
 async fn completions_and_the_man_page_come_from_the_command_definition() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("unused");

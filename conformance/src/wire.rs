@@ -383,6 +383,11 @@ impl Client {
         }
     }
 
+    pub async fn change_password(&self, old_password: &str, new_password: &str, logout_others: bool) -> Result<(), ClientError> {
+        let req = Request::ChangePassword { old_password: old_password.into(), new_password: new_password.into(), logout_others };
+        expect_ok(self.request(req).await?)
+    }
+
     pub async fn revoke_device(&self, device: DeviceId) -> Result<(), ClientError> {
         expect_ok(self.request(Request::RevokeDevice { device }).await?)
     }

@@ -15,6 +15,7 @@ use missive_spec::{
     limits, ConversationId, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, OrderKey, Receipt, ReceiptKind, Watermark, RegistrationPolicy, Request,
     RequestFrame, Response, ServerName, UserId, PROTOCOL_VERSION,
 };
+use missive_core::AccountChange;
 
 use crate::accounts;
 use crate::error::ApiError;
@@ -135,7 +136,16 @@ impl Service {
                 }
                 r
             }
-            Request::Login { user, password, device_name } => self.login(user, password, device_name, from).await,
+            Request::Login { user, password, device_name } => {
+                let attempt = self.check_login(user.clone(), password, device_name);
+                self.counted(user, from, attempt).await
+            }
+            Request::ChangePassword { old_password, new_password, logout_others } => {
+                let c = self.read(auth, |_, c| Ok(c)).await?;
+                let user = c.user.clone();
+                let attempt = self.change_password(c, old_password, new_password, logout_others);
+                self.counted(user, from, attempt).await
+            }
             Request::Logout {} => {
                 let c = self.read(auth, |_, c| Ok(c)).await?;
                 self.sequencer.remove_device(c.user.clone(), c.device).await?;
@@ -306,10 +316,16 @@ impl Service {
         Ok(Response::Session { user, token, device: id })
     }
 
-    /// A login attempt counts against the account's and the address's failure limits
-    /// before its password is hashed, so concurrent attempts count (§6.2); it is given back
-    /// if the attempt succeeds or fails for another reason than the credentials.
-    async fn login(self: &Arc<Self>, user: UserId, password: String, device_name: Option<String>, from: IpAddr) -> Result<Response, ApiError> {
+    /// A login attempt (or a password change, §6.11) counts against the account's and the
+    /// address's failure limits before its password is hashed, so concurrent attempts count
+    /// (§6.2); it is given back if the attempt succeeds or fails for another reason than the
+    /// credentials.
+    async fn counted(
+        self: &Arc<Self>,
+        user: UserId,
+        from: IpAddr,
+        attempt: impl std::future::Future<Output = Result<Response, ApiError>>,
+    ) -> Result<Response, ApiError> {
         let now = Instant::now();
         let wait = match self.limits.accounts.reserve(&user, now) {
             Err(w) => Some(w),
@@ -318,9 +334,9 @@ impl Service {
         if let Some(w) = wait {
             return Err(err(ErrorCode::RateLimited, format!("too many failed attempts; try again in {} s", w.as_secs() + 1)));
         }
-        let r = self.check_login(user.clone(), password, device_name).await;
+        let r = attempt.await;
         match &r {
-            Err(e) if e.code == ErrorCode::BadCredentials => tracing::info!(%user, %from, "failed login"),
+            Err(e) if e.code == ErrorCode::BadCredentials => tracing::info!(%user, %from, "failed password check"),
             Ok(_) => {
                 self.limits.accounts.succeeded(&user);
                 self.limits.addresses.refund(&from);
@@ -331,6 +347,36 @@ impl Service {
             }
         }
         r
+    }
+
+    /// §6.11: the caller's current password, checked as a login checks it, then the new one
+    /// set in one change of the writer (which also revokes the other devices if asked).
+    async fn change_password(self: &Arc<Self>, c: Caller, old: String, new: String, logout_others: bool) -> Result<Response, ApiError> {
+        if old.len() > limits::MAX_PASSWORD_LEN {
+            return Err(ApiError::invalid("old password too long"));
+        }
+        accounts::check_password(&new)?;
+        let (store, local) = (self.store.clone(), c.user.localpart().to_owned());
+        let rec = blocking(move || -> Result<Option<UserRecord>, ApiError> {
+            match store.get(Cf::Users, &keys::user(&local))? {
+                Some(v) => Ok(Some(records::decode::<UserRecord>("users", &v)?)),
+                None => Ok(None),
+            }
+        })
+        .await??;
+        let hash = self
+            .hasher
+            .run(move || match rec {
+                Some(r) if accounts::verify_password(&old, &r.password_hash) => Some(accounts::hash_password(&new)),
+                _ => None,
+            })
+            .await?
+            .ok_or_else(|| err(ErrorCode::BadCredentials, "wrong password"))?;
+        let change = AccountChange::Password { hash, logout_others, keep: Some(c.device.clone()) };
+        let revoked = self.sequencer.change_account(c.user.clone(), change).await?;
+        self.hub.wake(c.user.localpart());
+        tracing::info!(user = %c.user, device = %c.device, revoked = revoked.len(), "password changed by its user");
+        Ok(Response::Ok {})
     }
 
     async fn check_login(self: &Arc<Self>, user: UserId, password: String, device_name: Option<String>) -> Result<Response, ApiError> {

@@ -94,13 +94,20 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         before: Option<Cursor>,
     },
+    /// §6.11: the caller changes their own password.
+    ChangePassword {
+        new_password: String,
+        old_password: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        logout_others: bool,
+    },
 }
 
 impl Request {
     /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
     /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
     /// (§5.2).
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 16] = [
         "info",
         "register",
         "login",
@@ -116,6 +123,7 @@ impl Request {
         "settings",
         "typing",
         "conversations",
+        "change_password",
     ];
 
     /// This request's name on the wire.
@@ -136,6 +144,7 @@ impl Request {
             Request::Settings { .. } => "settings",
             Request::Typing { .. } => "typing",
             Request::Conversations { .. } => "conversations",
+            Request::ChangePassword { .. } => "change_password",
         }
     }
 }

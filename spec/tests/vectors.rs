@@ -107,6 +107,18 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
             f(Request::Conversations { limit: Some(20), before: Some(Cursor("AAABmsZ1RgBVE2xJ".into())) }, &token),
         ),
         (
+            "change password",
+            "6.11",
+            f(
+                Request::ChangePassword {
+                    old_password: "correct horse".into(),
+                    new_password: "battery staple".into(),
+                    logout_others: true,
+                },
+                &token,
+            ),
+        ),
+        (
             "history before cursor",
             "6.6",
             f(

@@ -1,5 +1,5 @@
-//! `missive login` and `missive register`: a new device's session, and the server's key
-//! pinned on first contact. The password is typed at a hidden prompt when standard input
+//! `missive login`, `missive register` and `missive passwd`: a new device's session, the
+//! server's key pinned on first contact, and the user's own password. The password is typed at a hidden prompt when standard input
 //! is a terminal, or read from standard input with `--password-stdin`; either way it is
 //! sent only once the server has shown it is the user's own homeserver.
 
@@ -12,7 +12,7 @@ use missive_cli::Session;
 use serde_json::json;
 
 use super::parse_user;
-use crate::connect::{check_server_name, connect};
+use crate::connect::{check_server_name, connect, session_client};
 
 /// Where the password comes from.
 #[derive(Clone, Copy)]
@@ -68,6 +68,25 @@ pub async fn register(
     let password = read_password(from, &format!("New password for {user}: "), true)?;
     let session = c.register(&user, &password, token, device_name).await?;
     finish_login(profile, &c, session, server, json)?;
+    c.close().await;
+    Ok(())
+}
+
+/// `missive passwd`: the current password, then the new one (asked twice at the prompt;
+/// with `--password-stdin`, the first two lines of standard input).
+pub async fn passwd(profile: &Profile, json: bool, from: PasswordFrom, logout_others: bool) -> anyhow::Result<()> {
+    from.check()?;
+    let (c, s) = session_client(profile).await?;
+    let old = read_password(from, &format!("Current password for {}: ", s.user), false)?;
+    let new = read_password(from, "New password: ", true)?;
+    c.change_password(&old, &new, logout_others).await?;
+    if json {
+        println!("{}", json!({"type": "ok"}));
+    } else if logout_others {
+        println!("password changed; every other device of {} is logged out", s.user);
+    } else {
+        println!("password changed; your other devices stay logged in (--logout-others logs them out)");
+    }
     c.close().await;
     Ok(())
 }

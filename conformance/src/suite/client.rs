@@ -42,6 +42,8 @@ pub fn tests() -> Vec<Test> {
         test!("c2s.receipts", Required, ["C2S-RCPT-1", "C2S-RCPT-2", "C2S-RCPT-3", "C2S-RCPT-5", "C2S-RCPT-6"], [Receipts], receipts),
         test!("c2s.receipts.devices", Required, ["C2S-RCPT-4"], [Receipts], receipts_devices),
         test!("c2s.devices", Required, ["C2S-DEV-1", "C2S-DEV-2"], [Devices], devices),
+        test!("c2s.change_password", Required, ["C2S-PASS-1", "C2S-PASS-3"], [Devices], change_password),
+        test!("c2s.change_password.rate_limited", Required, ["C2S-PASS-2"], [], change_password_rate_limited),
         test!("c2s.presence", Required, ["C2S-PRES-2", "C2S-PRES-3", "C2S-PRES-4", "C2S-PRES-5"], [Presence], presence),
         test!("c2s.presence.silent_client", Required, ["C2S-PRES-1"], [Presence], presence_silent_client),
         test!("c2s.typing", Required, ["C2S-TYPE-1", "C2S-TYPE-2", "C2S-TYPE-3"], [Typing], typing),
@@ -722,6 +724,55 @@ async fn devices(mut ctx: Ctx) -> anyhow::Result<()> {
     ensure!(a1.sync(0, None).await.is_ok(), "revoking another device logged out the caller");
     let ghost = missive_spec::DeviceId::parse("NOSUCHDEVICE")?;
     expect_code(a1.revoke_device(ghost).await, ErrorCode::InvalidRequest, "revoking a device the caller does not have")?;
+    Ok(())
+}
+
+async fn change_password(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, a1) = s.new_user("alice").await?;
+    let a2 = s.login(&alice).await?;
+    let a3 = s.login(&alice).await?;
+    let old = crate::implementation::password_of(alice.localpart());
+    let mut x = s.connect().await?;
+    expect_code(a1.change_password("not the password", "a new password", false).await, ErrorCode::BadCredentials, "a wrong current password")?;
+    expect_code(a1.change_password(&old, "short", false).await, ErrorCode::InvalidRequest, "a new password of 5 bytes")?;
+    expect_code(a1.change_password(&old, &"x".repeat(1025), false).await, ErrorCode::InvalidRequest, "a new password of 1025 bytes")?;
+    ensure!(x.login(&alice, &old, None).await.is_ok(), "a refused change changed the password");
+    a1.change_password(&old, "a new password", false).await?;
+    expect_code(x.login(&alice, &old, None).await, ErrorCode::BadCredentials, "the old password after the change")?;
+    ensure!(x.login(&alice, "a new password", None).await.is_ok(), "the new password does not log in");
+    ensure!(a2.sync(0, None).await.is_ok(), "a change without logout_others logged out another device");
+    a1.change_password("a new password", "another password", true).await?;
+    expect_code(a2.sync(0, None).await, ErrorCode::Unauthorized, "another device after logout_others")?;
+    expect_code(a3.sync(0, None).await, ErrorCode::Unauthorized, "a third device after logout_others")?;
+    ensure!(a1.sync(0, None).await.is_ok(), "logout_others logged out the calling device");
+    let left = a1.devices().await?;
+    ensure!(left.len() == 1 && left[0].current, "after logout_others the caller has {} devices", left.len());
+    Ok(())
+}
+
+/// A stolen token is no way to guess the password: wrong current passwords count like
+/// failed logins, and once limited even the right one is refused for a while.
+async fn change_password_rate_limited(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, a) = s.new_user("alice").await?;
+    let mut limited_after = None;
+    for i in 1..=50 {
+        match a.change_password("wrong password!", "a new password", false).await {
+            Err(e) if e.code() == Some(ErrorCode::BadCredentials) => {}
+            Err(e) if e.code() == Some(ErrorCode::RateLimited) => {
+                limited_after = Some(i);
+                break;
+            }
+            other => bail!("wrong password {i} was answered {other:?}"),
+        }
+    }
+    let n = limited_after.ok_or_else(|| anyhow!("50 wrong current passwords in a row were never rate-limited"))?;
+    let right = crate::implementation::password_of(alice.localpart());
+    let what = format!("the right current password after {n} failures");
+    expect_code(a.change_password(&right, "a new password", false).await, ErrorCode::RateLimited, &what)?;
+    let mut x = s.connect().await?;
+    expect_code(x.login(&alice, &right, None).await, ErrorCode::RateLimited, "a login after the guessing")?;
     Ok(())
 }
 
