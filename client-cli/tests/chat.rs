@@ -4,50 +4,15 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use missive_conformance::harness::{workspace_bin, ServerProcess};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+mod common;
 
-fn missive_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_missive")
-}
-
-/// `missive --profile PROFILE ARGS` given `stdin`, run to its end; it must succeed.
-async fn finished(profile: &Path, args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(missive_bin())
-        .env_remove("MISSIVE_PROFILE")
-        .env("MISSIVE_CONNECT_TIMEOUT_MS", "500")
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(stdin.as_bytes()).await.unwrap();
-    drop(pipe);
-    let out = tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap();
-    assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-/// Like [`finished`]; returns standard output.
-async fn ok(profile: &Path, args: &[&str], stdin: &str) -> String {
-    String::from_utf8(finished(profile, args, stdin).await.stdout).unwrap()
-}
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
-}
+use common::*;
 
 /// Polls `check` every 100 ms until it gives a value, failing after [`DEADLINE`].
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(what: &str, mut check: impl FnMut() -> F) -> T {
@@ -71,7 +36,7 @@ struct Users {
 
 async fn login(profile: &Path, user: &str, srv: &ServerProcess) {
     let addr = srv.addr.to_string();
-    ok(profile, &["login", user, "--server", &addr, "--password-stdin"], "password-1234\n").await;
+    ok(profile, &["login", user, "--server", &addr, "--password-stdin"], Some("password-1234\n")).await;
 }
 
 /// alice on `names[0]`, bob on the last of `names`, the servers pinned to each other.
@@ -114,10 +79,10 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
     let u = users(&["alpha.test"]).await;
     let (alice_id, bob_id) = ("@alice:alpha.test", "@bob:alpha.test");
     for text in ["one", "two"] {
-        ok(&u.alice, &["send", bob_id, text], "").await;
+        ok(&u.alice, &["send", bob_id, text], None).await;
     }
     // bob chats: reads what came, answers, leaves with /quit (never sent).
-    let chat1 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], "answer\n/quit\nnot sent\n").await);
+    let chat1 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], Some("answer\n/quit\nnot sent\n")).await);
     let texts = |v: &[Value]| -> Vec<String> {
         v.iter()
             .filter(|o| o["type"] == "message" || o["type"] == "sent")
@@ -127,21 +92,21 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
     assert_eq!(texts(&chat1), vec!["one", "two", "answer"], "{chat1:?}");
     // alice reads bob's answer, and writes again.
     let alice_sees = eventually("bob's answer at alice's", || async {
-        let h = json_lines(&ok(&u.alice, &["--json", "history", bob_id], "").await);
+        let h = json_lines(&ok(&u.alice, &["--json", "history", bob_id], None).await);
         texts(&h).contains(&"answer".to_owned()).then_some(h)
     })
     .await;
     assert!(!texts(&alice_sees).contains(&"/quit".to_owned()) && !texts(&alice_sees).contains(&"not sent".to_owned()));
-    ok(&u.alice, &["read", bob_id], "").await;
-    ok(&u.alice, &["send", bob_id, "three"], "").await;
-    let sync = json_lines(&ok(&u.bob, &["--json", "sync"], "").await);
+    ok(&u.alice, &["read", bob_id], None).await;
+    ok(&u.alice, &["send", bob_id, "three"], None).await;
+    let sync = json_lines(&ok(&u.bob, &["--json", "sync"], None).await);
     assert_eq!(texts(&sync), vec!["three"], "sync shows only what chat did not: {sync:?}");
     assert!(
         sync.iter().any(|o| o["type"] == "receipt" && o["user"] == alice_id && o["kind"] == "read"),
         "alice's read receipt is new to bob: {sync:?}"
     );
-    ok(&u.alice, &["send", bob_id, "four"], "").await;
-    let chat2 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], "").await);
+    ok(&u.alice, &["send", bob_id, "four"], None).await;
+    let chat2 = json_lines(&ok(&u.bob, &["--json", "chat", alice_id], None).await);
     assert_eq!(texts(&chat2), vec!["four"], "{chat2:?}");
 
     let mut shown = HashSet::new();
@@ -152,7 +117,7 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
     }
     // What chat showed, received or sent, is kept for search.
     for text in ["four", "answer"] {
-        let found = json_lines(&ok(&u.bob, &["--json", "search", text], "").await);
+        let found = json_lines(&ok(&u.bob, &["--json", "search", text], None).await);
         let hits: Vec<&Value> = found.iter().filter(|v| v["type"] == "found").collect();
         assert_eq!(hits.len(), 1, "{text}: {found:?}");
         assert_eq!(hits[0]["text"], text);
@@ -163,7 +128,8 @@ async fn nothing_shows_twice_across_chat_sync_and_chat() {
 async fn line_mode_refuses_an_over_long_line_and_goes_on() {
     let u = users(&["alpha.test"]).await;
     let long = "x".repeat(missive_spec::limits::MAX_CONTENT_BODY + 1);
-    let out = finished(&u.bob, &["--json", "chat", "@alice:alpha.test"], &format!("{long}\nstill here\n")).await;
+    let out = run(&u.bob, &["--json", "chat", "@alice:alpha.test"], Some(&format!("{long}\nstill here\n"))).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not sent: the line is 16385 bytes, over the limit of 16384 bytes"), "{stderr}");
     let sent: Vec<Value> =
@@ -196,7 +162,7 @@ impl Tmux {
     async fn chat(&self, name: &str, profile: &Path, args: &str) {
         let command = format!(
             "MISSIVE_CONNECT_TIMEOUT_MS=500 '{}' --profile '{}' chat {args}; echo \"chat exited with $?\"; exec sleep 600",
-            missive_bin(),
+            BIN,
             profile.display()
         );
         self.tmux(&["new-session", "-d", "-x", "120", "-y", "40", "-s", name, &command]).await;
@@ -263,10 +229,10 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
     let mut u = users(&["alpha.test", "beta.test"]).await;
     let (alice_id, bob_id) = ("@alice:alpha.test", "@bob:beta.test");
     // Presence and typing cross once both have written (spec §12).
-    ok(&u.alice, &["send", bob_id, "hello bob"], "").await;
-    ok(&u.bob, &["send", alice_id, "hello alice"], "").await;
+    ok(&u.alice, &["send", bob_id, "hello bob"], None).await;
+    ok(&u.bob, &["send", alice_id, "hello alice"], None).await;
     eventually("bob's first message at alice's server", || async {
-        let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
+        let h = ok(&u.alice, &["--json", "history", bob_id], None).await;
         h.contains("hello alice").then_some(())
     })
     .await;
@@ -324,9 +290,9 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
     // The screen keeps what it showed for search: what arrived live, what was sent
     // (asked before `history`, which keeps what it shows too).
     for text in ["back again", "first ping"] {
-        let found = ok(&u.alice, &["--json", "search", text], "").await;
+        let found = ok(&u.alice, &["--json", "search", text], None).await;
         assert!(json_lines(&found).iter().any(|v| v["type"] == "found" && v["text"] == text), "{text}: {found}");
     }
-    let h = ok(&u.alice, &["--json", "history", bob_id], "").await;
+    let h = ok(&u.alice, &["--json", "history", bob_id], None).await;
     assert!(!h.contains("/quit"), "/quit is never sent: {h}");
 }

@@ -2,51 +2,16 @@
 //! key pinning, interactive chat over pipes, and errors on standard error.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
 
 use missive_conformance::harness::{workspace_bin, ServerProcess};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{ChildStdout, Command};
+use tokio::process::ChildStdout;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+mod common;
 
-fn missive() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_missive"));
-    // A stopped server is noticed quickly.
-    c.env_remove("MISSIVE_PROFILE").env("MISSIVE_CONNECT_TIMEOUT_MS", "500").kill_on_drop(true);
-    c
-}
-
-async fn run(profile: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = missive()
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        pipe.write_all(s.as_bytes()).await.unwrap();
-    }
-    drop(pipe);
-    tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap()
-}
-
-/// Runs a command that must succeed; returns its standard output.
-async fn ok(profile: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let out = run(profile, args, stdin).await;
-    assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
-}
+use common::*;
 
 fn texts(v: &[Value]) -> Vec<String> {
     v.iter().filter(|o| o["type"] == "message").map(|o| o["text"].as_str().unwrap().to_owned()).collect()

@@ -3,55 +3,13 @@
 //! errors that say what is wrong, private profile files, completions and the man page.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use missive_conformance::harness::{workspace_bin, ServerProcess};
-use serde_json::Value;
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
 
-const DEADLINE: Duration = Duration::from_secs(30);
-const BIN: &str = env!("CARGO_BIN_EXE_missive");
+mod common;
 
-/// Runs `missive --profile PROFILE ARGS` with `stdin` piped in (closed when `None`).
-async fn missive(profile: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(BIN)
-        .env_remove("MISSIVE_PROFILE")
-        .env("MISSIVE_CONNECT_TIMEOUT_MS", "500")
-        .arg("--profile")
-        .arg(profile)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(stdin.unwrap_or_default().as_bytes()).await.unwrap();
-    drop(pipe);
-    tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("missive hung").unwrap()
-}
-
-/// Standard output of a command that must succeed.
-async fn succeeds(profile: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let out = missive(profile, args, stdin).await;
-    assert!(out.status.success(), "missive {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Standard error of a command that must fail.
-async fn fails(profile: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let out = missive(profile, args, stdin).await;
-    assert!(!out.status.success(), "missive {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(out.stdout.is_empty(), "an error prints nothing on standard output");
-    String::from_utf8(out.stderr).unwrap()
-}
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
-}
+use common::*;
 
 /// A server `alpha.test` with users alice and bob, alice logged in.
 struct Setup {
@@ -67,7 +25,7 @@ async fn setup() -> Setup {
     srv.add_user("bob", "bob-password").await.unwrap();
     let alice = tmp.path().join("alice");
     let addr = srv.addr.to_string();
-    succeeds(&alice, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
+    ok(&alice, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
     Setup { tmp, srv, alice }
 }
 
@@ -76,46 +34,46 @@ async fn the_outbox_shows_refused_messages_with_the_reason_and_retries_or_drops_
     let mut s = setup().await;
     s.srv.terminate().await.unwrap();
     for (to, text) in [("@carol:alpha.test", "to carol"), ("@dave:alpha.test", "to dave"), ("@bob:alpha.test", "to bob")] {
-        succeeds(&s.alice, &["send", to, text], None).await;
+        ok(&s.alice, &["send", to, text], None).await;
     }
     // Too large: refused at once, even while the server is away, and never queued.
     let big = "x".repeat(16_385);
     let err = fails(&s.alice, &["send", "@bob:alpha.test", &big], None).await;
     assert!(err.contains("16385 bytes") && err.contains("at most 16384"), "{err}");
-    let listed = json_lines(&succeeds(&s.alice, &["--json", "outbox"], None).await);
+    let listed = json_lines(&ok(&s.alice, &["--json", "outbox"], None).await);
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.iter().all(|v| v["type"] == "queued" && v["state"] == "waiting" && v["reason"].is_null()), "{listed:?}");
 
     // carol and dave do not exist: the server refuses those two for good, bob's goes.
     s.srv.restart().await.unwrap();
-    let out = missive(&s.alice, &["sync"], None).await;
+    let out = run(&s.alice, &["sync"], None).await;
     assert!(out.status.success());
-    let listed = json_lines(&succeeds(&s.alice, &["--json", "outbox"], None).await);
+    let listed = json_lines(&ok(&s.alice, &["--json", "outbox"], None).await);
     let failed: Vec<_> = listed.iter().map(|v| (v["text"].as_str().unwrap(), v["state"].as_str().unwrap())).collect();
     assert_eq!(failed, vec![("to carol", "failed"), ("to dave", "failed")]);
     let reason = listed[0]["reason"].as_str().unwrap();
     assert!(reason.contains("unknown_user") && reason.contains("@carol:alpha.test"), "{reason}");
-    let human = succeeds(&s.alice, &["outbox"], None).await;
+    let human = ok(&s.alice, &["outbox"], None).await;
     assert!(human.contains("failed") && human.contains("refused by the server: unknown_user"), "{human}");
     let (carol_id, dave_id) = (listed[0]["id"].as_str().unwrap().to_owned(), listed[1]["id"].as_str().unwrap().to_owned());
     assert!(human.contains(&carol_id) && carol_id.len() >= 8, "ids are shown: {human}");
 
     // carol gets an account; the retried message goes with the next connection.
     s.srv.add_user("carol", "carol-password").await.unwrap();
-    let retried = json_lines(&succeeds(&s.alice, &["--json", "outbox", "retry", &carol_id], None).await);
+    let retried = json_lines(&ok(&s.alice, &["--json", "outbox", "retry", &carol_id], None).await);
     assert_eq!((retried[0]["type"].as_str(), retried[0]["state"].as_str()), (Some("queued"), Some("waiting")));
-    let out = missive(&s.alice, &["sync"], None).await;
+    let out = run(&s.alice, &["sync"], None).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("sent 1 message(s) from the outbox"));
     let carol = s.tmp.path().join("carol");
     let addr = s.srv.addr.to_string();
-    succeeds(&carol, &["login", "@carol:alpha.test", "--server", &addr, "--password-stdin"], Some("carol-password\n")).await;
-    let synced = json_lines(&succeeds(&carol, &["--json", "sync"], None).await);
+    ok(&carol, &["login", "@carol:alpha.test", "--server", &addr, "--password-stdin"], Some("carol-password\n")).await;
+    let synced = json_lines(&ok(&carol, &["--json", "sync"], None).await);
     assert!(synced.iter().any(|v| v["type"] == "message" && v["text"] == "to carol"), "{synced:?}");
 
     // dave's is dropped; an unknown id says so.
-    let dropped = json_lines(&succeeds(&s.alice, &["--json", "outbox", "drop", &dave_id], None).await);
+    let dropped = json_lines(&ok(&s.alice, &["--json", "outbox", "drop", &dave_id], None).await);
     assert_eq!(dropped[0]["type"], "ok");
-    assert!(succeeds(&s.alice, &["--json", "outbox"], None).await.is_empty());
+    assert!(ok(&s.alice, &["--json", "outbox"], None).await.is_empty());
     let err = fails(&s.alice, &["outbox", "drop", &dave_id], None).await;
     assert!(err.contains("no outbox entry"), "{err}");
 }
@@ -235,7 +193,7 @@ async fn login_asks_for_the_password_without_showing_it() {
     assert!(screen.contains("exit=0"), "{screen}");
     assert!(!screen.contains("bob-password"), "the password was echoed:\n{screen}");
     // The session works.
-    let devices = json_lines(&succeeds(&bob, &["--json", "devices"], None).await);
+    let devices = json_lines(&ok(&bob, &["--json", "devices"], None).await);
     assert_eq!(devices[0]["type"], "device");
 }
 
@@ -244,7 +202,7 @@ async fn passwd_changes_the_password_at_a_hidden_prompt_and_can_log_out_the_othe
     let s = setup().await;
     let addr = s.srv.addr.to_string();
     let phone = s.tmp.path().join("phone");
-    succeeds(&phone, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
+    ok(&phone, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
     // At the terminal: the current password, then the new one twice, none of them shown.
     let tmux = Tmux { socket: format!("missive-test-{}-{:?}", std::process::id(), Instant::now()) };
     let line = format!("{BIN} --profile {} passwd; echo exit=$?; sleep 60", s.alice.display());
@@ -258,19 +216,19 @@ async fn passwd_changes_the_password_at_a_hidden_prompt_and_can_log_out_the_othe
     assert!(screen.contains("password changed") && screen.contains("exit=0"), "{screen}");
     assert!(!screen.contains("alice-password") && !screen.contains("better secret"), "a password was echoed:\n{screen}");
     // The other device stayed logged in; the old password no longer logs in, the new one does.
-    succeeds(&phone, &["devices"], None).await;
+    ok(&phone, &["devices"], None).await;
     let laptop = s.tmp.path().join("laptop");
     let err = fails(&laptop, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
     assert!(err.contains("bad_credentials") || err.contains("wrong user or password"), "{err}");
-    succeeds(&laptop, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("a better secret\n")).await;
+    ok(&laptop, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("a better secret\n")).await;
     // From a script, with every other device logged out.
-    let out = succeeds(&s.alice, &["--json", "passwd", "--password-stdin", "--logout-others"], Some("a better secret\nthe best secret\n")).await;
+    let out = ok(&s.alice, &["--json", "passwd", "--password-stdin", "--logout-others"], Some("a better secret\nthe best secret\n")).await;
     assert_eq!(json_lines(&out)[0]["type"], "ok");
     for other in [&phone, &laptop] {
         let err = fails(other, &["devices"], None).await;
         assert!(err.contains("unauthorized") || err.contains("log in"), "{err}");
     }
-    succeeds(&s.alice, &["devices"], None).await;
+    ok(&s.alice, &["devices"], None).await;
     // A wrong current password changes nothing and says so.
     let err = fails(&s.alice, &["passwd", "--password-stdin"], Some("not it at all\nwhatever else\n")).await;
     assert!(err.contains("wrong password"), "{err}");
@@ -280,7 +238,7 @@ async fn passwd_changes_the_password_at_a_hidden_prompt_and_can_log_out_the_othe
 async fn completions_and_the_man_page_come_from_the_command_definition() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("unused");
-    let help = succeeds(&p, &["--help"], None).await;
+    let help = ok(&p, &["--help"], None).await;
     let commands: Vec<&str> = help
         .lines()
         .skip_while(|l| !l.starts_with("Commands:"))
@@ -291,14 +249,14 @@ async fn completions_and_the_man_page_come_from_the_command_definition() {
         .collect();
     assert!(commands.contains(&"outbox") && commands.contains(&"completions") && commands.len() > 10, "{commands:?}");
 
-    let bash = succeeds(&p, &["completions", "bash"], None).await;
+    let bash = ok(&p, &["completions", "bash"], None).await;
     assert!(bash.contains("complete -F _missive") && bash.contains("retry"), "{bash}");
-    let zsh = succeeds(&p, &["completions", "zsh"], None).await;
+    let zsh = ok(&p, &["completions", "zsh"], None).await;
     assert!(zsh.starts_with("#compdef missive"), "{zsh}");
-    let fish = succeeds(&p, &["completions", "fish"], None).await;
+    let fish = ok(&p, &["completions", "fish"], None).await;
     assert!(fish.contains("complete -c missive"), "{fish}");
 
-    let man = succeeds(&p, &["man"], None).await;
+    let man = ok(&p, &["man"], None).await;
     assert!(man.lines().any(|l| l.starts_with(".TH missive 1")), "{man}");
     assert!(man.contains(".SH NAME") && man.contains(".SH SYNOPSIS") && man.contains(".SH SUBCOMMANDS"), "{man}");
     for c in &commands {
