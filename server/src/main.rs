@@ -2,6 +2,7 @@
 //! and device commands are `user_commands.rs`, dead letters and peer removal
 //! `queue_commands.rs`.
 
+mod check_command;
 mod queue_commands;
 mod user_commands;
 
@@ -113,6 +114,25 @@ enum Command {
     Deadletters {
         #[command(subcommand)]
         command: DeadLetterCommand,
+    },
+    /// Check the set-up: config, key file, ports, clock, the published key document and
+    /// federation address, and each pinned peer; one OK / WARN / FAIL line each, with the
+    /// fix. Exits 1 when any check fails.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object per check and line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the key document to publish at https://NAME/.well-known/missive/server.
+    WellKnown {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The federation address peers should use, HOST:PORT with a DNS name (else they
+        /// use DNS SRV or NAME:7451).
+        #[arg(long)]
+        federation: Option<String>,
     },
     /// List federation peers of the running server: queue depth, link state, next retry.
     Peers {
@@ -314,6 +334,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Peer { command: PeerCommand::Remove { config, name, yes, json } } => queue_commands::peer_remove(&config, &name, yes, json).await,
         Command::Deadletters { command } => queue_commands::run(command).await,
         Command::Peers { config, json } => peers(&config.load()?, json).await,
+        Command::Check { config, json } => check_command::check(&config, json).await,
+        Command::WellKnown { config, federation } => check_command::well_known(&config, federation.as_deref()),
         Command::User { command } => user_commands::run(command).await,
         Command::Device { command } => user_commands::device(command).await,
     }

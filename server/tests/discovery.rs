@@ -224,3 +224,87 @@ async fn discovery_refuses_loopback_addresses_it_found_itself() {
         assert!(got.is_err(), "{what} on loopback received a packet from {:?}", got.map(|(_, from)| from));
     }
 }
+
+/// `missived check --json` of a running server, and its exit status.
+async fn check(config: &Path) -> (bool, HashMap<String, (String, String)>) {
+    let run = tokio::process::Command::new(missived()).args(["check", "--json", "--config"]).arg(config).kill_on_drop(true).output();
+    let out = tokio::time::timeout(DEADLINE, run).await.expect("check hung").unwrap();
+    let mut lines = HashMap::new();
+    for l in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"));
+        assert_eq!(v["type"], "check", "{l}");
+        let (check, level, what) = (v["check"].as_str().unwrap(), v["level"].as_str().unwrap(), v["what"].as_str().unwrap());
+        // Several peers share a check name; keep each peer's line apart.
+        let key = if check == "peer" { format!("peer {}", what.split(' ').next().unwrap()) } else { check.to_owned() };
+        lines.insert(key, (level.to_owned(), what.to_owned()));
+    }
+    (out.status.success(), lines)
+}
+
+/// `missived well-known` prints the document that `missived check` then finds published
+/// (through real HTTPS and DNS SRV); a key file others can read, a document with another
+/// key and a peer that stopped answering each turn a line into FAIL and the exit status to 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_the_published_key_the_srv_address_and_each_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = missived();
+    let mut servers = Vec::new();
+    for (i, name) in ["alpha.test", "beta.test"].iter().enumerate() {
+        let data = dir.path().join(name);
+        ServerProcess::init_on(bin, &data, name, "open", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
+        servers.push(ServerProcess::start(bin, &data, name).await.unwrap());
+    }
+    let out = tokio::process::Command::new(bin).args(["well-known", "--config"]).arg(&servers[0].config).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((doc["server_name"].as_str(), doc["keys"][0]["key"].as_str()), (Some("alpha.test"), Some(servers[0].key.as_str())));
+    // The document as printed is what the HTTPS server serves; another name serves a
+    // document with a key alpha does not have.
+    let stale = key_doc("stale.test", None, &ServerKey::generate().public().to_text());
+    let docs = HashMap::from([("alpha.test".to_owned(), doc.to_string()), ("stale.test".to_owned(), stale)]);
+    let https = start_https(docs).await;
+    let ca_file = dir.path().join("test-ca.pem");
+    std::fs::write(&ca_file, &https.ca_pem).unwrap();
+    let (_dns, dns_addr) = start_dns(&[
+        "--address=/alpha.test/127.0.0.1".to_owned(),
+        "--address=/stale.test/127.0.0.1".to_owned(),
+        "--host-record=alpha-fed.test,127.0.0.2".to_owned(),
+        format!("--srv-host=_missive._udp.alpha.test,alpha-fed.test,{},0,0", servers[0].federation.port()),
+    ])
+    .await;
+    servers[0].terminate().await.unwrap();
+    use_local_discovery(&servers[0].config, dns_addr, https.port, &ca_file, true);
+    servers[0].restart().await.unwrap();
+    servers[0].pin_peer(&servers[1]).await.unwrap();
+    servers[1].pin_peer(&servers[0]).await.unwrap();
+
+    let (passed, lines) = check(&servers[0].config).await;
+    for name in ["config", "key", "client", "federation", "published", "address", "peer beta.test"] {
+        assert_eq!(lines.get(name).map(|l| l.0.as_str()), Some("ok"), "{name}: {lines:?}");
+    }
+    assert!(lines["address"].1.contains("SRV"), "{lines:?}");
+    assert!(passed, "{lines:?}");
+
+    // A key file others can read.
+    let key_file = servers[0].config.parent().unwrap().join("server.key");
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (passed, lines) = check(&servers[0].config).await;
+    assert_eq!(lines["key"].0, "fail", "{lines:?}");
+    assert!(!passed);
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    // beta stops answering.
+    servers[1].terminate().await.unwrap();
+    let (passed, lines) = check(&servers[0].config).await;
+    assert_eq!(lines["peer beta.test"].0, "fail", "{lines:?}");
+    assert!(!passed);
+
+    // A server whose published document lists another key.
+    let text = std::fs::read_to_string(&servers[0].config).unwrap();
+    // Beside alpha's own, so that it names the same key file.
+    let stale_config = servers[0].config.with_file_name("stale.toml");
+    std::fs::write(&stale_config, text.replace("server_name = \"alpha.test\"", "server_name = \"stale.test\"")).unwrap();
+    let (_, lines) = check(&stale_config).await;
+    assert_eq!(lines["published"].0, "fail", "{lines:?}");
+    assert!(lines["published"].1.contains("does not list this server's key"), "{lines:?}");
+}
