@@ -56,6 +56,12 @@ pub struct FederationSection {
     /// entries may always name them).
     #[serde(default)]
     pub allow_special_addresses: bool,
+    /// Federate only with these servers; absent: with every server not denied (F3.5).
+    #[serde(default)]
+    pub allow: Option<Vec<ServerName>>,
+    /// Never federate with these servers (F3.5); wins over `allow`.
+    #[serde(default)]
+    pub deny: Vec<ServerName>,
 }
 
 /// Every bound on what an outsider can make the server spend (spec §8, F8). Each has a
@@ -225,6 +231,8 @@ impl Default for FederationSection {
             retry_base_ms: retry_base_ms(),
             retry_cap_ms: retry_cap_ms(),
             allow_special_addresses: false,
+            allow: None,
+            deny: Vec::new(),
         }
     }
 }
@@ -454,6 +462,10 @@ retry_cap_ms = 60000
 # Test-only: let discovery connect to loopback, private, link-local and other special
 # addresses found through .well-known or DNS. [[peers]] entries may always name them.
 allow_special_addresses = false
+# Federate only with these servers (absent: with every server not denied), and never
+# with these; SIGHUP applies a change. Refused servers are closed at the handshake.
+# allow = ["partner.example"]
+# deny = ["spam.example"]
 
 [limits]
 # Bounds on what clients, peers and strangers can make this server spend. SIGHUP

@@ -75,6 +75,10 @@ impl Reloadable {
         // not at the end of its backoff.
         let repinned = new.peers.iter().filter(|p| !old.peers.contains(p)).map(|p| p.name.clone());
         self.federation.repinned(repinned);
+        if (&new.federation.allow, &new.federation.deny) != (&old.federation.allow, &old.federation.deny) {
+            self.federation.set_policy(&new.federation);
+            tracing::info!(allow = ?new.federation.allow, deny = ?new.federation.deny, "federation policy changed");
+        }
         if new.log.level != old.log.level {
             match self.logging.set_level(&new.log.level) {
                 Ok(true) => tracing::info!(level = %new.log.level, "log level changed"),
@@ -95,7 +99,8 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     // at a restart, as `LiveLimits::apply` decides and reports.
     let ClientSection { listen: client_listen, max_connections, max_connections_per_address } = client;
     let RegistrationSection { policy, token } = registration;
-    let FederationSection { listen, https_port, dns_server, ca_file, retry_base_ms, retry_cap_ms, allow_special_addresses } =
+    // `allow` and `deny` are applied live (`Reloadable::apply`).
+    let FederationSection { listen, https_port, dns_server, ca_file, retry_base_ms, retry_cap_ms, allow_special_addresses, allow: _, deny: _ } =
         federation;
     let (c, r, f) = (&old.client, &old.registration, &old.federation);
     [

@@ -58,7 +58,9 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         live.clone(),
     );
     presence.start_refresh();
+    let policy = Arc::new(crate::federation::policy::FederationPolicy::new(&config.federation));
     let service = Arc::new(Service {
+        policy: policy.clone(),
         limits: Default::default(),
         hasher: crate::hashing::Hasher::new(limits.password_hashes),
         store: store.clone(),
@@ -98,6 +100,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         shutdown_rx.clone(),
         crate::federation::FederationLimits { handshakes: limits.federation_handshakes, body_bytes: limits.federation_request_bytes },
         live.clone(),
+        policy.clone(),
     );
     federation.start(queued_rx).await?;
     federation.start_edus(edu_rx);

@@ -62,6 +62,8 @@ pub struct Service {
     pub presence: Arc<crate::presence::Presence>,
     pub server: ServerName,
     pub registration: Registration,
+    /// Which servers this one federates with (federation.md F3.5).
+    pub policy: Arc<crate::federation::policy::FederationPolicy>,
 }
 
 /// An authenticated caller.
@@ -439,6 +441,9 @@ impl Service {
                 ErrorCode::ContentTooLarge,
                 format!("body of {} bytes exceeds {} bytes", content.body.len(), limits::MAX_CONTENT_BODY),
             ));
+        }
+        if !to.is_on(&self.server) && !self.policy.allows(&to.server_name()) {
+            return Err(err(ErrorCode::RemoteUnavailable, format!("this server does not federate with {}", to.server_name())));
         }
         // A remote recipient is queued for its server whatever that server's state; only
         // local recipients can be checked here.

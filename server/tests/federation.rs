@@ -324,3 +324,50 @@ async fn a_dead_peer_shows_down_within_seconds() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Replaces `[federation]` allow/deny of a running server and reloads it (F3.5).
+async fn set_policy(srv: &missive_conformance::harness::ServerProcess, original: &str, lists: &str) {
+    std::fs::write(&srv.config, original.replace("[federation]\n", &format!("[federation]\n{lists}\n"))).unwrap();
+    let loaded = missive_server::config::Config::load(&srv.config).unwrap();
+    let answer = missive_server::admin::call(&loaded.admin_socket(), &missive_server::admin::AdminRequest::Reload {}).await.unwrap();
+    assert!(
+        !matches!(answer, Some(missive_server::admin::AdminResponse::Error { .. }) | None),
+        "reload failed: {answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_server_is_refused_both_ways_and_its_units_wait_until_it_is_allowed() {
+    let (_d, s) = federated(&["alpha.test", "beta.test"]).await;
+    let alice = register(&s[0], "alice").await;
+    let bob = register(&s[1], "bob").await;
+    let (alice_id, bob_id) = (uid("alice", &s[0]), uid("bob", &s[1]));
+    let before = bob.send_text(&alice_id, "before").await.unwrap();
+    eventually("the first message at alpha", || async { full_history(&alice, &bob_id, 10).await.contains(&before).then_some(()) }).await;
+    let original = std::fs::read_to_string(&s[0].config).unwrap();
+
+    set_policy(&s[0], &original, "deny = [\"beta.test\"]").await;
+    let e = alice.send_text(&bob_id, "to a denied server").await.unwrap_err();
+    assert_eq!(e.code(), Some(missive_spec::ErrorCode::RemoteUnavailable), "{e}");
+    // bob's message waits at beta: alpha answers the open connection `forbidden`, then
+    // refuses new ones at the handshake.
+    let waiting = bob.send_text(&alice_id, "while denied").await.unwrap();
+    let status = eventually("beta to report alpha refusing", || async {
+        s[1].peers_json().await.unwrap().into_iter().find(|l| l.contains("alpha.test") && (l.contains("federation_refused") || l.contains("Forbidden")))
+    })
+    .await;
+    assert!(status.contains("\"queue_depth\":1"), "{status}");
+    assert!(!full_history(&alice, &bob_id, 10).await.contains(&waiting));
+    eventually("a reconnection refused at the handshake", || async {
+        s[1].peers_json().await.unwrap().into_iter().find(|l| l.contains("alpha.test") && l.contains("federation_refused"))
+    })
+    .await;
+
+    // An allow list without beta refuses it too; with beta, what waited arrives.
+    set_policy(&s[0], &original, "allow = [\"gamma.test\"]").await;
+    assert!(alice.send_text(&bob_id, "not allowed").await.is_err());
+    set_policy(&s[0], &original, "allow = [\"beta.test\"]").await;
+    eventually("the waiting message at alpha", || async { full_history(&alice, &bob_id, 10).await.contains(&waiting).then_some(()) }).await;
+    let sent = alice.send_text(&bob_id, "allowed again").await.unwrap();
+    eventually("alice's message at beta", || async { full_history(&bob, &alice_id, 10).await.contains(&sent).then_some(()) }).await;
+}

@@ -119,6 +119,12 @@ impl Federation {
             conn.close(1u32.into(), b"certificate must name exactly one server");
             return None;
         };
+        // Before discovery: a refused server costs no lookup (F3.5).
+        if !self.policy.allows(&name) {
+            tracing::info!(peer = %name, %addr, "refusing peer: federation policy");
+            conn.close(super::policy::REFUSED_CLOSE_CODE.into(), super::policy::REFUSED_REASON);
+            return None;
+        }
         let info = match self.discovery.resolve(&name).await {
             Ok(i) => i,
             Err(e) => {
@@ -177,6 +183,10 @@ impl Federation {
     }
 
     async fn handle(self: &Arc<Self>, peer: &ServerName, info: &PeerInfo, req: FedRequest) -> FedResponse {
+        // A connection opened before the policy refused its server (F3.5).
+        if !self.policy.allows(peer) {
+            return fed_error(FedErrorCode::Forbidden, "this server does not federate with yours");
+        }
         match req {
             FedRequest::Txn { id, units } => {
                 if units.len() > MAX_TXN_UNITS {

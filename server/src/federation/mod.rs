@@ -14,6 +14,7 @@ mod backfill;
 mod ephemeral;
 mod inbound;
 mod outbound;
+pub mod policy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::Instrument;
 
+use self::policy::FederationPolicy;
 use crate::api::Slots;
 use crate::limits::LiveLimits;
 use crate::ratelimit::TokenBucket;
@@ -115,6 +117,8 @@ pub struct Federation {
     /// Request budget per peer, shared by its connections; an entry lives while one of
     /// them does (dead entries are pruned past the connection limit).
     buckets: Mutex<HashMap<ServerName, Weak<Mutex<TokenBucket>>>>,
+    /// The allow and deny lists (F3.5), shared with the client API.
+    policy: Arc<FederationPolicy>,
 }
 
 fn response(res: FedResponse) -> Vec<u8> {
@@ -139,6 +143,7 @@ impl Federation {
         shutdown: watch::Receiver<bool>,
         limits: FederationLimits,
         live: Arc<LiveLimits>,
+        policy: Arc<FederationPolicy>,
     ) -> Arc<Federation> {
         let (connections, per_address) = live.federation_connections();
         Arc::new(Federation {
@@ -159,7 +164,23 @@ impl Federation {
             presence,
             edus: Mutex::new(EduBatcher::default()),
             shutdown,
+            policy,
         })
+    }
+
+    /// Puts new allow and deny lists into effect: links to servers now refused stop at
+    /// their next send, and what waited for servers now allowed leaves at once.
+    pub fn set_policy(self: &Arc<Self>, f: &crate::config::FederationSection) {
+        self.policy.set(f);
+        let peers: Vec<Arc<Peer>> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for p in peers {
+            if self.policy.allows(&p.name) {
+                p.link().contacted();
+                p.wake_all();
+            } else if let Some(c) = p.conn.try_lock().ok().and_then(|mut slot| slot.take()) {
+                c.close(policy::REFUSED_CLOSE_CODE.into(), policy::REFUSED_REASON);
+            }
+        }
     }
 
     pub fn discovery(&self) -> &Discovery {
@@ -244,6 +265,9 @@ impl Federation {
     /// moment a connection ends, so `missived peers` shows a dead peer within the idle
     /// timeout of the keep-alives.
     async fn connection(&self, peer: &Arc<Peer>) -> Result<quinn::Connection, String> {
+        if !self.policy.allows(&peer.name) {
+            return Err(format!("{} is refused by this server's federation policy ([federation] allow/deny)", peer.name));
+        }
         let mut guard = peer.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.close_reason().is_none() {
