@@ -235,6 +235,12 @@ mod bool_arg {
 
 fn main() {
     let cli = Cli::parse();
+    // `missive … | head` ends quietly when the reader goes, as Unix tools do, instead of
+    // panicking on the failed write (the Rust runtime ignores SIGPIPE).
+    // SAFETY: restores the default disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -265,3 +265,16 @@ async fn completions_and_the_man_page_come_from_the_command_definition() {
     // Generating touches no profile.
     assert!(!p.exists());
 }
+
+/// `missive completions bash | head -1`: the reader goes first, and the client ends as
+/// Unix tools do, by SIGPIPE, without a panic message.
+#[test]
+fn a_closed_output_pipe_ends_the_client_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(BIN).args(["completions", "bash"]).stdout(writer).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}

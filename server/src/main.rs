@@ -306,6 +306,9 @@ enum DeviceCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        die_quietly_on_closed_pipe();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -316,6 +319,16 @@ fn main() {
     if let Err(e) = rt.block_on(real_main(cli)) {
         eprintln!("missived: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// An operator command piped into `head` or `grep -q` ends quietly when the reader goes,
+/// as Unix tools do, instead of panicking on the failed write. (The Rust runtime ignores
+/// SIGPIPE; the server itself keeps ignoring it: a closed pipe is an error it handles.)
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: restores the default disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -297,3 +297,24 @@ async fn init_on_a_wildcard_address_prints_a_reachable_peer_line() {
     assert!(line.contains(" alpha.example alpha.example:7451 ed25519:") && !line.contains("0.0.0.0"), "{line}");
     assert!(text.contains("public address"), "{text}");
 }
+
+/// `missived well-known | head -1`: the reader goes first, and the command ends as Unix
+/// tools do, by SIGPIPE, without a panic message.
+#[tokio::test]
+async fn a_closed_output_pipe_ends_an_operator_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(missived())
+        .args(["well-known", "--config"])
+        .arg(data.join("missived.toml"))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}
