@@ -8,7 +8,7 @@ use missive_transport::PublicKey;
 use missive_spec::wire::CLIENT_ALPN;
 use missive_spec::{
     codec, limits, ClientMsgId, Content, ConversationSummary, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, Message, ReceiptKind, Request,
-    RequestFrame, Response, ResponseFrame, ServerName, UserId, Watermark, PROTOCOL_VERSION,
+    RequestFrame, Response, ResponseFrame, ServerName, Undeliverable, UserId, Watermark, PROTOCOL_VERSION,
 };
 use rand::RngCore;
 
@@ -142,6 +142,15 @@ pub struct Page {
     pub delivered: Option<Watermark>,
     /// The caller's own read position (highest of their devices).
     pub seen: Option<Watermark>,
+    /// The caller's own messages on the page that the recipient's server refused.
+    pub failed: Vec<Undeliverable>,
+}
+
+impl Page {
+    /// Why the recipient's server refused `m`, if it did.
+    pub fn failure(&self, m: &Message) -> Option<&str> {
+        self.failed.iter().find(|u| u.conv == m.conv && u.origin == m.origin && u.seq == m.seq).map(|u| u.reason.as_str())
+    }
 }
 
 /// The state of one of the caller's own messages (§10.3).
@@ -306,8 +315,8 @@ impl Client {
         after: Option<Cursor>,
     ) -> Result<Page, ClientError> {
         match self.request(Request::History { with: with.clone(), after, limit, before }).await? {
-            Response::Page { read, seen, newer, older, messages, delivered } => {
-                Ok(Page { messages, older, newer, read, delivered, seen })
+            Response::Page { read, seen, newer, older, failed, messages, delivered } => {
+                Ok(Page { messages, older, newer, read, delivered, seen, failed })
             }
             r => Err(unexpected(r)),
         }

@@ -27,7 +27,7 @@ With --json, every command prints one JSON object per line, each with a \"type\"
             content_type, text | body_base64}                send, chat
   message  {type, [pos], conv, origin, seq, rank, from, to,
             ts, content_type, text | body_base64, [state]}   history, sync, listen, chat
-            (state: sent, delivered or read; on one's own messages in history)
+            (state: sent, delivered, read or failed; on one's own messages in history)
   receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
   failed   {type, pos, conv, origin, seq, reason}            sync, listen, chat

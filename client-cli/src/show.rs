@@ -21,9 +21,12 @@ pub fn message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
 
 /// A message from a history page; one's own carry their state (sent, delivered, read).
 pub fn page_message(json: bool, m: &Message, me: &UserId, page: &Page) {
-    let state = (m.from == *me).then(|| message_state(m, &page.read, &page.delivered));
+    let failure = if m.from == *me { page.failure(m) } else { None };
+    let state = (m.from == *me).then(|| if failure.is_some() { "failed" } else { message_state(m, &page.read, &page.delivered) });
     if json {
         println!("{}", message_json_with_state("message", m, None, state));
+    } else if let Some(reason) = failure {
+        println!("{}", message_line_with_state(m, Some(&format!("failed: {reason}"))));
     } else {
         println!("{}", message_line_with_state(m, state));
     }

@@ -296,3 +296,20 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
     let h = ok(&u.alice, &["--json", "history", bob_id], None).await;
     assert!(!h.contains("/quit"), "/quit is never sent: {h}");
 }
+
+/// A message the other server refuses shows `failed` in `history`, with the reason, for as
+/// long as it is there (spec §6.6), not only in the event that announced it.
+#[tokio::test]
+async fn history_shows_a_refused_message_as_failed() {
+    let u = users(&["alpha.test", "beta.test"]).await;
+    let nobody = "@nobody:beta.test";
+    ok(&u.alice, &["send", nobody, "is anyone there?"], None).await;
+    let line = eventually("the refusal in history", || async {
+        let h = json_lines(&ok(&u.alice, &["--json", "history", nobody], None).await);
+        h.into_iter().find(|v| v["type"] == "message" && v["state"] == "failed")
+    })
+    .await;
+    assert_eq!(line["text"], "is anyone there?");
+    let text = ok(&u.alice, &["history", nobody], None).await;
+    assert!(text.contains("is anyone there? [failed: unknown_recipient]"), "{text}");
+}

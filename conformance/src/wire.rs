@@ -153,6 +153,8 @@ pub struct Page {
     pub delivered: Option<Watermark>,
     /// The caller's own read position (highest of their devices).
     pub seen: Option<Watermark>,
+    /// The caller's own messages on the page that the recipient's server refused.
+    pub failed: Vec<missive_spec::Undeliverable>,
 }
 
 /// One subscription frame: stored events and ephemeral updates.
@@ -342,7 +344,7 @@ impl Client {
 
     pub async fn history(&self, with: &UserId, limit: Option<u32>, before: Option<Cursor>, after: Option<Cursor>) -> Result<Page, ClientError> {
         match self.request(Request::History { with: with.clone(), after, limit, before }).await? {
-            Response::Page { read, seen, newer, older, messages, delivered } => Ok(Page { messages, older, newer, read, delivered, seen }),
+            Response::Page { read, seen, newer, older, failed, messages, delivered } => Ok(Page { messages, older, newer, read, delivered, seen, failed }),
             r => Err(unexpected(r)),
         }
     }

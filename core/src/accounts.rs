@@ -208,6 +208,7 @@ impl Core {
             // A refused message of a local user: every device of the sender learns it (§10.5).
             if let Ok(Unit::Message(m)) = missive_spec::codec::decode::<Unit>(&dl.unit.unit) {
                 if m.from.is_on(&self.server) && m.origin == self.server {
+                    tx.batch.put(Cf::Failed, keys::message(&m.conv, &m.order_key()), records::encode(&dl.reason));
                     let u = Undeliverable { seq: m.seq, conv: m.conv, origin: m.origin, reason: dl.reason.clone() };
                     self.push_event(tx, m.from.localpart(), EventKind::Undeliverable(u))?;
                 }
@@ -244,6 +245,10 @@ impl Core {
                 for k in ids {
                     let (Some((dest, lane, _)), Some(v)) = (keys::parse_queue(&k), self.store.get(Cf::DeadLetters, &k)?) else { continue };
                     let dl: DeadLetter = records::decode("dead_letters", &v)?;
+                    // Sent again: no longer failed, unless refused again.
+                    if let Ok(Unit::Message(m)) = missive_spec::codec::decode::<Unit>(&dl.unit.unit) {
+                        tx.batch.delete(Cf::Failed, keys::message(&m.conv, &m.order_key()));
+                    }
                     let p = self.lane_position(&dest, lane)?;
                     *p += 1;
                     let pos = *p;

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use missive_spec::{
     limits, ConversationId, Cursor, DeviceId, DeviceInfo, ErrorCode, Event, OrderKey, Receipt, ReceiptKind, Watermark, RegistrationPolicy, Request,
-    RequestFrame, Response, ServerName, UserId, PROTOCOL_VERSION,
+    RequestFrame, Response, ServerName, Undeliverable, UserId, PROTOCOL_VERSION,
 };
 use missive_core::AccountChange;
 
@@ -507,7 +507,7 @@ impl Service {
                 .collect::<Result<Vec<_>, _>>()?;
             let (newest, oldest) = match (messages.first(), messages.last()) {
                 (Some(n), Some(o)) => (n.order_key(), o.order_key()),
-                _ => return Ok(Response::Page { read, seen, newer: None, older: None, messages, delivered }),
+                _ => return Ok(Response::Page { read, seen, newer: None, older: None, failed: Vec::new(), messages, delivered }),
             };
             let exists = |from: &OrderKey, d: Direction| -> Result<bool, ApiError> {
                 Ok(!store.scan(Cf::Messages, &prefix, Some(&keys::message(&conv, from)), d, 1)?.is_empty())
@@ -516,11 +516,20 @@ impl Service {
                 Direction::Reverse => (more, exists(&newest, Direction::Forward)?),
                 Direction::Forward => (exists(&oldest, Direction::Reverse)?, more),
             };
+            // The caller's own messages that the recipient's server refused (§6.6).
+            let mut failed = Vec::new();
+            for m in messages.iter().filter(|m| m.from == me && m.origin == self.server) {
+                if let Some(v) = store.get(Cf::Failed, &keys::message(&conv, &m.order_key()))? {
+                    let reason: String = records::decode("failed", &v)?;
+                    failed.push(Undeliverable { seq: m.seq, conv, origin: m.origin.clone(), reason });
+                }
+            }
             Ok(Response::Page {
                 read,
                 seen,
                 newer: has_newer.then(|| encode_cursor(&newest)),
                 older: has_older.then(|| encode_cursor(&oldest)),
+                failed,
                 messages,
                 delivered,
             })

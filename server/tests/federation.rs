@@ -271,6 +271,10 @@ async fn a_message_to_an_unknown_remote_user_fails_on_every_device_of_the_sender
     // The refusal is recorded once: a later sync shows one event for it.
     let (_, events) = phone.sync(0, None).await.unwrap();
     assert_eq!(events.iter().filter(|e| matches!(e.event, EventKind::Undeliverable(_))).count(), 1);
+    // A device logged in afterwards reads it from history (spec §6.6).
+    let laptop = login(&s[0], "alice").await;
+    let page = laptop.history(&nobody, None, None, None).await.unwrap();
+    assert_eq!(page.failed, vec![Undeliverable { seq: sent.seq, conv: sent.conv, origin: sent.origin.clone(), reason: "unknown_recipient".into() }]);
     alice.send_text(&uid("bob", &s[1]), "hello bob").await.unwrap();
     assert_eq!(texts(&history_of(&bob, &uid("alice", &s[0]), 1).await), vec!["hello bob"]);
 }

@@ -169,6 +169,10 @@ pub enum Response {
         newer: Option<Cursor>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         older: Option<Cursor>,
+        /// The caller's own messages on this page that the recipient's server refused for
+        /// good, with the reason (§6.6, §10.5).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failed: Vec<Undeliverable>,
         messages: Vec<Message>,
         /// The other user's delivered watermark (§10.3).
         #[serde(default, skip_serializing_if = "Option::is_none")]

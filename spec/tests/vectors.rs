@@ -167,8 +167,22 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
                 seen: None,
                 newer: None,
                 older: Some(Cursor("AAAAAAAAAAVhbHBoYS5leGFtcGxlAAAAAAAAAAAD".into())),
+                failed: vec![],
                 messages: vec![m.clone()],
                 delivered: Some(Watermark(m.order_key())),
+            }),
+        ),
+        (
+            "page with a refused message",
+            "6.6",
+            f(Response::Page {
+                read: None,
+                seen: None,
+                newer: None,
+                older: None,
+                failed: vec![Undeliverable { seq: m.seq, conv: m.conv, origin: m.origin.clone(), reason: "unknown_recipient".into() }],
+                messages: vec![m.clone()],
+                delivered: None,
             }),
         ),
         (

@@ -691,6 +691,13 @@ impl App {
             self.saw(m);
         }
         let c = self.conversation(&with);
+        // Refusals the server remembers (§6.6), also those whose event came before this run.
+        for u in &page.failed {
+            if c.failed.len() >= MAX_KEPT {
+                c.failed.clear();
+            }
+            c.failed.insert((u.origin.clone(), u.seq), u.reason.clone());
+        }
         // Inserted whether seen or not: an older page brings back what was dropped.
         for m in page.messages {
             c.insert(m);
@@ -930,10 +937,30 @@ pub(crate) mod tests {
         // Tab opens carol's conversation: not loaded yet, so its history first.
         let actions = app.terminal(Event::Key(KeyEvent::from(KeyCode::Tab)), app.now_ms);
         assert_eq!(actions[0], Action::History { with: carol.clone(), before: None });
-        let page = Page { messages: vec![], older: None, newer: None, read: None, delivered: None, seen: None };
+        let page = Page { messages: vec![], older: None, newer: None, read: None, delivered: None, seen: None, failed: vec![] };
         let actions = app.done(Done::Page { with: carol.clone(), older: false, page }, app.now_ms);
         assert!(matches!(&actions[..], [Action::Receipt { kind: ReceiptKind::Read, .. }]), "{actions:?}");
         assert_eq!(app.current().unwrap().unread, 0);
+    }
+
+    #[test]
+    fn a_page_marks_the_messages_the_other_server_refused() {
+        let (bob, _, mut app) = two();
+        let nobody = user("@nobody:gamma.test");
+        let (lost, fine) = (msg(&bob, &nobody, 1, 5, "lost"), msg(&bob, &nobody, 2, 6, "fine"));
+        let refused = missive_spec::Undeliverable { seq: 1, conv: lost.conv, origin: lost.origin.clone(), reason: "unknown_recipient".into() };
+        let page = Page {
+            messages: vec![fine.clone(), lost.clone()],
+            older: None,
+            newer: None,
+            read: None,
+            delivered: None,
+            seen: None,
+            failed: vec![refused],
+        };
+        app.done(Done::Page { with: nobody.clone(), older: false, page }, app.now_ms);
+        let c = app.convs.iter().find(|c| c.with == nobody).unwrap();
+        assert_eq!((c.state_of(&lost), c.state_of(&fine)), ("failed", "sent"));
     }
 
     #[test]

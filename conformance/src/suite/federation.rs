@@ -44,7 +44,7 @@ pub fn tests() -> Vec<Test> {
         test!("fed.send.batching", Recommended, ["FED-TXN-2"], [Federation], send_batching),
         test!("fed.send.backoff", Recommended, ["FED-SEND-5"], [Federation], send_backoff),
         test!("fed.send.presence_coalesced", Recommended, ["FED-EDU-2"], [Federation, Presence], send_presence_coalesced),
-        test!("fed.send.undeliverable", Required, ["FED-SEND-8", "C2S-RCPT-8", "FED-SEND-2"], [Federation], send_undeliverable),
+        test!("fed.send.undeliverable", Required, ["FED-SEND-8", "C2S-RCPT-8", "C2S-HIST-5", "FED-SEND-2"], [Federation], send_undeliverable),
         test!("fed.send.receipt", Required, ["C2S-RCPT-6", "FED-RCPT-1"], [Federation, Receipts], send_receipt),
     ]
 }
@@ -516,6 +516,14 @@ async fn send_undeliverable(mut ctx: Ctx) -> anyhow::Result<()> {
         (u.conv, &u.origin, u.seq, u.reason.as_str()) == (sent.conv, &sent.origin, sent.seq, "unknown_recipient"),
         "the event names {u:?}, expected message {} #{} refused as unknown_recipient",
         sent.origin,
+        sent.seq
+    );
+    // history says so too, to any device, after the event.
+    let page = s.client.history(&nobody, None, None, None).await?;
+    let marks: Vec<_> = page.failed.iter().map(|f| (f.conv, &f.origin, f.seq, f.reason.as_str())).collect();
+    ensure!(
+        marks == [(sent.conv, &sent.origin, sent.seq, "unknown_recipient")],
+        "history lists {marks:?} as failed, expected message #{} refused as unknown_recipient",
         sent.seq
     );
     let texts = send_texts(&s.client, &alice, "after", 1).await?;

@@ -47,10 +47,13 @@ pub enum Cf {
     /// localpart, last activity (ms), conversation → peer user id: a user's conversations,
     /// most recently active last (§6.10)
     Active,
+    /// conversation, order key → why the recipient's server refused that local message for
+    /// good (§10.5), for `history`
+    Failed,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 17] = [
+    pub const ALL: [Cf; 18] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -68,6 +71,7 @@ impl Cf {
         Cf::Contacts,
         Cf::Presence,
         Cf::Active,
+        Cf::Failed,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -88,6 +92,7 @@ impl Cf {
             Cf::Contacts => "contacts",
             Cf::Presence => "presence",
             Cf::Active => "active",
+            Cf::Failed => "failed",
         }
     }
 }
