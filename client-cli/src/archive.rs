@@ -346,7 +346,8 @@ fn restrict(path: &Path) -> Result<(), ArchiveError> {
 }
 
 /// How commands keep what they show: the archive opened on first use, and a failure to
-/// open or write it said once on standard error instead of failing the command.
+/// open or write it said once instead of failing the command: on standard error, or, for
+/// the full-screen chat, which has none, through [`Recorder::take_warning`].
 ///
 /// ```ignore
 /// let mut archive = Recorder::new(profile);
@@ -357,25 +358,32 @@ pub struct Recorder {
     archive: Option<Archive>,
     /// Set once the user was told; nothing more is tried or said after that.
     failed: bool,
+    /// Keep the warning for [`Recorder::take_warning`] instead of printing it.
+    quiet: bool,
+    warning: Option<String>,
 }
 
 impl Recorder {
+    /// A recorder that says a failure on standard error.
     pub fn new(profile: &Profile) -> Recorder {
-        Recorder { path: profile.dir().join(FILE), archive: None, failed: false }
+        Recorder { path: profile.dir().join(FILE), archive: None, failed: false, quiet: false, warning: None }
     }
 
-    /// Keeps the messages, if the archive can be written.
+    /// A recorder that keeps a failure for [`Recorder::take_warning`].
+    pub fn quiet(profile: &Profile) -> Recorder {
+        Recorder { quiet: true, ..Recorder::new(profile) }
+    }
+
+    /// The failure to say, once, from a [`Recorder::quiet`] recorder.
+    pub fn take_warning(&mut self) -> Option<String> {
+        self.warning.take()
+    }
+
+    /// Keeps the messages, if the archive can be written. Nothing is opened for none.
     pub fn record_all<'a>(&mut self, messages: impl IntoIterator<Item = &'a Message>) {
-        if let Some(warning) = self.try_record_all(messages) {
-            eprintln!("missive: {warning}");
-        }
-    }
-
-    /// Keeps the messages, if the archive can be written; the first failure is returned as
-    /// a warning for the caller to show (the full-screen chat has no standard error).
-    pub fn try_record_all<'a>(&mut self, messages: impl IntoIterator<Item = &'a Message>) -> Option<String> {
-        if self.failed {
-            return None;
+        let mut messages = messages.into_iter().peekable();
+        if self.failed || messages.peek().is_none() {
+            return;
         }
         let result = match &self.archive {
             Some(a) => a.record_all(messages),
@@ -385,9 +393,14 @@ impl Recorder {
                 r
             }),
         };
-        let e = result.err()?;
+        let Err(e) = result else { return };
         self.failed = true;
-        Some(format!("warning: {e}; messages are not kept for `missive search`"))
+        let warning = format!("warning: {e}; messages are not kept for `missive search`");
+        if self.quiet {
+            self.warning = Some(warning);
+        } else {
+            eprintln!("missive: {warning}");
+        }
     }
 
     pub fn record(&mut self, m: &Message) {

@@ -151,6 +151,15 @@ impl Page {
     pub fn failure(&self, m: &Message) -> Option<&str> {
         self.failed.iter().find(|u| u.conv == m.conv && u.origin == m.origin && u.seq == m.seq).map(|u| u.reason.as_str())
     }
+
+    /// The state of one of the caller's own messages on this page: failed (§10.5), or as
+    /// the watermarks say (§10.3).
+    pub fn state(&self, m: &Message) -> &'static str {
+        match self.failure(m) {
+            Some(_) => "failed",
+            None => message_state(m, &self.read, &self.delivered),
+        }
+    }
 }
 
 /// The state of one of the caller's own messages (§10.3).

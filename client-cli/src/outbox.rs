@@ -38,6 +38,12 @@ pub struct Queued {
 }
 
 impl Queued {
+    /// A message to queue now, under the id it was (or would have been) sent with.
+    pub fn new(to: UserId, text: String, id: ClientMsgId) -> Queued {
+        let created_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Queued { to, text, client_msg_id: id.to_hex(), created_ms, reason: None }
+    }
+
     pub fn id(&self) -> anyhow::Result<ClientMsgId> {
         let b = hex::decode(&self.client_msg_id).context("bad client_msg_id in outbox")?;
         Ok(ClientMsgId::from_slice(&b)?)

@@ -1,7 +1,6 @@
 //! How commands print what they got: one readable line, or one JSON object with `--json`
 //! (the formats themselves are `missive_cli::output`).
 
-use missive_cli::client::message_state;
 use missive_cli::outbox::Queued;
 use missive_cli::output::{
     ephemeral_json, ephemeral_line, message_json, message_json_with_state, message_line, message_line_with_state,
@@ -21,11 +20,11 @@ pub fn message(json: bool, kind: &str, m: &Message, pos: Option<u64>) {
 
 /// A message from a history page; one's own carry their state (sent, delivered, read).
 pub fn page_message(json: bool, m: &Message, me: &UserId, page: &Page) {
-    let failure = if m.from == *me { page.failure(m) } else { None };
-    let state = (m.from == *me).then(|| if failure.is_some() { "failed" } else { message_state(m, &page.read, &page.delivered) });
+    let mine = m.from == *me;
+    let state = mine.then(|| page.state(m));
     if json {
         println!("{}", message_json_with_state("message", m, None, state));
-    } else if let Some(reason) = failure {
+    } else if let Some(reason) = page.failure(m).filter(|_| mine) {
         println!("{}", message_line_with_state(m, Some(&format!("failed: {reason}"))));
     } else {
         println!("{}", message_line_with_state(m, state));

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use missive_conformance::harness::{workspace_bin, ServerProcess};
 use serde_json::Value;
-use tokio::process::Command;
 
 mod common;
 
+use common::tmux::Tmux;
 use common::*;
 
 /// Polls `check` every 100 ms until it gives a value, failing after [`DEADLINE`].
@@ -138,76 +138,15 @@ async fn line_mode_refuses_an_over_long_line_and_goes_on() {
     assert_eq!(sent[0]["text"], "still here");
 }
 
-/// A tmux server of its own (its own socket), killed when dropped.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    /// `None` when tmux is not installed.
-    fn new() -> Option<Tmux> {
-        let found = std::process::Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
-        found.then(|| Tmux { socket: format!("missive-test-{}-{}", std::process::id(), rand::random::<u32>()) })
-    }
-
-    async fn tmux(&self, args: &[&str]) -> String {
-        // -u: the screen is UTF-8 (box drawing, `…`) whatever the locale says.
-        let out = Command::new("tmux").args(["-u", "-L", &self.socket]).args(args).output().await.unwrap();
-        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// A 120x40 terminal named `name` running `missive chat ARGS` for `profile`; when
-    /// chat ends, the terminal says with which exit status and stays.
-    async fn chat(&self, name: &str, profile: &Path, args: &str) {
-        let command = format!(
-            "MISSIVE_CONNECT_TIMEOUT_MS=500 '{}' --profile '{}' chat {args}; echo \"chat exited with $?\"; exec sleep 600",
-            BIN,
-            profile.display()
-        );
-        self.tmux(&["new-session", "-d", "-x", "120", "-y", "40", "-s", name, &command]).await;
-    }
-
-    async fn typed(&self, name: &str, text: &str) {
-        self.tmux(&["send-keys", "-t", name, "-l", text]).await;
-    }
-
-    async fn key(&self, name: &str, key: &str) {
-        self.tmux(&["send-keys", "-t", name, key]).await;
-    }
-
-    async fn screen(&self, name: &str) -> String {
-        self.tmux(&["capture-pane", "-p", "-t", name]).await
-    }
-
-    /// Polls the screen until `check` holds; fails with the screen after [`DEADLINE`].
-    async fn until(&self, name: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let s = self.screen(name).await;
-            if check(&s) {
-                return s;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let mut all = String::new();
-                for other in self.tmux(&["list-sessions", "-F", "#{session_name}"]).await.lines() {
-                    all += &format!("{other}'s screen:\n{}\n", self.screen(other).await);
-                }
-                panic!("timed out waiting for {what} on {name}'s screen\n{all}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn shows(&self, name: &str, text: &str) -> String {
-        self.until(name, &format!("{text:?}"), |s| s.contains(text)).await
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("tmux").arg("-L").arg(&self.socket).arg("kill-server").output();
-    }
+/// A 120x40 terminal named `name` running `missive chat ARGS` for `profile`; when chat
+/// ends, the terminal says with which exit status and stays.
+async fn chat(tmux: &Tmux, name: &str, profile: &Path, args: &str) {
+    let command = format!(
+        "MISSIVE_CONNECT_TIMEOUT_MS=500 '{}' --profile '{}' chat {args}; echo \"chat exited with $?\"; exec sleep 600",
+        BIN,
+        profile.display()
+    );
+    tmux.start(name, 120, 40, &command).await;
 }
 
 /// The row of the input box: the one above the status line, inside the box.
@@ -238,7 +177,7 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
     .await;
 
     // alice writes while no device of bob's is online: her message stays `sent`.
-    tmux.chat("alice", &u.alice, bob_id).await;
+    chat(&tmux, "alice", &u.alice, bob_id).await;
     tmux.shows("alice", "@bob:beta.test: hello alice").await;
     tmux.typed("alice", "first ping").await;
     tmux.key("alice", "Enter").await;
@@ -246,7 +185,7 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
 
     // bob starts without naming anyone: his device gets it (delivered), and opening the
     // conversation from the list reads it.
-    tmux.chat("bob", &u.bob, "").await;
+    chat(&tmux, "bob", &u.bob, "").await;
     let s = tmux.shows("bob", "@alice:alpha.test (").await;
     assert!(s.contains("Conversations"), "{s}");
     tmux.shows("alice", "you: first ping  [delivered]").await;

@@ -3,12 +3,12 @@
 //! errors that say what is wrong, private profile files, completions and the man page.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use missive_conformance::harness::{workspace_bin, ServerProcess};
 
 mod common;
 
+use common::tmux::Tmux;
 use common::*;
 
 /// A server `alpha.test` with users alice and bob, alice logged in.
@@ -142,53 +142,17 @@ async fn profile_files_are_private_whatever_the_umask() {
     }
 }
 
-/// A tmux server of its own (`-L`), killed when dropped.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn cmd(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("tmux").arg("-L").arg(&self.socket).args(args).output().expect("tmux runs");
-        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn screen(&self) -> String {
-        self.cmd(&["capture-pane", "-p", "-t", "t"])
-    }
-
-    /// Waits until the screen shows `text`; returns the screen.
-    async fn wait_for(&self, text: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let screen = self.screen();
-            if screen.contains(text) {
-                return screen;
-            }
-            assert!(start.elapsed() < DEADLINE, "{text:?} never appeared; the screen:\n{screen}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("tmux").arg("-L").arg(&self.socket).arg("kill-server").status();
-    }
-}
-
 #[tokio::test]
 async fn login_asks_for_the_password_without_showing_it() {
     let s = setup().await;
     let bob = s.tmp.path().join("bob");
-    let tmux = Tmux { socket: format!("missive-test-{}-{:?}", std::process::id(), Instant::now()) };
+    let tmux = Tmux::new().expect("tmux is installed (scripts/deps)");
     let line = format!("{BIN} --profile {} login @bob:alpha.test --server {}; echo exit=$?; sleep 60", bob.display(), s.srv.addr);
-    tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "20", &line]);
-    tmux.wait_for("Password for @bob:alpha.test:").await;
-    tmux.cmd(&["send-keys", "-t", "t", "-l", "bob-password"]);
-    tmux.cmd(&["send-keys", "-t", "t", "Enter"]);
-    let screen = tmux.wait_for("exit=").await;
+    tmux.start("t", 200, 20, &line).await;
+    tmux.shows("t", "Password for @bob:alpha.test:").await;
+    tmux.typed("t", "bob-password").await;
+    tmux.key("t", "Enter").await;
+    let screen = tmux.shows("t", "exit=").await;
     assert!(screen.contains("logged in as @bob:alpha.test"), "{screen}");
     assert!(screen.contains("exit=0"), "{screen}");
     assert!(!screen.contains("bob-password"), "the password was echoed:\n{screen}");
@@ -204,15 +168,15 @@ async fn passwd_changes_the_password_at_a_hidden_prompt_and_can_log_out_the_othe
     let phone = s.tmp.path().join("phone");
     ok(&phone, &["login", "@alice:alpha.test", "--server", &addr, "--password-stdin"], Some("alice-password\n")).await;
     // At the terminal: the current password, then the new one twice, none of them shown.
-    let tmux = Tmux { socket: format!("missive-test-{}-{:?}", std::process::id(), Instant::now()) };
+    let tmux = Tmux::new().expect("tmux is installed (scripts/deps)");
     let line = format!("{BIN} --profile {} passwd; echo exit=$?; sleep 60", s.alice.display());
-    tmux.cmd(&["new-session", "-d", "-s", "t", "-x", "200", "-y", "20", &line]);
+    tmux.start("t", 200, 20, &line).await;
     for (prompt, typed) in [("Current password for @alice:alpha.test:", "alice-password"), ("New password:", "a better secret"), ("Again:", "a better secret")] {
-        tmux.wait_for(prompt).await;
-        tmux.cmd(&["send-keys", "-t", "t", "-l", typed]);
-        tmux.cmd(&["send-keys", "-t", "t", "Enter"]);
+        tmux.shows("t", prompt).await;
+        tmux.typed("t", typed).await;
+        tmux.key("t", "Enter").await;
     }
-    let screen = tmux.wait_for("exit=").await;
+    let screen = tmux.shows("t", "exit=").await;
     assert!(screen.contains("password changed") && screen.contains("exit=0"), "{screen}");
     assert!(!screen.contains("alice-password") && !screen.contains("better secret"), "a password was echoed:\n{screen}");
     // The other device stayed logged in; the old password no longer logs in, the new one does.

@@ -208,8 +208,9 @@ impl Core {
             // A refused message of a local user: every device of the sender learns it (§10.5).
             if let Ok(Unit::Message(m)) = missive_spec::codec::decode::<Unit>(&dl.unit.unit) {
                 if m.from.is_on(&self.server) && m.origin == self.server {
-                    tx.batch.put(Cf::Failed, keys::message(&m.conv, &m.order_key()), records::encode(&dl.reason));
+                    let key = keys::message(&m.conv, &m.order_key());
                     let u = Undeliverable { seq: m.seq, conv: m.conv, origin: m.origin, reason: dl.reason.clone() };
+                    tx.batch.put(Cf::Failed, key, records::encode(&u));
                     self.push_event(tx, m.from.localpart(), EventKind::Undeliverable(u))?;
                 }
             }

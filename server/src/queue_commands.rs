@@ -32,6 +32,14 @@ fn count(json: bool, what: &str, res: AdminResponse) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An empty list means every dead letter to the server: the operator says so with `--all`.
+fn named(ids: &[String], all: bool) -> anyhow::Result<()> {
+    if ids.is_empty() && !all {
+        bail!("name dead letters by id (see `missived deadletters list`), or pass --all");
+    }
+    Ok(())
+}
+
 pub async fn run(command: DeadLetterCommand) -> anyhow::Result<()> {
     match command {
         DeadLetterCommand::List { config, json } => {
@@ -55,15 +63,11 @@ pub async fn run(command: DeadLetterCommand) -> anyhow::Result<()> {
             }
         }
         DeadLetterCommand::Retry { config, ids, all, json } => {
-            if ids.is_empty() && !all {
-                bail!("name dead letters by id (see `missived deadletters list`), or pass --all");
-            }
+            named(&ids, all)?;
             count(json, "queued again", call(&config.load()?, AdminRequest::RetryDeadLetters { ids }).await?)?;
         }
         DeadLetterCommand::Drop { config, ids, all, json } => {
-            if ids.is_empty() && !all {
-                bail!("name dead letters by id (see `missived deadletters list`), or pass --all");
-            }
+            named(&ids, all)?;
             count(json, "dropped", call(&config.load()?, AdminRequest::DropDeadLetters { ids }).await?)?;
         }
     }

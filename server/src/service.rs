@@ -358,14 +358,7 @@ impl Service {
             return Err(ApiError::invalid("old password too long"));
         }
         accounts::check_password(&new)?;
-        let (store, local) = (self.store.clone(), c.user.localpart().to_owned());
-        let rec = blocking(move || -> Result<Option<UserRecord>, ApiError> {
-            match store.get(Cf::Users, &keys::user(&local))? {
-                Some(v) => Ok(Some(records::decode::<UserRecord>("users", &v)?)),
-                None => Ok(None),
-            }
-        })
-        .await??;
+        let rec = self.local_user_record(&c.user).await?;
         let hash = self
             .hasher
             .run(move || match rec {
@@ -381,23 +374,25 @@ impl Service {
         Ok(Response::Ok {})
     }
 
+    /// The account record of `user`, if it is a user of this server that was ever created.
+    async fn local_user_record(&self, user: &UserId) -> Result<Option<UserRecord>, ApiError> {
+        if !user.is_on(&self.server) {
+            return Ok(None);
+        }
+        let (store, local) = (self.store.clone(), user.localpart().to_owned());
+        blocking(move || match store.get(Cf::Users, &keys::user(&local))? {
+            Some(v) => Ok(Some(records::decode::<UserRecord>("users", &v)?)),
+            None => Ok(None),
+        })
+        .await?
+    }
+
     async fn check_login(self: &Arc<Self>, user: UserId, password: String, device_name: Option<String>) -> Result<Response, ApiError> {
         Self::check_device_name(&device_name)?;
         if password.len() > limits::MAX_PASSWORD_LEN {
             return Err(ApiError::invalid("password too long"));
         }
-        let rec = if user.is_on(&self.server) {
-            let (store, local) = (self.store.clone(), user.localpart().to_owned());
-            blocking(move || -> Result<Option<UserRecord>, ApiError> {
-                match store.get(Cf::Users, &keys::user(&local))? {
-                    Some(v) => Ok(Some(records::decode::<UserRecord>("users", &v)?)),
-                    None => Ok(None),
-                }
-            })
-            .await??
-        } else {
-            None
-        };
+        let rec = self.local_user_record(&user).await?;
         let ok = self.hasher.run(move || match rec {
             Some(r) if r.may_log_in() => accounts::verify_password(&password, &r.password_hash),
             // Disabled and removed accounts get the answer of an unknown user, after the same work.
@@ -516,14 +511,18 @@ impl Service {
                 Direction::Reverse => (more, exists(&newest, Direction::Forward)?),
                 Direction::Forward => (exists(&oldest, Direction::Reverse)?, more),
             };
-            // The caller's own messages that the recipient's server refused (§6.6).
-            let mut failed = Vec::new();
-            for m in messages.iter().filter(|m| m.from == me && m.origin == self.server) {
-                if let Some(v) = store.get(Cf::Failed, &keys::message(&conv, &m.order_key()))? {
-                    let reason: String = records::decode("failed", &v)?;
-                    failed.push(Undeliverable { seq: m.seq, conv, origin: m.origin.clone(), reason });
-                }
-            }
+            // Refused messages on this page (§6.6), in one scan between its newest and oldest
+            // keys. Only a local sender's messages are marked, and the caller is the
+            // conversation's local member.
+            let mut past_newest = keys::message(&conv, &newest);
+            past_newest.push(0);
+            let oldest_key = keys::message(&conv, &oldest);
+            let failed = store
+                .scan(Cf::Failed, &prefix, Some(&past_newest), Direction::Reverse, messages.len())?
+                .into_iter()
+                .take_while(|(k, _)| *k >= oldest_key)
+                .map(|(_, v)| records::decode::<Undeliverable>("failed", &v))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Response::Page {
                 read,
                 seen,

@@ -92,15 +92,9 @@ fn use_local_discovery(config: &Path, dns: SocketAddr, https_port: u16, ca_file:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn well_known_and_srv_discovery_each_lead_to_a_working_link() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = missived();
     // beta: found through its key document, which names its federation address.
     // gamma: key document without an address; the address comes from DNS SRV.
-    let mut servers = Vec::new();
-    for (i, name) in ["alpha.test", "beta.test", "gamma.test"].iter().enumerate() {
-        let data = dir.path().join(name);
-        ServerProcess::init_on(bin, &data, name, "open", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
-        servers.push(ServerProcess::start(bin, &data, name).await.unwrap());
-    }
+    let mut servers = started(dir.path(), &["alpha.test", "beta.test", "gamma.test"]).await;
     let (beta, gamma) = (&servers[1], &servers[2]);
     // delta: its key document lists a key that is not the one its server presents.
     let delta = MockPeer::start("delta.test", [127, 0, 0, 5].into()).unwrap();
@@ -248,12 +242,7 @@ async fn check(config: &Path) -> (bool, HashMap<String, (String, String)>) {
 async fn check_finds_the_published_key_the_srv_address_and_each_peer() {
     let dir = tempfile::tempdir().unwrap();
     let bin = missived();
-    let mut servers = Vec::new();
-    for (i, name) in ["alpha.test", "beta.test"].iter().enumerate() {
-        let data = dir.path().join(name);
-        ServerProcess::init_on(bin, &data, name, "open", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
-        servers.push(ServerProcess::start(bin, &data, name).await.unwrap());
-    }
+    let mut servers = started(dir.path(), &["alpha.test", "beta.test"]).await;
     let out = tokio::process::Command::new(bin).args(["well-known", "--config"]).arg(&servers[0].config).output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -40,6 +40,15 @@ fn debug_lines(log: &str) -> usize {
     log.lines().filter(|l| l.contains(" DEBUG ")).count()
 }
 
+/// A data directory made by `missived init` for `alpha.test` (open registration), not
+/// started; the directory lives as long as the returned guard.
+async fn initialised() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    (dir, data)
+}
+
 /// `missived run` on a server that must not start: its exit code, standard output and error.
 async fn run_refused(config: &Path) -> (Option<i32>, String, String) {
     let run = tokio::process::Command::new(missived()).arg("run").arg("--config").arg(config).kill_on_drop(true).output();
@@ -124,9 +133,7 @@ async fn sigterm_and_sigint_stop_cleanly_and_remove_the_admin_socket() {
 
 #[tokio::test]
 async fn a_log_level_that_names_no_level_refuses_to_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let (_dir, data) = initialised().await;
     let config = data.join("missived.toml");
     std::fs::write(&config, set_log_level(std::fs::read_to_string(&config).unwrap(), "verbose")).unwrap();
     let (code, _, stderr) = run_refused(&config).await;
@@ -151,9 +158,7 @@ async fn a_data_dir_too_long_for_the_admin_socket_refuses_to_start() {
 
 #[tokio::test]
 async fn a_database_that_cannot_be_opened_is_named_by_its_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let (_dir, data) = initialised().await;
     let db = data.join("db");
     std::fs::write(&db, b"a file where the database folder goes").unwrap();
     let (code, _, stderr) = run_refused(&data.join("missived.toml")).await;
@@ -163,9 +168,7 @@ async fn a_database_that_cannot_be_opened_is_named_by_its_path() {
 
 #[tokio::test]
 async fn a_start_up_that_fails_after_binding_the_admin_socket_removes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let (_dir, data) = initialised().await;
     let config = data.join("missived.toml");
     let client = Config::load(&config).unwrap().client.listen;
     let _taken = std::net::UdpSocket::bind(client).unwrap();
@@ -303,9 +306,7 @@ async fn init_on_a_wildcard_address_prints_a_reachable_peer_line() {
 #[tokio::test]
 async fn a_closed_output_pipe_ends_an_operator_command_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    ServerProcess::init(missived(), &data, "alpha.test", "open").await.unwrap();
+    let (_dir, data) = initialised().await;
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let out = std::process::Command::new(missived())

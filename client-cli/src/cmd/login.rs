@@ -1,7 +1,8 @@
 //! `missive login`, `missive register` and `missive passwd`: a new device's session, the
-//! server's key pinned on first contact, and the user's own password. The password is typed at a hidden prompt when standard input
-//! is a terminal, or read from standard input with `--password-stdin`; either way it is
-//! sent only once the server has shown it is the user's own homeserver.
+//! server's key pinned on first contact, and the user's own password. Passwords are typed
+//! at a hidden prompt when standard input is a terminal, or read from standard input with
+//! `--password-stdin`; a login's is sent only once the server has shown it is the user's
+//! own homeserver.
 
 use std::io::{BufRead, IsTerminal};
 

@@ -47,7 +47,7 @@ pub async fn send(profile: &Profile, json: bool, to: &str, text: &str) -> anyhow
 /// Puts a message in the outbox, under the id it was (or would have been) sent with.
 pub fn queue(profile: &Profile, to: &UserId, text: &str, id: ClientMsgId, json: bool) -> anyhow::Result<()> {
     let outbox = Outbox::open(profile.dir())?;
-    let q = Queued { to: to.clone(), text: text.to_owned(), client_msg_id: id.to_hex(), created_ms: now_ms(), reason: None };
+    let q = Queued::new(to.clone(), text.to_owned(), id);
     outbox.push(&q)?;
     let waiting = outbox.list()?.len();
     if json {
@@ -56,8 +56,4 @@ pub fn queue(profile: &Profile, to: &UserId, text: &str, id: ClientMsgId, json: 
         println!("server unreachable: queued for {to} ({waiting} waiting); it goes out with the next command that reaches the server");
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -11,7 +11,7 @@ use missive_cli::receipts::delivered_up_to;
 use missive_core::ephemeral::TYPING_MIN_INTERVAL_MS;
 use missive_spec::{
     limits, ClientMsgId, ConversationId, Cursor, DeviceInfo, Ephemeral, EventKind, Message, OrderKey, PresenceUpdate,
-    Receipt, ReceiptKind, ServerName, UserId, Watermark,
+    Receipt, ReceiptKind, ServerName, Undeliverable, UserId, Watermark,
 };
 use ratatui::crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
@@ -151,6 +151,14 @@ impl Conversation {
             loaded: false,
             failed: HashMap::new(),
         }
+    }
+
+    /// Remembers that the other server refused one of one's own messages (§10.5).
+    fn mark_failed(&mut self, u: &Undeliverable) {
+        if self.failed.len() >= MAX_KEPT {
+            self.failed.clear();
+        }
+        self.failed.insert((u.origin.clone(), u.seq), u.reason.clone());
     }
 
     /// The state of one of one's own messages: sent, delivered, read or failed.
@@ -579,10 +587,7 @@ impl App {
                 EventKind::Receipt(r) => self.receipt(r),
                 EventKind::Undeliverable(u) => {
                     let Some(c) = self.convs.iter_mut().find(|c| c.conv == u.conv) else { continue };
-                    if c.failed.len() >= MAX_KEPT {
-                        c.failed.clear();
-                    }
-                    c.failed.insert((u.origin.clone(), u.seq), u.reason.clone());
+                    c.mark_failed(u);
                     let text = format!("your message #{} to {} could not be delivered: {}", u.seq, c.with, u.reason);
                     self.error(text);
                 }
@@ -693,10 +698,7 @@ impl App {
         let c = self.conversation(&with);
         // Refusals the server remembers (§6.6), also those whose event came before this run.
         for u in &page.failed {
-            if c.failed.len() >= MAX_KEPT {
-                c.failed.clear();
-            }
-            c.failed.insert((u.origin.clone(), u.seq), u.reason.clone());
+            c.mark_failed(u);
         }
         // Inserted whether seen or not: an older page brings back what was dropped.
         for m in page.messages {

@@ -16,7 +16,7 @@ use missive_cli::client::{Client, ClientError};
 use missive_cli::outbox::{Outbox, Queued};
 use missive_cli::profile::Profile;
 use missive_cli::archive::Recorder;
-use missive_spec::{limits, Content, ErrorCode, EventKind, Message, UserId};
+use missive_spec::{limits, Content, ErrorCode, UserId};
 use ratatui::crossterm::event::{self, DisableBracketedPaste, EnableBracketedPaste, Event};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{self, EnterAlternateScreen, LeaveAlternateScreen};
@@ -197,7 +197,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
     let mut follow = Follow::new(profile);
     let mut hold_until: Option<tokio::time::Instant> = None;
     // What the screen shows is kept for `missive search`, like `sync` and `history` keep it.
-    let mut archive = Recorder::new(profile);
+    let mut archive = Recorder::quiet(profile);
     loop {
         let size = screen.terminal.size()?;
         app.rows = size.height.saturating_sub(6);
@@ -241,10 +241,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                 }
             }
             Ok(Next::Frame(_, f)) => {
-                keep(&mut archive, &mut app, f.events.iter().filter_map(|e| match &e.event {
-                    EventKind::Message(m) => Some(m),
-                    _ => None,
-                }));
+                archive.record_events(&f.events);
                 pending.extend(app.frame(&f, now));
                 if let Err(e) = follow.save_position(f.next) {
                     app.error(format!("{e:#}"));
@@ -257,8 +254,8 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
             Ok(Next::Input(Input::Answer(Some(answer)))) => match *answer {
                 Answer::Done(d) => {
                     match &d {
-                        Done::Sent(m) => keep(&mut archive, &mut app, [m]),
-                        Done::Page { page, .. } => keep(&mut archive, &mut app, &page.messages),
+                        Done::Sent(m) => archive.record(m),
+                        Done::Page { page, .. } => archive.record_all(&page.messages),
                         _ => {}
                     }
                     pending.extend(app.done(d, now))
@@ -276,6 +273,9 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                 delay.as_secs().max(1)
             ))),
             Ok(Next::Lost(reason)) => app.connection(Connection::Offline(reason)),
+        }
+        if let Some(warning) = archive.take_warning() {
+            app.error(warning);
         }
         for action in pending.drain(..) {
             match (follow.client(), action) {
@@ -300,16 +300,9 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Keeps messages in the archive; a failure to is said once, on the status line.
-fn keep<'a>(archive: &mut Recorder, app: &mut App, messages: impl IntoIterator<Item = &'a Message>) {
-    if let Some(warning) = archive.try_record_all(messages) {
-        app.error(warning);
-    }
-}
-
 /// Puts a message written while offline into the profile's outbox.
 fn queue(profile: &Profile, app: &mut App, to: UserId, text: String, id: missive_spec::ClientMsgId) {
-    let q = Queued { to: to.clone(), text: text.clone(), client_msg_id: id.to_hex(), created_ms: now_ms(), reason: None };
+    let q = Queued::new(to.clone(), text.clone(), id);
     match Outbox::open(profile.dir()).and_then(|o| o.push(&q)) {
         Ok(_) => app.queued(to, text),
         Err(e) => app.error(format!("not sent, and the outbox refused it: {e:#}")),

@@ -2,6 +2,8 @@
 //! input, and reading its `--json` output.
 #![allow(dead_code)]
 
+pub mod tmux;
+
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;

@@ -47,8 +47,8 @@ pub enum Cf {
     /// localpart, last activity (ms), conversation → peer user id: a user's conversations,
     /// most recently active last (§6.10)
     Active,
-    /// conversation, order key → why the recipient's server refused that local message for
-    /// good (§10.5), for `history`
+    /// conversation, order key → `Undeliverable`: the recipient's server refused that local
+    /// message for good (§10.5); read by `history` (§6.6)
     Failed,
 }
 

@@ -171,14 +171,23 @@ impl Federation {
     /// Puts new allow and deny lists into effect: links to servers now refused stop at
     /// their next send, and what waited for servers now allowed leaves at once.
     pub fn set_policy(self: &Arc<Self>, f: &crate::config::FederationSection) {
+        let peers: Vec<(Arc<Peer>, bool)> = {
+            let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.values().map(|p| (p.clone(), self.policy.allows(&p.name))).collect()
+        };
         self.policy.set(f);
-        let peers: Vec<Arc<Peer>> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
-        for p in peers {
-            if self.policy.allows(&p.name) {
-                p.link().contacted();
-                p.wake_all();
-            } else if let Some(c) = p.conn.try_lock().ok().and_then(|mut slot| slot.take()) {
-                c.close(policy::REFUSED_CLOSE_CODE.into(), policy::REFUSED_REASON);
+        for (p, was_allowed) in peers {
+            match (was_allowed, self.policy.allows(&p.name)) {
+                (false, true) => {
+                    p.link().contacted();
+                    p.wake_all();
+                }
+                (true, false) => {
+                    if let Some(c) = p.conn.try_lock().ok().and_then(|mut slot| slot.take()) {
+                        c.close(policy::REFUSED_CLOSE_CODE.into(), policy::REFUSED_REASON);
+                    }
+                }
+                _ => {}
             }
         }
     }

@@ -117,13 +117,7 @@ where
 /// Servers on their own loopback addresses (127.0.0.2, .3, …), each pinning all others.
 pub async fn federated(names: &[&str]) -> (tempfile::TempDir, Vec<ServerProcess>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut servers = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let ip = std::net::IpAddr::from([127, 0, 0, 2 + i as u8]);
-        let data = dir.path().join(name);
-        ServerProcess::init_on(missived(), &data, name, "open", ip).await.unwrap();
-        servers.push(ServerProcess::start(missived(), &data, name).await.unwrap());
-    }
+    let servers = started(dir.path(), names).await;
     for a in &servers {
         for b in &servers {
             if a.name != b.name {
@@ -132,6 +126,19 @@ pub async fn federated(names: &[&str]) -> (tempfile::TempDir, Vec<ServerProcess>
         }
     }
     (dir, servers)
+}
+
+/// Servers named `names`, open for registration, the i-th on 127.0.0.(2+i) with its data
+/// in `dir/NAME`, started; they know nothing of each other.
+pub async fn started(dir: &Path, names: &[&str]) -> Vec<ServerProcess> {
+    let mut servers = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ip = std::net::IpAddr::from([127, 0, 0, 2 + i as u8]);
+        let data = dir.join(name);
+        ServerProcess::init_on(missived(), &data, name, "open", ip).await.unwrap();
+        servers.push(ServerProcess::start(missived(), &data, name).await.unwrap());
+    }
+    servers
 }
 
 /// The queue depth toward `peer` that `missived peers --json` reports.
