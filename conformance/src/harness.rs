@@ -67,6 +67,8 @@ pub struct ServerProcess {
     pub federation: SocketAddr,
     /// Public key, `ed25519:...`.
     pub key: String,
+    /// The metrics and health listener (HTTP), when the ready line names one.
+    pub metrics: Option<SocketAddr>,
     bin: PathBuf,
     child: Option<Child>,
 }
@@ -81,6 +83,8 @@ impl ServerProcess {
             .args(["init", "--server-name", name, "--data-dir"])
             .arg(dir)
             .args(["--client-listen", &client.to_string(), "--federation-listen", &federation.to_string()])
+            // Any free port: the ready line says which.
+            .args(["--metrics-listen", &SocketAddr::new(ip, 0).to_string()])
             .args(["--registration", registration])
             .output()
             .await
@@ -109,14 +113,15 @@ impl ServerProcess {
     /// Starts the server of an initialised `dir` and waits until it is ready.
     pub async fn start(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<ServerProcess> {
         let config = dir.join("missived.toml");
-        let (child, addr, federation, key) = spawn(bin, &config, dir).await?;
+        let (child, ready) = spawn(bin, &config, dir).await?;
         Ok(ServerProcess {
             name: name.to_owned(),
             dir: dir.to_owned(),
             config,
-            addr,
-            federation,
-            key,
+            addr: ready.client,
+            federation: ready.federation,
+            key: ready.key,
+            metrics: ready.metrics,
             bin: bin.to_owned(),
             child: Some(child),
         })
@@ -204,10 +209,11 @@ impl ServerProcess {
     /// Starts again after a kill or stop, on the same addresses (fixed at init).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9().await;
-        let (child, addr, federation, _) = spawn(&self.bin, &self.config, &self.dir).await?;
+        let (child, ready) = spawn(&self.bin, &self.config, &self.dir).await?;
         self.child = Some(child);
-        self.addr = addr;
-        self.federation = federation;
+        self.addr = ready.client;
+        self.federation = ready.federation;
+        self.metrics = ready.metrics;
         Ok(())
     }
 
@@ -239,9 +245,17 @@ impl Drop for ServerProcess {
     }
 }
 
+/// What a server's ready line says.
+struct Ready {
+    client: SocketAddr,
+    federation: SocketAddr,
+    key: String,
+    metrics: Option<SocketAddr>,
+}
+
 /// Starts `missived run` and waits for its ready line:
-/// `missived: NAME ready, key KEY, client API on ADDR, federation on ADDR`.
-async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, SocketAddr, SocketAddr, String)> {
+/// `missived: NAME ready, key KEY, client API on ADDR, federation on ADDR[, metrics on ADDR]`.
+async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, Ready)> {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("missived.log"))?;
     let mut child = Command::new(bin)
         .arg("run")
@@ -266,11 +280,12 @@ async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, 
             let (Some(k), Some(c), Some(f)) = (field("key "), field("client API on "), field("federation on ")) else {
                 bail!("unexpected ready line {line:?}");
             };
-            return Ok::<_, anyhow::Error>((c.parse::<SocketAddr>()?, f.parse::<SocketAddr>()?, k));
+            let metrics = field("metrics on ").map(|m| m.parse::<SocketAddr>()).transpose()?;
+            return Ok::<_, anyhow::Error>(Ready { client: c.parse()?, federation: f.parse()?, key: k, metrics });
         }
         bail!("missived exited before it was ready")
     };
-    let (addr, federation, key) = match tokio::time::timeout(START_DEADLINE, ready).await {
+    let ready = match tokio::time::timeout(START_DEADLINE, ready).await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             let log = std::fs::read_to_string(dir.join("missived.log")).unwrap_or_default();
@@ -280,5 +295,5 @@ async fn spawn(bin: &Path, config: &Path, dir: &Path) -> anyhow::Result<(Child, 
     };
     // Keep draining stdout so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, addr, federation, key))
+    Ok((child, ready))
 }

@@ -267,6 +267,7 @@ pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyho
         hub: hub.clone(),
         outbound: None,
         limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
+        metrics: Default::default(),
     };
     let (sequencer, writer) = crate::sequencer::Sequencer::start(store.clone(), ctx)?;
     let ops = Operations { sequencer: sequencer.clone(), store, hub, server: config.server_name.clone() };

@@ -152,6 +152,7 @@ impl Api {
             }
         };
         tracing::debug!("connected");
+        let _open = crate::metrics::Held::new(&self.service.metrics.client_connections);
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
@@ -202,13 +203,16 @@ impl Api {
                     FrameError::Read(_) => return,
                 };
                 tracing::debug!(%code, error = %msg, "rejected frame");
+                self.service.metrics.request("bad_frame", Some(code));
                 let _ = write_frame(&mut send, &error_frame(code, msg)).await;
                 let _ = send.finish();
                 return;
             }
         };
         if let Request::Subscribe { since } = frame.req {
-            if let Err(e) = self.subscribe(&mut send, frame.auth, since).await {
+            let end = self.subscribe(&mut send, frame.auth, since).await;
+            self.service.metrics.request("subscribe", end.as_ref().err().map(|e| e.code));
+            if let Err(e) = end {
                 let _ = write_frame(&mut send, &error_frame(e.code, e.message)).await;
             }
             // A subscription's last frame (`shutting_down`, `unauthorized`) must arrive.
@@ -253,6 +257,7 @@ impl Api {
             }
         }
         let _offline = Offline(self.service.presence.clone(), caller.user.clone());
+        let _subscribed = crate::metrics::Held::new(&self.service.metrics.subscriptions);
         let mut shutdown = self.shutdown.clone();
         let mut pos = since;
         let mut first = true;
@@ -268,6 +273,7 @@ impl Api {
             if first || !events.is_empty() {
                 first = false;
                 pos = next;
+                self.service.delivered(&events);
                 if write_frame(send, &response(Response::Events { more, next, events, ephemeral: Vec::new() })).await.is_err() {
                     return Ok(());
                 }

@@ -10,6 +10,8 @@ use serde::Deserialize;
 pub const CONFIG_FILE: &str = "missived.toml";
 pub const KEY_FILE: &str = "server.key";
 pub const DEFAULT_CLIENT_PORT: u16 = 7450;
+/// TCP port of the metrics and health listener.
+pub const DEFAULT_METRICS_PORT: u16 = 7452;
 pub use missive_federation::discovery::DEFAULT_FEDERATION_PORT;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +32,8 @@ pub struct Config {
     pub federation: FederationSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
     /// Peers pinned by hand (`missived peer add`).
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
@@ -131,6 +135,29 @@ pub struct PeerEntry {
     pub address: Option<String>,
     /// Its public key (`ed25519:...`); absent: from its `.well-known` document.
     pub key: Option<String>,
+}
+
+/// The operators' HTTP listener: `/metrics`, `/health`, `/ready` (`http.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> MetricsSection {
+        MetricsSection { enabled: true, listen: default_metrics_listen() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -397,7 +424,7 @@ fn check_log_level(level: &str) -> anyhow::Result<()> {
 }
 
 /// The commented configuration `missived init` writes.
-pub fn template(server_name: &ServerName, listen: SocketAddr, federation: SocketAddr, policy: RegistrationPolicy) -> String {
+pub fn template(server_name: &ServerName, listen: SocketAddr, federation: SocketAddr, metrics: SocketAddr, policy: RegistrationPolicy) -> String {
     let policy = match policy {
         RegistrationPolicy::Closed => "closed",
         RegistrationPolicy::Open => "open",
@@ -426,6 +453,12 @@ listen = "{listen}"
 # silent for 15 s are closed (clients send keep-alives every 3 s).
 max_connections = 10000
 max_connections_per_address = 64
+
+[metrics]
+# HTTP (TCP) address serving /metrics (Prometheus text), /health and /ready. Plain
+# HTTP without authentication: keep it on loopback or a private network.
+enabled = true
+listen = "{metrics}"
 
 [registration]
 # Who may create an account with `missive register`:
@@ -527,7 +560,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(CONFIG_FILE);
         let name = ServerName::parse("alpha.test").unwrap();
-        std::fs::write(&p, template(&name, default_client_listen(), default_federation_listen(), RegistrationPolicy::Closed)).unwrap();
+        std::fs::write(&p, template(&name, default_client_listen(), default_federation_listen(), default_metrics_listen(), RegistrationPolicy::Closed)).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.server_name, name);
         assert_eq!(c.client.listen, default_client_listen());

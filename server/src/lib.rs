@@ -21,6 +21,8 @@ pub mod hashing;
 pub mod hub;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
+pub mod http;
 pub mod presence;
 pub mod ratelimit;
 pub mod records;

@@ -78,6 +78,9 @@ enum Command {
         /// UDP address of the federation endpoint.
         #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], config::DEFAULT_FEDERATION_PORT)))]
         federation_listen: SocketAddr,
+        /// TCP address of the metrics and health listener (/metrics, /health, /ready).
+        #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], config::DEFAULT_METRICS_PORT)))]
+        metrics_listen: SocketAddr,
         /// Who may register accounts.
         #[arg(long, value_enum, default_value_t = Policy::Closed)]
         registration: Policy,
@@ -334,8 +337,8 @@ fn die_quietly_on_closed_pipe() {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { server_name, data_dir, client_listen, federation_listen, registration, key } => {
-            init(&server_name, &data_dir, client_listen, federation_listen, registration, key.as_deref())
+        Command::Init { server_name, data_dir, client_listen, federation_listen, metrics_listen, registration, key } => {
+            init(&server_name, &data_dir, [client_listen, federation_listen, metrics_listen], registration, key.as_deref())
         }
         Command::Run { config, log_format } => {
             let loaded = config.load()?;
@@ -354,7 +357,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, policy: Policy, key: Option<&Path>) -> anyhow::Result<()> {
+/// `listen`: the client API, federation and metrics addresses.
+fn init(name: &str, dir: &Path, listen: [SocketAddr; 3], policy: Policy, key: Option<&Path>) -> anyhow::Result<()> {
+    let [client, federation, metrics] = listen;
     let name = ServerName::parse(name)?;
     let policy = match policy {
         Policy::Closed => RegistrationPolicy::Closed,
@@ -372,7 +377,7 @@ fn init(name: &str, dir: &Path, listen: SocketAddr, federation: SocketAddr, poli
         None => ServerKey::generate(),
     };
     key.save_new(&key_path)?;
-    let mut text = config::template(&name, listen, federation, policy);
+    let mut text = config::template(&name, client, federation, metrics, policy);
     if policy == RegistrationPolicy::Token {
         let token = missive_server::accounts::new_token();
         text = text.replace("# token = \"a long random string\"", &format!("token = \"{token}\""));

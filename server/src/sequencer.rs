@@ -70,6 +70,7 @@ pub struct WriterContext {
     pub outbound: Option<mpsc::UnboundedSender<ServerName>>,
     /// Bounds on units held behind gaps (F6.3), changeable while running.
     pub limits: Arc<crate::limits::LiveLimits>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Signs with the server key.
@@ -96,7 +97,7 @@ impl Sequencer {
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         let signer = Arc::new(KeySigner(ctx.key.clone()));
         let core = Core::open(store.clone(), ctx.server.clone(), signer, crate::sabotage::core_faults())?;
-        let mut w = Writer { store, ctx, core };
+        let mut w = Writer { store, ctx, core, accepted: 0 };
         let join = std::thread::Builder::new()
             .name("missive-writer".into())
             .spawn(move || w.run(rx))
@@ -111,6 +112,11 @@ impl Sequencer {
         self.tx.send(make(reply)).await.map_err(|_| closing())?;
         // A reply is dropped unanswered only when the writer stopped before reaching it.
         rx.await.map_err(|_| closing())?
+    }
+
+    /// Whether the writer thread still takes commands.
+    pub fn running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     /// Commits everything queued so far and ends the writer.
@@ -168,6 +174,8 @@ struct Writer {
     store: Arc<dyn Store>,
     ctx: WriterContext,
     core: Core,
+    /// Sends of the group that stored a new message (for the metrics, once durable).
+    accepted: u64,
 }
 
 /// What became of one command.
@@ -246,7 +254,16 @@ impl Writer {
     /// Writes the group and answers its commands; whether the write became durable.
     fn commit(&mut self, mut tx: missive_core::Tx, done: Vec<Completion>) -> bool {
         let batch = std::mem::take(&mut tx.batch);
-        let result = if batch.is_empty() { Ok(()) } else { self.store.write(batch) };
+        let commands = done.len();
+        let accepted = std::mem::take(&mut self.accepted);
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            let started = std::time::Instant::now();
+            let r = self.store.write(batch);
+            self.ctx.metrics.commit(commands, started.elapsed());
+            r
+        };
         let committed = match result {
             Ok(()) => true,
             Err(e) => {
@@ -259,6 +276,7 @@ impl Writer {
             d(committed);
         }
         if committed {
+            self.ctx.metrics.messages_accepted.inc_by(accepted);
             for (user, head) in tx.wake {
                 self.ctx.hub.notify(&user, head);
             }
@@ -274,6 +292,7 @@ impl Writer {
     /// Applies one command to the group. A command that fails keeps none of its writes.
     fn apply(&mut self, cmd: Cmd, tx: &mut missive_core::Tx, done: &mut Vec<Completion>) -> Applied {
         let mark = tx.mark();
+        let is_send = matches!(cmd, Cmd::Send { .. });
         let core = &mut self.core;
         let ok = match cmd {
             Cmd::Stop => return Applied::Stop,
@@ -295,6 +314,9 @@ impl Writer {
             Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
             Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
         };
+        if ok && is_send && tx.mark() != mark {
+            self.accepted += 1;
+        }
         if ok || tx.mark() == mark {
             return Applied::Done;
         }
@@ -370,6 +392,7 @@ mod tests {
             hub: Arc::new(Hub::default()),
             outbound: None,
             limits: Arc::new(crate::limits::LiveLimits::new(&limits)),
+            metrics: Default::default(),
         };
         Sequencer::start(store, ctx).unwrap()
     }

@@ -44,7 +44,15 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let (queued_tx, queued_rx) = tokio::sync::mpsc::unbounded_channel();
     let limits = &config.limits;
     let live = Arc::new(crate::limits::LiveLimits::new(limits));
-    let ctx = WriterContext { server: config.server_name.clone(), key: key.clone(), hub: hub.clone(), outbound: Some(queued_tx), limits: live.clone() };
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let ctx = WriterContext {
+        server: config.server_name.clone(),
+        key: key.clone(),
+        hub: hub.clone(),
+        outbound: Some(queued_tx),
+        limits: live.clone(),
+        metrics: metrics.clone(),
+    };
     // Start-up reads every queue's head and every held unit: work for the blocking pool.
     let writer_store = store.clone();
     let (sequencer, writer) = crate::store::blocking(move || Sequencer::start(writer_store, ctx)).await??;
@@ -69,6 +77,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         presence: presence.clone(),
         server: config.server_name.clone(),
         registration: Registration { policy: config.registration.policy, token: config.registration.token.clone() },
+        metrics: metrics.clone(),
     });
 
     let server_config = tls::server_config(&key, config.server_name.as_str(), CLIENT_ALPN, CLIENT_IDLE_TIMEOUT)?;
@@ -101,6 +110,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         crate::federation::FederationLimits { handshakes: limits.federation_handshakes, body_bytes: limits.federation_request_bytes },
         live.clone(),
         policy.clone(),
+        metrics.clone(),
     );
     federation.start(queued_rx).await?;
     federation.start_edus(edu_rx);
@@ -123,12 +133,26 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         reloadable: reloadable.clone(),
     };
     let admin = tokio::spawn(crate::admin::serve(admin_listener, admin_ctx, shutdown_rx.clone()));
+    let probes = Arc::new(ServerProbes { rocks: rocks.clone(), federation: federation.clone(), sequencer: sequencer.clone() });
+    let endpoints = crate::http::Endpoints::new(metrics, probes);
+    let metrics_addr = match config.metrics.enabled {
+        true => {
+            let listener = crate::http::bind(config.metrics.listen).await?;
+            let addr = listener.local_addr()?;
+            tokio::spawn(crate::http::serve(listener, endpoints.clone(), shutdown_rx.clone()));
+            Some(addr)
+        }
+        false => None,
+    };
+    endpoints.ready.store(true, std::sync::atomic::Ordering::SeqCst);
 
     tracing::info!(server = %config.server_name, key = %key.public(), client = %addr, federation = %fed_addr, "serving");
     // The line tests and scripts wait for: the server accepts requests from here on.
-    println!("missived: {} ready, key {}, client API on {addr}, federation on {fed_addr}", config.server_name, key.public());
+    let metrics_note = metrics_addr.map(|a| format!(", metrics on {a}")).unwrap_or_default();
+    println!("missived: {} ready, key {}, client API on {addr}, federation on {fed_addr}{metrics_note}", config.server_name, key.public());
 
     signals.until_stopped(&reloadable).await;
+    endpoints.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let _ = serving.await;
@@ -144,4 +168,38 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     rocks.flush()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `/metrics`, `/health` and `/ready` read of the running server.
+struct ServerProbes {
+    rocks: Arc<RocksStore>,
+    federation: Arc<Federation>,
+    sequencer: Sequencer,
+}
+
+impl crate::http::Probes for ServerProbes {
+    fn figures(&self) -> anyhow::Result<crate::metrics::StoreFigures> {
+        use crate::store::{Cf, Store};
+        let (wal_syncs, synced) = self.rocks.wal_syncs();
+        Ok(crate::metrics::StoreFigures {
+            queues: self.federation.queue_figures(crate::accounts::now_ms())?,
+            held_units: self.rocks.count(Cf::Held, &[])?,
+            dead_letters: self.rocks.count(Cf::DeadLetters, &[])?,
+            wal_syncs,
+            wal_sync_seconds: synced.as_secs_f64(),
+            rocks: self.rocks.figures()?,
+            process: crate::metrics::ProcessFigures::read(),
+        })
+    }
+
+    fn live(&self) -> bool {
+        self.sequencer.running()
+    }
+
+    fn unready(&self) -> Option<String> {
+        if !self.sequencer.running() {
+            return Some("the writer has stopped".into());
+        }
+        self.rocks.writable().err().map(|e| e.to_string())
+    }
 }

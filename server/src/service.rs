@@ -64,6 +64,7 @@ pub struct Service {
     pub registration: Registration,
     /// Which servers this one federates with (federation.md F3.5).
     pub policy: Arc<crate::federation::policy::FederationPolicy>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An authenticated caller.
@@ -101,9 +102,32 @@ impl Service {
     /// Answers every request but `subscribe`, which the transport streams itself. `from` is
     /// the client's address, for brute-force limits.
     pub async fn handle(self: &Arc<Self>, frame: RequestFrame, from: IpAddr) -> Response {
+        let kind = frame.req.name();
         match self.dispatch(frame, from).await {
-            Ok(r) => r,
-            Err(e) => Response::Error { code: e.code, message: e.message },
+            Ok(r) => {
+                self.metrics.request(kind, None);
+                if let Response::Events { events, .. } = &r {
+                    self.delivered(events);
+                }
+                r
+            }
+            Err(e) => {
+                self.metrics.request(kind, Some(e.code));
+                Response::Error { code: e.code, message: e.message }
+            }
+        }
+    }
+
+    /// Counts events on their way to a device.
+    pub fn delivered(&self, events: &[missive_spec::wire::Event]) {
+        for e in events {
+            let kind = match &e.event {
+                missive_spec::wire::EventKind::Message(_) => "message",
+                missive_spec::wire::EventKind::Receipt(_) => "receipt",
+                missive_spec::wire::EventKind::Undeliverable(_) => "undeliverable",
+                missive_spec::wire::EventKind::Unknown(_) => "unknown",
+            };
+            self.metrics.events_delivered.get_or_create(&crate::metrics::KindLabels { kind }).inc();
         }
     }
 

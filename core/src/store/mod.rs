@@ -168,4 +168,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies every op of the batch atomically; returns once it is durable.
     fn write(&self, batch: Batch) -> StoreResult<()>;
+
+    /// How many keys start with `prefix`, read a thousand at a time (an engine may count
+    /// without copying values).
+    fn count(&self, cf: Cf, prefix: &[u8]) -> StoreResult<u64> {
+        let mut n = 0u64;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows = self.scan(cf, prefix, after.as_deref(), Direction::Forward, 1000)?;
+            n += rows.len() as u64;
+            let full = rows.len() == 1000;
+            match rows.into_iter().last() {
+                Some((k, _)) if full => after = Some(k),
+                _ => return Ok(n),
+            }
+        }
+    }
 }

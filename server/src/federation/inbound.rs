@@ -220,6 +220,7 @@ impl Federation {
         match self.sequencer.receive(checked).await {
             Ok((results, gaps)) => {
                 gaps.into_iter().for_each(|b| self.want_gap(b));
+                self.metrics.units_received(peer, &results);
                 results
             }
             Err(e) => {

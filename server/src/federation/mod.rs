@@ -27,7 +27,7 @@ use missive_federation::discovery::{Discovery, PeerInfo};
 use missive_federation::framing::{read_frame, write_frame, BodyBudget};
 use missive_federation::tls::{self, Pin, PinnedServerVerifier};
 use missive_federation::ServerKey;
-use missive_spec::federation::{FedErrorCode, FedRequest, FedRequestFrame, FedResponse, FedResponseFrame, FEDERATION_ALPN, MAX_FEDERATION_FRAME};
+use missive_spec::federation::{SignedUnit, Unit, FedErrorCode, FedRequest, FedRequestFrame, FedResponse, FedResponseFrame, FEDERATION_ALPN, MAX_FEDERATION_FRAME};
 use missive_spec::{codec, ServerName, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
@@ -119,6 +119,7 @@ pub struct Federation {
     buckets: Mutex<HashMap<ServerName, Weak<Mutex<TokenBucket>>>>,
     /// The allow and deny lists (F3.5), shared with the client API.
     policy: Arc<FederationPolicy>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn response(res: FedResponse) -> Vec<u8> {
@@ -144,6 +145,7 @@ impl Federation {
         limits: FederationLimits,
         live: Arc<LiveLimits>,
         policy: Arc<FederationPolicy>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Federation> {
         let (connections, per_address) = live.federation_connections();
         Arc::new(Federation {
@@ -165,6 +167,7 @@ impl Federation {
             edus: Mutex::new(EduBatcher::default()),
             shutdown,
             policy,
+            metrics,
         })
     }
 
@@ -316,6 +319,40 @@ impl Federation {
             Ok::<_, String>(f.res)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| "peer did not answer in time".to_string())?
+    }
+
+    /// For `/metrics`, on the blocking pool: each known peer's queue depth (a key count),
+    /// the age of the oldest message at a lane's head, and whether its link is up.
+    pub fn queue_figures(&self, now_ms: u64) -> StoreResult<Vec<crate::metrics::QueueFigures>> {
+        let peers: Vec<Arc<Peer>> = self.peers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut out = Vec::with_capacity(peers.len());
+        for peer in peers {
+            let depth = self.store.count(Cf::OutQueue, &keys::queue_of(&peer.name))?;
+            let mut oldest = None::<u64>;
+            for lane in 0..LANES {
+                let head = self.store.scan(Cf::OutQueue, &keys::queue_lane(&peer.name, lane), None, Direction::Forward, 1)?;
+                let ts = head.first().and_then(|(_, v)| {
+                    let u: SignedUnit = missive_core::records::decode("out_queue", v).ok()?;
+                    match codec::decode::<Unit>(&u.unit).ok()? {
+                        Unit::Message(m) => Some(m.ts),
+                        Unit::Receipt(_) => None,
+                    }
+                });
+                oldest = match (oldest, ts) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            let up = peer.link().status().up;
+            out.push(crate::metrics::QueueFigures {
+                peer: peer.name.to_string(),
+                depth,
+                oldest_seconds: oldest.map_or(0.0, |ts| now_ms.saturating_sub(ts) as f64 / 1000.0),
+                up,
+            });
+        }
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Ok(out)
     }
 
     /// Every peer we know of or owe units to, with its queue depth and link state.

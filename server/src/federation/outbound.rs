@@ -64,7 +64,10 @@ impl Federation {
         let results = if txn.units.is_empty() {
             Vec::new()
         } else {
-            match self.transact(peer, &txn).await {
+            let started = Instant::now();
+            let answer = self.transact(peer, &txn).await;
+            self.metrics.transaction(&peer.name, answer.is_ok(), started.elapsed());
+            match answer {
                 Ok(r) => r,
                 Err(e) => {
                     *peer.conn.lock().await = None;

@@ -21,6 +21,8 @@ const PROBE_BYTES: usize = 1 << 20;
 
 pub struct RocksStore {
     path: PathBuf,
+    /// The options the database was opened with; they hold its statistics (WAL syncs).
+    opts: Options,
     /// `None` only while a reopen is under way or failed.
     db: RwLock<Option<DB>>,
     /// A write failed: RocksDB refuses writes until the database is opened again.
@@ -37,18 +39,24 @@ fn engine(e: rocksdb::Error) -> StoreError {
     }
 }
 
-fn open_db(path: &Path) -> StoreResult<DB> {
+fn options() -> Options {
     let mut opts = Options::default();
+    // For `/metrics`: WAL sync counts and times (the fsync each acknowledged write waits for).
+    opts.enable_statistics();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_max_background_jobs(2);
+    opts
+}
+
+fn open_db(path: &Path, opts: &Options) -> StoreResult<DB> {
     let cfs = Cf::ALL.iter().map(|cf| {
         let mut o = Options::default();
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
         ColumnFamilyDescriptor::new(cf.name(), o)
     });
-    DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| match engine(e) {
+    DB::open_cf_descriptors(opts, path, cfs).map_err(|e| match engine(e) {
         StoreError::Engine(s) if s.contains("LOCK") || s.contains("lock") => StoreError::Locked(path.display().to_string()),
         StoreError::NoSpace(_) => StoreError::NoSpace(format!(
             "the disk holding {} is full: free some space, then start missived again",
@@ -66,8 +74,9 @@ fn cf_of(db: &DB, cf: Cf) -> StoreResult<&rocksdb::ColumnFamily> {
 
 impl RocksStore {
     pub fn open(path: &Path) -> StoreResult<RocksStore> {
-        let db = open_db(path)?;
-        Ok(RocksStore { path: path.to_owned(), db: RwLock::new(Some(db)), broken: AtomicBool::new(false), last_reopen: Mutex::new(None) })
+        let opts = options();
+        let db = open_db(path, &opts)?;
+        Ok(RocksStore { path: path.to_owned(), opts, db: RwLock::new(Some(db)), broken: AtomicBool::new(false), last_reopen: Mutex::new(None) })
     }
 
     fn db(&self) -> StoreResult<RwLockReadGuard<'_, Option<DB>>> {
@@ -88,6 +97,50 @@ impl RocksStore {
         Ok(())
     }
 
+    /// Whether writes are expected to succeed: the database is open and no write has
+    /// failed since it was (after a failure it reopens at the next write, once the disk
+    /// takes a probe file).
+    pub fn writable(&self) -> StoreResult<()> {
+        drop(self.db()?);
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(StoreError::NoSpace(format!("the last write to {} failed; waiting for the disk", self.path.display())));
+        }
+        Ok(())
+    }
+
+    /// WAL syncs since the database was opened, and the time they took in all.
+    pub fn wal_syncs(&self) -> (u64, Duration) {
+        let h = self.opts.get_histogram_data(rocksdb::statistics::Histogram::WalFileSyncMicros);
+        (h.count(), Duration::from_micros(h.sum()))
+    }
+
+    /// RocksDB's figures for operators, per column family: `(figure, column family, value)`
+    /// for each of [`ROCKS_FIGURES`] the engine reports.
+    pub fn figures(&self) -> StoreResult<Vec<(&'static str, &'static str, u64)>> {
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for cf in Cf::ALL {
+            let handle = cf_of(db, cf)?;
+            for (name, property) in ROCKS_FIGURES {
+                if let Some(v) = db.property_int_value_cf(handle, property).map_err(engine)? {
+                    out.push((name, cf.name(), v));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a consistent copy of the database to `dir` (which must not exist) while
+    /// writes go on: a RocksDB checkpoint, hard links for the table files where `dir` is on
+    /// the same file system, with the WAL flushed into it.
+    pub fn checkpoint(&self, dir: &Path) -> StoreResult<()> {
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Err(StoreError::Engine("database closed".into())) };
+        let cp = rocksdb::checkpoint::Checkpoint::new(db).map_err(engine)?;
+        cp.create_checkpoint(dir).map_err(engine)
+    }
+
     /// After a failed write: once the disk takes a probe file again, opens the database
     /// anew. At most one attempt per [`REOPEN_INTERVAL`]; until one succeeds, writes fail.
     fn recover(&self) -> StoreResult<()> {
@@ -102,7 +155,7 @@ impl RocksStore {
         let mut guard = self.db.write().unwrap_or_else(|e| e.into_inner());
         // Close first: RocksDB holds a lock on the directory.
         *guard = None;
-        let db = open_db(&self.path)?;
+        let db = open_db(&self.path, &self.opts)?;
         *guard = Some(db);
         self.broken.store(false, Ordering::SeqCst);
         tracing::warn!(path = %self.path.display(), "database reopened; writes work again");
@@ -121,6 +174,15 @@ impl RocksStore {
         written.map_err(|e| StoreError::NoSpace(format!("the disk holding {} still refuses writes: {e}", self.path.display())))
     }
 }
+
+/// The RocksDB properties `/metrics` reports, under the names it reports them by.
+pub const ROCKS_FIGURES: [(&str, &str); 5] = [
+    ("estimated_keys", "rocksdb.estimate-num-keys"),
+    ("live_data_bytes", "rocksdb.estimate-live-data-size"),
+    ("sst_files_bytes", "rocksdb.total-sst-files-size"),
+    ("memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
+    ("pending_compaction_bytes", "rocksdb.estimate-pending-compaction-bytes"),
+];
 
 /// The smallest key greater than every key starting with `prefix`, if any.
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -185,6 +247,26 @@ impl Store for RocksStore {
         }
         it.status().map_err(engine)?;
         Ok(out)
+    }
+
+    fn count(&self, cf: Cf, prefix: &[u8]) -> StoreResult<u64> {
+        let guard = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(0) };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(prefix.to_vec());
+        if let Some(end) = prefix_end(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        // Keys only are compared; nothing is copied.
+        let mut it = db.raw_iterator_cf_opt(cf_of(db, cf)?, ro);
+        it.seek_to_first();
+        let mut n = 0;
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status().map_err(engine)?;
+        Ok(n)
     }
 
     fn write(&self, batch: Batch) -> StoreResult<()> {
