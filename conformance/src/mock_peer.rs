@@ -289,6 +289,9 @@ async fn serve_stream(sh: Arc<Shared>, conn: quinn::Connection, mut send: quinn:
             let units = (first..=last).map_while(|s| log.get(&(conv, s)).cloned()).collect();
             FedResponse::Units { units }
         }
+        // The mock holds none of the server's units (it is never asked after a restore).
+        FedRequest::HighWater { .. } => FedResponse::HighWater { next: None, convs: Vec::new() },
+        FedRequest::Reclaim { .. } => FedResponse::Units { units: Vec::new() },
         FedRequest::Edu { presence, .. } => {
             sh.observed.lock().unwrap().edus.push(presence);
             FedResponse::Ok {}

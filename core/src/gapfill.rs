@@ -164,6 +164,12 @@ pub fn held_gaps(store: &dyn Store) -> StoreResult<Vec<Backfill>> {
 /// only to a server hosting a member, at most [`MAX_BACKFILL`], stopping at the first one
 /// this server does not have.
 pub fn serve(store: &dyn Store, me: &ServerName, peer: &ServerName, conv: ConversationId, first: u64, last: u64) -> FedResponse {
+    serve_units(store, me, peer, conv, first, last)
+}
+
+/// The units of `origin` in `conv`, `first..=last`, for `peer`, on the terms of [`serve`]
+/// (a backfill serves the asked server's units, a reclaim the asker's: federation.md F12.2).
+pub fn serve_units(store: &dyn Store, origin: &ServerName, peer: &ServerName, conv: ConversationId, first: u64, last: u64) -> FedResponse {
     let error = |code, message: &str| FedResponse::Error { code, message: message.to_owned() };
     if first == 0 || last < first || last - first >= MAX_BACKFILL {
         return error(FedErrorCode::TooMany, &format!("ask for 1 to {MAX_BACKFILL} messages from seq 1 on"));
@@ -181,7 +187,7 @@ pub fn serve(store: &dyn Store, me: &ServerName, peer: &ServerName, conv: Conver
     }
     let mut units = Vec::new();
     for seq in first..=last {
-        let found = store.get(Cf::MsgIds, &keys::msg_id(&conv, me, seq)).ok().flatten().and_then(|v| {
+        let found = store.get(Cf::MsgIds, &keys::msg_id(&conv, origin, seq)).ok().flatten().and_then(|v| {
             let id: MsgIdRecord = records::decode("msg_ids", &v).ok()?;
             let mut k = keys::messages_of(&conv);
             k.extend_from_slice(&id.key);

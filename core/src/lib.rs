@@ -15,7 +15,8 @@
 //!   and accounts ([`accounts`]: users, devices, presence records, queue settlement).
 //! - [`link`]: one peer link (lanes, transactions, acknowledgement settlement, dead
 //!   letters, backoff); [`gapfill`]: asking for and serving missing ranges;
-//!   [`ephemeral`]: presence and typing (coalescing per destination, rate limits, expiry).
+//!   [`ephemeral`]: presence and typing (coalescing per destination, rate limits, expiry);
+//!   [`restore`]: a server restored from a backup (what it may number, what it takes back).
 //! - [`admission`], [`backoff`]: the smallest pure rules the others are built from.
 
 pub mod accounts;
@@ -28,6 +29,7 @@ pub mod inbox;
 pub mod link;
 pub mod log;
 pub mod records;
+pub mod restore;
 pub mod sabotage;
 pub mod store;
 pub mod watermarks;
@@ -139,6 +141,8 @@ pub struct Core {
     /// Gaps filled whose held units are not all released yet, oldest first; at most one
     /// entry per (conversation, origin) with held units, so bounded like `held`.
     pub(crate) pending: VecDeque<(ConversationId, ServerName)>,
+    /// Set when the database was restored from a backup (federation.md F12).
+    pub(crate) restore: Option<restore::RestoreRecord>,
 }
 
 impl Core {
@@ -149,7 +153,9 @@ impl Core {
         let mut pending: Vec<_> = held.conversations().collect();
         pending.sort();
         let pending = pending.into();
+        let restore = restore::load(&*store)?;
         Ok(Core {
+            restore,
             store,
             server,
             signer,
@@ -219,6 +225,9 @@ impl Core {
         self.convs.clear();
         self.heads.clear();
         self.held_stale = true;
+        if let Ok(r) = restore::load(&*self.store) {
+            self.restore = r;
+        }
     }
 
     pub(crate) fn held_counts(&mut self) -> StoreResult<&mut HeldCounts> {

@@ -36,6 +36,7 @@ impl Core {
             })?;
             return Ok(records::stored_message(&bytes)?);
         }
+        self.may_number_for(&to.server_name())?;
         let conv_id = ConversationId::one_to_one(&from, &to);
         let mut conv = self.conv(&conv_id, &from, &to)?;
         let me = self.server.clone();
@@ -193,7 +194,8 @@ impl Core {
         if let Some(h) = self.heads.get(localpart) {
             return Ok(*h);
         }
-        let head = self.last_key(Cf::Events, &keys::events_of(localpart))?.and_then(|k| keys::parse_event(&k)).map(|(_, p)| p).unwrap_or(0);
+        let stored = self.last_key(Cf::Events, &keys::events_of(localpart))?.and_then(|k| keys::parse_event(&k)).map(|(_, p)| p).unwrap_or(0);
+        let head = stored.max(self.event_floor());
         self.heads.insert(localpart.to_owned(), head);
         Ok(head)
     }

@@ -54,6 +54,17 @@ fn frames() -> (Vec<SignedUnit>, Vec<(&'static str, &'static str, Vec<u8>)>) {
             codec::encode(&FedResponseFrame { v: 0, res: FedResponse::TxnResult { id, results: vec![UnitResult::Accepted, UnitResult::Held] } }),
         ),
         ("backfill", "F7", codec::encode(&FedRequestFrame { v: 0, req: FedRequest::Backfill { conv, last: 6, first: 5 } })),
+        ("high_water", "F12.1", codec::encode(&FedRequestFrame { v: 0, req: FedRequest::HighWater { after: None } })),
+        ("high_water_after", "F12.1", codec::encode(&FedRequestFrame { v: 0, req: FedRequest::HighWater { after: Some(conv) } })),
+        (
+            "high_water_answer",
+            "F12.1",
+            codec::encode(&FedResponseFrame {
+                v: 0,
+                res: FedResponse::HighWater { next: Some(conv), convs: vec![missive_spec::federation::HighWaterMark { conv, mine: 3, yours: 7 }] },
+            }),
+        ),
+        ("reclaim", "F12.2", codec::encode(&FedRequestFrame { v: 0, req: FedRequest::Reclaim { conv, last: 7, first: 5 } })),
     ];
     (units, f)
 }
@@ -129,7 +140,7 @@ fn envelopes_and_transactions_match_the_vectors() {
         assert_eq!(hex::encode(&bytes), hex::encode(&want), "{name}");
         check_deterministic(&want).unwrap();
         assert_eq!(diagnostic(&want).unwrap(), s["diagnostic"].as_str().unwrap());
-        let again = if name == "txn_result" {
+        let again = if name == "txn_result" || name.ends_with("_answer") {
             codec::encode(&codec::decode::<FedResponseFrame>(&want).unwrap())
         } else {
             codec::encode(&codec::decode::<FedRequestFrame>(&want).unwrap())

@@ -51,6 +51,9 @@ pub enum AdminRequest {
     Reload {},
     /// Federation link state per peer.
     Peers {},
+    /// Write a consistent copy of the database to `dir` (absolute, must not exist) while
+    /// serving: a RocksDB checkpoint.
+    Checkpoint { dir: PathBuf },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -153,7 +156,7 @@ impl Operations {
                 }
                 r.map(|count| AdminResponse::Count { count })
             }
-            AdminRequest::Reload {} | AdminRequest::Peers {} => return None,
+            AdminRequest::Reload {} | AdminRequest::Peers {} | AdminRequest::Checkpoint { .. } => return None,
         };
         Some(r.unwrap_or_else(|e| AdminResponse::Error { message: e.message }))
     }
@@ -282,6 +285,7 @@ pub struct AdminContext {
     pub ops: Operations,
     pub federation: Arc<crate::federation::Federation>,
     pub reloadable: Arc<crate::reload::Reloadable>,
+    pub rocks: Arc<crate::store::rocks::RocksStore>,
 }
 
 /// The longest path a Unix socket can be bound at: `sun_path` (108 bytes on Linux, 104 on
@@ -369,6 +373,14 @@ async fn handle(mut stream: UnixStream, ctx: &AdminContext) -> anyhow::Result<()
             Ok(peers) => AdminResponse::Peers { peers },
             Err(e) => AdminResponse::Error { message: format!("{e:#}") },
         },
+        AdminRequest::Checkpoint { dir } => {
+            let rocks = ctx.rocks.clone();
+            match tokio::task::spawn_blocking(move || rocks.checkpoint(&dir)).await {
+                Ok(Ok(())) => AdminResponse::Ok {},
+                Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },
+                Err(e) => AdminResponse::Error { message: e.to_string() },
+            }
+        }
         AdminRequest::RemovePeer { name } => {
             let r = ctx.ops.execute(AdminRequest::RemovePeer { name: name.clone() }).await;
             ctx.federation.forget(&name);

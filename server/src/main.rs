@@ -2,6 +2,7 @@
 //! and device commands are `user_commands.rs`, dead letters and peer removal
 //! `queue_commands.rs`.
 
+mod backup_commands;
 mod check_command;
 mod queue_commands;
 mod user_commands;
@@ -125,6 +126,29 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// One JSON object per check and line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a backup to DIR (new or empty) while the server runs, or from a stopped one:
+    /// a consistent copy of the database, the config and the server key.
+    Backup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Where the backup goes (created, mode 0700).
+        dir: PathBuf,
+        /// One JSON object describing the backup.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new data directory from a backup. Once started, the server first learns
+    /// from each peer what it sent after the backup, and takes those messages back.
+    Restore {
+        /// The backup (written by `missived backup`).
+        dir: PathBuf,
+        /// The data directory to create (new or empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// One JSON object describing the restore.
         #[arg(long)]
         json: bool,
     },
@@ -351,6 +375,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Deadletters { command } => queue_commands::run(command).await,
         Command::Peers { config, json } => peers(&config.load()?, json).await,
         Command::Check { config, json } => check_command::check(&config, json).await,
+        Command::Backup { config, dir, json } => backup_commands::backup(&config, &dir, json).await,
+        Command::Restore { dir, data_dir, json } => backup_commands::restore(&dir, &data_dir, json),
         Command::WellKnown { config, federation } => check_command::well_known(&config, federation.as_deref()),
         Command::User { command } => user_commands::run(command).await,
         Command::Device { command } => user_commands::device(command).await,
@@ -417,7 +443,7 @@ fn rewrite_config(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// Creates `path` readable by its owner only (mode 0600): `missived.toml` may hold the
 /// registration token.
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);

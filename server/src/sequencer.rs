@@ -51,6 +51,11 @@ pub enum Cmd {
     Settle { settlement: Settlement, reply: Reply<()> },
     /// Changes a local user's presence record; replies with the record as stored.
     Presence { localpart: String, change: PresenceChange, reply: Reply<PresenceRecord> },
+    /// Stores units of our own a peer sent back after a restore (federation.md F12.3);
+    /// replies how many were new.
+    Reclaim { units: Vec<(SignedUnit, Message)>, reply: Reply<usize> },
+    /// Records that a restored server has reclaimed from this peer.
+    Reclaimed { peer: ServerName, reply: Reply<()> },
     /// Commit what came before, then end the writer; later commands fail with shutting_down.
     Stop,
 }
@@ -158,6 +163,12 @@ impl Sequencer {
     }
     pub async fn presence(&self, localpart: String, change: PresenceChange) -> Result<PresenceRecord, ApiError> {
         self.call(|reply| Cmd::Presence { localpart, change, reply }).await
+    }
+    pub async fn reclaim(&self, units: Vec<(SignedUnit, Message)>) -> Result<usize, ApiError> {
+        self.call(|reply| Cmd::Reclaim { units, reply }).await
+    }
+    pub async fn reclaimed(&self, peer: ServerName) -> Result<(), ApiError> {
+        self.call(|reply| Cmd::Reclaimed { peer, reply }).await
     }
 }
 
@@ -313,6 +324,11 @@ impl Writer {
             Cmd::Queue { change, reply } => finish(done, reply, core.change_queue(tx, change).map_err(Into::into)),
             Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
             Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
+            Cmd::Reclaim { units, reply } => finish(done, reply, core.reclaim(tx, units).map_err(Into::into)),
+            Cmd::Reclaimed { peer, reply } => {
+                core.reclaimed(tx, &peer);
+                finish(done, reply, Ok(()))
+            }
         };
         if ok && is_send && tx.mark() != mark {
             self.accepted += 1;

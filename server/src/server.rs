@@ -67,6 +67,15 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     );
     presence.start_refresh();
     let policy = Arc::new(crate::federation::policy::FederationPolicy::new(&config.federation));
+    // Restored from a backup: reclaim from peers before numbering for them (F12.3).
+    let restored = missive_core::restore::load(&*store)?;
+    let (reclaims, reclaims_rx) = match restored.is_some() {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let service = Arc::new(Service {
         policy: policy.clone(),
         limits: Default::default(),
@@ -78,6 +87,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         server: config.server_name.clone(),
         registration: Registration { policy: config.registration.policy, token: config.registration.token.clone() },
         metrics: metrics.clone(),
+        reclaims,
     });
 
     let server_config = tls::server_config(&key, config.server_name.as_str(), CLIENT_ALPN, CLIENT_IDLE_TIMEOUT)?;
@@ -114,6 +124,10 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     );
     federation.start(queued_rx).await?;
     federation.start_edus(edu_rx);
+    if let (Some(record), Some(rx)) = (restored, reclaims_rx) {
+        tracing::warn!(reclaimed = record.reclaimed.len(), "restored from a backup: learning from peers what this server sent them");
+        federation.start_reclaim(record, rx).await?;
+    }
     let inflight = Arc::new(Inflight::default());
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);
     let admin_store = service.store.clone();
@@ -131,6 +145,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         ops: crate::admin::Operations { sequencer: sequencer.clone(), store: admin_store, hub, server: config.server_name.clone() },
         federation: federation.clone(),
         reloadable: reloadable.clone(),
+        rocks: rocks.clone(),
     };
     let admin = tokio::spawn(crate::admin::serve(admin_listener, admin_ctx, shutdown_rx.clone()));
     let probes = Arc::new(ServerProbes { rocks: rocks.clone(), federation: federation.clone(), sequencer: sequencer.clone() });

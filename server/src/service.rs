@@ -65,6 +65,9 @@ pub struct Service {
     /// Which servers this one federates with (federation.md F3.5).
     pub policy: Arc<crate::federation::policy::FederationPolicy>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Restored from a backup: servers a send went to that are not reclaimed from yet
+    /// (federation.md F12.3). Bounded; a full channel drops the ask.
+    pub reclaims: Option<tokio::sync::mpsc::Sender<missive_spec::ServerName>>,
 }
 
 /// An authenticated caller.
@@ -185,8 +188,17 @@ impl Service {
                         Ok((c, to, content))
                     })
                     .await?;
-                let message = self.sequencer.send(c.user, c.device, to, client_msg_id, content).await?;
-                Ok(Response::Sent { message })
+                let server = to.server_name();
+                let sent = self.sequencer.send(c.user, c.device, to, client_msg_id, content).await;
+                if let (Err(e), Some(reclaims)) = (&sent, &self.reclaims) {
+                    // Refused by the writer: restored, and not yet reclaimed from that
+                    // server (federation.md F12.3). Ask for it; a full channel means many
+                    // are under way, and the user's next try asks again.
+                    if e.code == ErrorCode::RemoteUnavailable {
+                        let _ = reclaims.try_send(server);
+                    }
+                }
+                Ok(Response::Sent { message: sent? })
             }
             Request::History { with, after, limit, before } => self.read(auth, move |s, c| s.history(&c, with, after, limit, before)).await,
             Request::Conversations { limit, before } => self.read(auth, move |s, c| s.conversations(&c, limit, before)).await,

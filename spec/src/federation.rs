@@ -92,6 +92,14 @@ pub enum FedRequest {
     },
     /// F§7: send again the asked server's own messages `first..=last` of `conv`.
     Backfill { conv: ConversationId, last: u64, first: u64 },
+    /// F§12.1: what the asked server stores of the asker's units and of its own, per
+    /// conversation with a member on the asker, after `after` in id order.
+    HighWater {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<ConversationId>,
+    },
+    /// F§12.2: send back the *asker's* own messages `first..=last` of `conv`, as stored.
+    Reclaim { conv: ConversationId, last: u64, first: u64 },
     /// F§11: ephemeral updates about users of the sending server, coalesced; not stored,
     /// not signed (the link authenticates the sender).
     Edu {
@@ -111,11 +119,30 @@ pub enum FedResponse {
         id: Vec<u8>,
         results: Vec<UnitResult>,
     },
-    /// The units a backfill asked for, in `origin_seq` order.
+    /// The units a backfill or reclaim asked for, in `origin_seq` order.
     Units { units: Vec<SignedUnit> },
+    /// F§12.1: one entry per conversation; `next` when more conversations remain.
+    HighWater {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<ConversationId>,
+        convs: Vec<HighWaterMark>,
+    },
     Ok {},
     Error { code: FedErrorCode, message: String },
 }
+
+/// What a server stores of one conversation's units (F§12.1): the highest `seq` with none
+/// missing below, of its own units (`mine`) and of the asking server's (`yours`). Fields
+/// in canonical order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HighWaterMark {
+    pub conv: ConversationId,
+    pub mine: u64,
+    pub yours: u64,
+}
+
+/// Most stored conversations one `high_water` request looks at (F§12.1).
+pub const HIGH_WATER_SCAN: usize = 1000;
 
 /// The receiver's answer for one unit (F§6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -50,10 +50,12 @@ pub enum Cf {
     /// conversation, order key → `Undeliverable`: the recipient's server refused that local
     /// message for good (§10.5); read by `history` (§6.6)
     Failed,
+    /// name → a record about the whole database (`restore`: `RestoreRecord`, federation.md F12)
+    Meta,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 18] = [
+    pub const ALL: [Cf; 19] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -72,6 +74,7 @@ impl Cf {
         Cf::Presence,
         Cf::Active,
         Cf::Failed,
+        Cf::Meta,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -93,6 +96,7 @@ impl Cf {
             Cf::Presence => "presence",
             Cf::Active => "active",
             Cf::Failed => "failed",
+            Cf::Meta => "meta",
         }
     }
 }

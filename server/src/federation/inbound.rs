@@ -204,6 +204,18 @@ impl Federation {
                     .await
                     .unwrap_or_else(|_| fed_error(FedErrorCode::Internal, "storage fault"))
             }
+            FedRequest::HighWater { after } => {
+                let (store, me, peer) = (self.store.clone(), self.server.clone(), peer.clone());
+                blocking(move || missive_core::restore::high_water(&*store, &me, &peer, after))
+                    .await
+                    .unwrap_or_else(|_| fed_error(FedErrorCode::Internal, "storage fault"))
+            }
+            FedRequest::Reclaim { conv, last, first } => {
+                let (store, peer) = (self.store.clone(), peer.clone());
+                blocking(move || missive_core::restore::serve_reclaim(&*store, &peer, conv, first, last))
+                    .await
+                    .unwrap_or_else(|_| fed_error(FedErrorCode::Internal, "storage fault"))
+            }
             FedRequest::Edu { typing, presence } => self.receive_edus(peer, typing, presence).await,
         }
     }

@@ -14,6 +14,7 @@ mod backfill;
 mod ephemeral;
 mod inbound;
 mod outbound;
+mod restore;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -319,6 +320,16 @@ impl Federation {
             Ok::<_, String>(f.res)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| "peer did not answer in time".to_string())?
+    }
+
+    /// This server's keys that sign now.
+    fn own_keys(&self) -> Vec<missive_federation::PublicKey> {
+        vec![self.key.public()]
+    }
+
+    /// This server's retired keys with the end of their validity (ms).
+    fn retired_keys(&self) -> Vec<(missive_federation::PublicKey, u64)> {
+        Vec::new()
     }
 
     /// For `/metrics`, on the blocking pool: each known peer's queue depth (a key count),
