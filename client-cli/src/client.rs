@@ -386,6 +386,23 @@ impl Client {
         }
     }
 
+    /// §6.12: starts (`on`) or ends a block of `user`.
+    pub async fn block(&self, user: &UserId, on: bool) -> Result<(), ClientError> {
+        let req = if on { Request::Block { user: user.clone() } } else { Request::Unblock { user: user.clone() } };
+        match self.request(req).await? {
+            Response::Ok {} => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// §6.12: whom this account blocks.
+    pub async fn blocked(&self) -> Result<Vec<UserId>, ClientError> {
+        match self.request(Request::Blocked {}).await? {
+            Response::Blocked { users } => Ok(users),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub async fn revoke_device(&self, device: DeviceId) -> Result<(), ClientError> {
         match self.request(Request::RevokeDevice { device }).await? {
             Response::Ok {} => Ok(()),

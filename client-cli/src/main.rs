@@ -173,6 +173,20 @@ enum Command {
     },
     /// List this user's devices.
     Devices,
+    /// Block a user, on all your devices: nothing of theirs reaches you (messages, receipts,
+    /// typing, presence) until you unblock them; what they send meanwhile is never shown.
+    /// They are not told.
+    Block {
+        /// The user, e.g. @mallory:beta.example.
+        user: String,
+    },
+    /// Unblock a user: what they send from now on reaches you again.
+    Unblock {
+        /// The user, e.g. @mallory:beta.example.
+        user: String,
+    },
+    /// The users you block.
+    Blocked,
     /// Your conversations, most recently active first: last message, unread count, presence.
     Conversations {
         /// List at most this many.
@@ -322,6 +336,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Typing { with } => cmd::presence::typing(p, json, &with).await,
         Command::Settings { hide_last_seen } => cmd::account::settings(p, json, matches!(hide_last_seen, bool_arg::Bool::True)).await,
         Command::Devices => cmd::account::devices(p, json).await,
+        Command::Block { user } => cmd::account::block(p, json, &user, true).await,
+        Command::Unblock { user } => cmd::account::block(p, json, &user, false).await,
+        Command::Blocked => cmd::account::blocked(p, json).await,
         Command::Conversations { limit } => cmd::conversations::conversations(p, json, limit).await,
         Command::Revoke { device } => cmd::account::revoke(p, json, &device).await,
         Command::Logout => cmd::account::logout(p, json).await,

@@ -242,3 +242,30 @@ fn a_closed_output_pipe_ends_the_client_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
 }
+
+/// `missive block`, `blocked` and `unblock` against a real server: what bob sends while
+/// blocked never shows in alice's history, and bob's send succeeds all the same.
+#[tokio::test]
+async fn block_keeps_a_user_out_and_unblock_lets_them_back() {
+    let s = setup().await;
+    let bob = s.tmp.path().join("bob");
+    let addr = s.srv.addr.to_string();
+    ok(&bob, &["login", "@bob:alpha.test", "--server", &addr, "--password-stdin"], Some("bob-password\n")).await;
+    ok(&bob, &["send", "@alice:alpha.test", "before"], None).await;
+    let out = ok(&s.alice, &["--json", "block", "@bob:alpha.test"], None).await;
+    assert_eq!(json_lines(&out)[0]["type"], "ok");
+    let listed = json_lines(&ok(&s.alice, &["--json", "blocked"], None).await);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0]["type"].as_str(), listed[0]["user"].as_str()), (Some("blocked"), Some("@bob:alpha.test")));
+    ok(&bob, &["send", "@alice:alpha.test", "while blocked"], None).await;
+    let err = fails(&s.alice, &["block", "@alice:alpha.test"], None).await;
+    assert!(err.contains("oneself"), "{err}");
+    ok(&s.alice, &["unblock", "@bob:alpha.test"], None).await;
+    assert!(ok(&s.alice, &["blocked"], None).await.contains("nobody"));
+    ok(&bob, &["send", "@alice:alpha.test", "after"], None).await;
+    let shown: Vec<String> = json_lines(&ok(&s.alice, &["--json", "history", "@bob:alpha.test"], None).await)
+        .iter()
+        .filter_map(|v| v["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(shown, ["after", "before"], "alice's history with bob, newest first");
+}

@@ -378,6 +378,21 @@ impl Client {
         }
     }
 
+    pub async fn block(&self, user: &UserId) -> Result<(), ClientError> {
+        expect_ok(self.request(Request::Block { user: user.clone() }).await?)
+    }
+
+    pub async fn unblock(&self, user: &UserId) -> Result<(), ClientError> {
+        expect_ok(self.request(Request::Unblock { user: user.clone() }).await?)
+    }
+
+    pub async fn blocked(&self) -> Result<Vec<UserId>, ClientError> {
+        match self.request(Request::Blocked {}).await? {
+            Response::Blocked { users } => Ok(users),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
         match self.request(Request::Devices {}).await? {
             Response::Devices { devices } => Ok(devices),

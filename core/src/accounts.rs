@@ -7,7 +7,7 @@ use missive_spec::{DeviceId, ErrorCode, EventKind, ServerName, Undeliverable, Us
 
 use crate::link::Settlement;
 use crate::records::{self, DeadLetter, DeviceRecord, PresenceRecord, TokenRecord, UserRecord};
-use crate::store::{keys, Cf, Direction};
+use crate::store::{keys, Cf, Direction, StoreResult};
 use crate::{Core, Error, Tx};
 
 pub struct NewDevice {
@@ -25,6 +25,8 @@ pub enum AccountChange {
     Disabled(bool),
     /// Removes the account for good (§6.2).
     Remove,
+    /// Starts (true) or ends (false) a block of that user (§6.12).
+    Block(UserId, bool),
 }
 
 /// A change to a local user's stored presence facts.
@@ -93,7 +95,32 @@ impl Core {
             AccountChange::Password { hash, logout_others, keep } => self.set_password(tx, user, hash, logout_others, keep.as_ref()),
             AccountChange::Disabled(d) => self.set_disabled(tx, user, d),
             AccountChange::Remove => self.remove_user(tx, user),
+            AccountChange::Block(other, on) => self.set_block(tx, user, other, on).map(|()| Vec::new()),
         }
+    }
+
+    fn set_block(&mut self, tx: &mut Tx, user: &UserId, other: UserId, on: bool) -> Result<(), Error> {
+        if other == *user {
+            return Err(Error::refused(ErrorCode::InvalidRequest, "one cannot block oneself"));
+        }
+        let key = keys::block(user.localpart(), &other);
+        let present = self.store.get(Cf::Blocks, &key)?.is_some();
+        match (on, present) {
+            (true, false) => {
+                if self.store.count(Cf::Blocks, &keys::blocks_of(user.localpart()))? >= missive_spec::limits::MAX_BLOCKED as u64 {
+                    return Err(Error::refused(ErrorCode::InvalidRequest, format!("at most {} users may be blocked", missive_spec::limits::MAX_BLOCKED)));
+                }
+                tx.batch.put(Cf::Blocks, key, tx.now_ms.to_be_bytes().to_vec());
+            }
+            (false, true) => tx.batch.delete(Cf::Blocks, key),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether local user `localpart` blocks `other` (§6.12).
+    pub fn blocks(&self, localpart: &str, other: &UserId) -> StoreResult<bool> {
+        Ok(self.store.get(Cf::Blocks, &keys::block(localpart, other))?.is_some())
     }
 
     fn set_password(&mut self, tx: &mut Tx, user: &UserId, password_hash: String, logout_others: bool, keep: Option<&DeviceId>) -> Result<Vec<DeviceId>, Error> {

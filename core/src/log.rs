@@ -79,6 +79,11 @@ impl Core {
         conv.active_ms = now;
         for (user, peer) in [(&msg.from, &msg.to), (&msg.to, &msg.from)] {
             if user.is_on(&self.server) {
+                // A recipient who blocks the sender never gets the message (§6.12).
+                if user == &msg.to && self.blocks(user.localpart(), &msg.from)? {
+                    tx.batch.put(Cf::Withheld, keys::message(&msg.conv, &key), Vec::new());
+                    continue;
+                }
                 if was != now {
                     if was != 0 {
                         tx.batch.delete(Cf::Active, keys::active(user.localpart(), was, &msg.conv));

@@ -30,7 +30,8 @@ impl Core {
         tx.batch.put(Cf::Receipts, key.clone(), r.up_to.0.to_bytes());
         tx.watermarks.insert(key, r.up_to.clone());
         for u in [&r.user, &r.peer] {
-            if u.is_on(&self.server) {
+            // The receipts of someone the local user blocks do not reach them (§6.12).
+            if u.is_on(&self.server) && !(u == &r.peer && self.blocks(u.localpart(), &r.user)?) {
                 self.push_event(tx, u.localpart(), EventKind::Receipt(r.clone()))?;
             }
         }

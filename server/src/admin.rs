@@ -179,6 +179,7 @@ impl Operations {
             AccountChange::Disabled(true) => "disabled",
             AccountChange::Disabled(false) => "enabled",
             AccountChange::Remove => "removed",
+            AccountChange::Block(..) => "block",
         };
         let devices = self.sequencer.change_account(user.clone(), change).await?;
         self.hub.wake(user.localpart());

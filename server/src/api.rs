@@ -264,12 +264,16 @@ impl Api {
         loop {
             wake.borrow_and_update();
             let (service, token, user) = (self.service.clone(), auth.clone(), caller.user.clone());
-            let (more, next, events) = crate::store::blocking(move || {
+            let (more, next, events, now_blocked) = crate::store::blocking(move || {
                 // A logged-out device stops receiving at once.
                 service.authenticate(token.as_deref())?;
-                service.events(&user, pos, limits::SYNC_MAX_EVENTS)
+                let (more, next, events) = service.events(&user, pos, limits::SYNC_MAX_EVENTS)?;
+                Ok::<_, ApiError>((more, next, events, service.blocked(&user)?))
             })
             .await??;
+            // Whom the caller blocks: their typing and presence are dropped (§6.12). Read
+            // again at every wake-up, which a block or unblock causes.
+            let blocked: std::collections::HashSet<missive_spec::UserId> = now_blocked.into_iter().collect();
             if first || !events.is_empty() {
                 first = false;
                 pos = next;
@@ -284,6 +288,8 @@ impl Api {
             tokio::select! {
                 changed = wake.changed() => if changed.is_err() { return Ok(()) },
                 e = ephemeral.recv() => match e {
+                    Ok(missive_spec::Ephemeral::Presence(p)) if blocked.contains(&p.user) => {}
+                    Ok(missive_spec::Ephemeral::Typing(t)) if blocked.contains(&t.user) => {}
                     Ok(e) => {
                         let frame = Response::Events { more: false, next: pos, events: Vec::new(), ephemeral: vec![e] };
                         if write_frame(send, &response(frame)).await.is_err() {

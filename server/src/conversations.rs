@@ -68,9 +68,15 @@ impl Service {
         };
         // Newest first, down to the read position: the first row is `last`.
         let rows = self.store.scan(Cf::Messages, &prefix, None, Direction::Reverse, UNREAD_SCAN)?;
+        // Messages kept from the caller, who blocked their sender (§6.12): neither shown
+        // nor counted. Most conversations have none, found with one seek.
+        let any_withheld = !self.store.scan(Cf::Withheld, &prefix, None, Direction::Forward, 1)?.is_empty();
         let mut last = None;
         let mut unread = 0;
         for (k, v) in &rows {
+            if any_withheld && self.store.get(Cf::Withheld, k)?.is_some() && records::stored_message(v)?.to == *me {
+                continue;
+            }
             let (_, key) = keys::parse_message(k).ok_or_else(|| corrupt("bad message key"))?;
             let after_seen = seen.as_ref().is_none_or(|s| s.0 < key);
             if !after_seen && last.is_some() {
@@ -85,7 +91,9 @@ impl Service {
                 break;
             }
         }
-        let presence = if self.shares_conversation(me, &with)? { Some(self.presence.current(&with)) } else { None };
+        // Someone the caller blocks shows no presence (§6.12).
+        let blocked = self.store.get(Cf::Blocks, &keys::block(me.localpart(), &with))?.is_some();
+        let presence = if !blocked && self.shares_conversation(me, &with)? { Some(self.presence.current(&with)) } else { None };
         Ok(ConversationSummary { conv, last, with, unread, presence, active_ms })
     }
 }

@@ -121,6 +121,23 @@ impl Service {
         }
     }
 
+    /// §6.12: starts or ends a block; the caller's subscriptions reload whom they filter.
+    async fn block(self: &Arc<Self>, auth: Option<String>, user: UserId, on: bool) -> Result<Response, ApiError> {
+        let c = self.read(auth, |_, c| Ok(c)).await?;
+        self.sequencer.change_account(c.user.clone(), missive_core::AccountChange::Block(user.clone(), on)).await?;
+        self.hub.wake(c.user.localpart());
+        tracing::info!(user = %c.user, other = %user, on, "block changed");
+        Ok(Response::Ok {})
+    }
+
+    /// Whom `user` blocks, in id order (blocking).
+    pub fn blocked(&self, user: &UserId) -> Result<Vec<UserId>, ApiError> {
+        let rows = self.store.scan(Cf::Blocks, &keys::blocks_of(user.localpart()), None, Direction::Forward, limits::MAX_BLOCKED)?;
+        let mut users: Vec<UserId> = rows.iter().filter_map(|(k, _)| keys::parse_block(k).map(|(_, u)| u)).collect();
+        users.sort();
+        Ok(users)
+    }
+
     /// Counts events on their way to a device.
     pub fn delivered(&self, events: &[missive_spec::wire::Event]) {
         for e in events {
@@ -251,6 +268,10 @@ impl Service {
                     if user != c.user && !s.shares_conversation(&c.user, &user)? {
                         return Err(err(ErrorCode::UnknownUser, format!("no such user {user}")));
                     }
+                    // Someone the caller blocks shows offline, never seen (§6.12).
+                    if s.store.get(Cf::Blocks, &keys::block(c.user.localpart(), &user))?.is_some() {
+                        return Ok(Response::Presence { user, online: false, last_seen: None });
+                    }
                     let p = s.presence.current(&user);
                     Ok(Response::Presence { user: p.user, online: p.online, last_seen: p.last_seen })
                 })
@@ -261,6 +282,9 @@ impl Service {
                 self.presence.set_hide_last_seen(&c.user, hide_last_seen).await?;
                 Ok(Response::Ok {})
             }
+            Request::Block { user } => self.block(auth, user, true).await,
+            Request::Unblock { user } => self.block(auth, user, false).await,
+            Request::Blocked {} => self.read(auth, |s, c| Ok(Response::Blocked { users: s.blocked(&c.user)? })).await,
             Request::Typing { with } => {
                 self.read(auth, move |s, c| {
                     if with == c.user || !s.shares_conversation(&c.user, &with)? {
@@ -559,6 +583,16 @@ impl Service {
                 .take_while(|(k, _)| *k >= oldest_key)
                 .map(|(_, v)| records::decode::<Undeliverable>("failed", &v))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Messages kept from the caller, who blocked their sender (§6.12): the cursors
+            // above still step over them.
+            let withheld: std::collections::HashSet<Vec<u8>> = store
+                .scan(Cf::Withheld, &prefix, Some(&past_newest), Direction::Reverse, messages.len())?
+                .into_iter()
+                .take_while(|(k, _)| *k >= oldest_key)
+                .map(|(k, _)| k)
+                .collect();
+            let mut messages = messages;
+            messages.retain(|m| m.to != me || !withheld.contains(&keys::message(&conv, &m.order_key())));
             Ok(Response::Page {
                 read,
                 seen,

@@ -19,6 +19,8 @@ pub const MAX_CBOR_DEPTH: usize = 16;
 /// History page size when the request names none, and the largest allowed (§6.6).
 pub const HISTORY_DEFAULT_LIMIT: u32 = 50;
 pub const HISTORY_MAX_LIMIT: u32 = 200;
+/// Most users one account may block (§6.12).
+pub const MAX_BLOCKED: usize = 10_000;
 /// `conversations` page size when the request names none, and the largest allowed (§6.10).
 pub const CONVERSATIONS_DEFAULT_LIMIT: u32 = 50;
 pub const CONVERSATIONS_MAX_LIMIT: u32 = 100;

@@ -101,13 +101,19 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         logout_others: bool,
     },
+    /// §6.12: the caller's account stops receiving anything of `user`'s.
+    Block { user: UserId },
+    /// §6.12: ends a block.
+    Unblock { user: UserId },
+    /// §6.12: whom the caller blocks.
+    Blocked {},
 }
 
 impl Request {
     /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
     /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
     /// (§5.2).
-    pub const NAMES: [&'static str; 16] = [
+    pub const NAMES: [&'static str; 19] = [
         "info",
         "register",
         "login",
@@ -124,6 +130,9 @@ impl Request {
         "typing",
         "conversations",
         "change_password",
+        "block",
+        "unblock",
+        "blocked",
     ];
 
     /// This request's name on the wire.
@@ -145,6 +154,9 @@ impl Request {
             Request::Typing { .. } => "typing",
             Request::Conversations { .. } => "conversations",
             Request::ChangePassword { .. } => "change_password",
+            Request::Block { .. } => "block",
+            Request::Unblock { .. } => "unblock",
+            Request::Blocked {} => "blocked",
         }
     }
 }
@@ -197,6 +209,8 @@ pub enum Response {
         last_seen: Option<u64>,
     },
     Devices { devices: Vec<DeviceInfo> },
+    /// §6.12: the users the caller blocks, in id order.
+    Blocked { users: Vec<UserId> },
     /// §6.10: one page of the caller's conversations, most recently active first.
     Conversations {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -97,6 +97,9 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
             ),
         ),
         ("devices", "11", f(Request::Devices {}, &token)),
+        ("block", "6.12", f(Request::Block { user: user("@mallory:beta.example") }, &token)),
+        ("unblock", "6.12", f(Request::Unblock { user: user("@mallory:beta.example") }, &token)),
+        ("blocked", "6.12", f(Request::Blocked {}, &token)),
         ("presence", "12.2", f(Request::Presence { user: user("@bob:beta.example") }, &token)),
         ("settings", "12.4", f(Request::Settings { hide_last_seen: true }, &token)),
         ("typing", "13", f(Request::Typing { with: user("@bob:beta.example") }, &token)),
@@ -234,6 +237,7 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
                 }],
             }),
         ),
+        ("blocked", "6.12", f(Response::Blocked { users: vec![user("@mallory:beta.example")] })),
         (
             "undeliverable event",
             "10.5",

@@ -38,6 +38,33 @@ pub async fn revoke(profile: &Profile, json: bool, device: &str) -> anyhow::Resu
     Ok(())
 }
 
+pub async fn block(profile: &Profile, json: bool, user: &str, on: bool) -> anyhow::Result<()> {
+    let user = super::parse_user(user)?;
+    let (c, _) = session_client(profile).await?;
+    c.block(&user, on).await?;
+    let said = if on { format!("blocked {user}: nothing of theirs reaches you until `missive unblock {user}`") } else { format!("unblocked {user}") };
+    show::ok(json, Some(&said));
+    c.close().await;
+    Ok(())
+}
+
+pub async fn blocked(profile: &Profile, json: bool) -> anyhow::Result<()> {
+    let (c, _) = session_client(profile).await?;
+    let users = c.blocked().await?;
+    for u in &users {
+        if json {
+            println!("{}", json!({"type": "blocked", "user": u.as_str()}));
+        } else {
+            println!("{u}");
+        }
+    }
+    if users.is_empty() && !json {
+        println!("(you block nobody)");
+    }
+    c.close().await;
+    Ok(())
+}
+
 pub async fn settings(profile: &Profile, json: bool, hide_last_seen: bool) -> anyhow::Result<()> {
     let (c, _) = session_client(profile).await?;
     c.set_hide_last_seen(hide_last_seen).await?;

@@ -44,6 +44,7 @@ pub fn tests() -> Vec<Test> {
         test!("c2s.devices", Required, ["C2S-DEV-1", "C2S-DEV-2"], [Devices], devices),
         test!("c2s.change_password", Required, ["C2S-PASS-1", "C2S-PASS-3"], [Devices], change_password),
         test!("c2s.change_password.rate_limited", Required, ["C2S-PASS-2"], [], change_password_rate_limited),
+        test!("c2s.block", Required, ["C2S-BLOCK-1", "C2S-BLOCK-2", "C2S-BLOCK-3", "C2S-BLOCK-4"], [Presence], block),
         test!("c2s.presence", Required, ["C2S-PRES-2", "C2S-PRES-3", "C2S-PRES-4", "C2S-PRES-5"], [Presence], presence),
         test!("c2s.presence.silent_client", Required, ["C2S-PRES-1"], [Presence], presence_silent_client),
         test!("c2s.typing", Required, ["C2S-TYPE-1", "C2S-TYPE-2", "C2S-TYPE-3"], [Typing], typing),
@@ -773,6 +774,58 @@ async fn change_password_rate_limited(mut ctx: Ctx) -> anyhow::Result<()> {
     expect_code(a.change_password(&right, "a new password", false).await, ErrorCode::RateLimited, &what)?;
     let mut x = s.connect().await?;
     expect_code(x.login(&alice, &right, None).await, ErrorCode::RateLimited, "a login after the guessing")?;
+    Ok(())
+}
+
+/// A block keeps everything of the blocked user from the blocker, for good, and tells the
+/// blocked user nothing.
+async fn block(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = ctx.server().await?;
+    let (alice, a) = s.new_user("alice").await?;
+    let (bob, b) = s.new_user("bob").await?;
+    let (_carol, c) = s.new_user("carol").await?;
+    b.send_text(&alice, "before the block").await?;
+    a.send_text(&bob, "hi bob").await?;
+    expect_code(a.block(&alice).await, ErrorCode::InvalidRequest, "blocking oneself")?;
+    a.block(&bob).await?;
+    a.block(&bob).await.context("blocking twice")?;
+    let stranger = s.user_id("nobody");
+    a.block(&stranger).await.context("blocking a user who does not exist")?;
+    let mut listed = a.blocked().await?;
+    listed.sort();
+    let mut want = vec![bob.clone(), stranger.clone()];
+    want.sort();
+    ensure!(listed == want, "blocked lists {listed:?}, not {want:?}");
+    a.unblock(&stranger).await?;
+    a.unblock(&stranger).await.context("unblocking someone not blocked")?;
+
+    let (mut sub, _, backlog) = a.subscribe(a.sync(0, None).await?.0).await?;
+    ensure!(backlog.is_empty(), "a subscription from the head has a backlog");
+    // Bob is told nothing; carol's later message shows where bob's would have been.
+    b.send_text(&alice, "while blocked").await.context("a blocked user's send")?;
+    c.send_text(&alice, "from carol").await?;
+    let got = messages(&collect(&mut sub, Vec::new(), 1).await?);
+    ensure!(got.iter().all(|m| m.from != bob), "the blocker received {:?} from bob", got.iter().map(text).collect::<Vec<_>>());
+    ensure!(got.iter().any(|m| text(m) == "from carol"), "carol's message did not arrive: {:?}", got.iter().map(text).collect::<Vec<_>>());
+    let shown: Vec<String> = history_all(&a, &bob).await?.iter().map(text).collect();
+    ensure!(shown == ["before the block", "hi bob"], "the blocker's history with bob is {shown:?}");
+    let bobs: Vec<String> = history_all(&b, &alice).await?.iter().map(text).collect();
+    ensure!(bobs.contains(&"while blocked".to_owned()), "the blocked sender's history lacks its message: {bobs:?}");
+    let (convs, _) = a.conversations(None, None).await?;
+    let with_bob = convs.iter().find(|c| c.with == bob).ok_or_else(|| anyhow!("no conversation with bob listed"))?;
+    ensure!(with_bob.last.as_ref().map(text).as_deref() == Some("hi bob"), "the blocker's conversation with bob ends {:?}", with_bob.last.as_ref().map(text));
+    ensure!(with_bob.unread == 1, "{} unread from bob, not 1", with_bob.unread);
+    let p = a.presence(&bob).await?;
+    ensure!(!p.online && p.last_seen.is_none(), "a blocked user's presence shows {p:?}");
+
+    // Unblocked: new messages arrive; the one sent while blocked never does.
+    a.unblock(&bob).await?;
+    ensure!(a.blocked().await?.is_empty(), "blocked is not empty after unblock");
+    b.send_text(&alice, "after the unblock").await?;
+    let got = messages(&collect(&mut sub, Vec::new(), 1).await?);
+    ensure!(got.iter().map(text).collect::<Vec<_>>() == ["after the unblock"], "after the unblock the blocker received {:?}", got.iter().map(text).collect::<Vec<_>>());
+    let shown: Vec<String> = history_all(&a, &bob).await?.iter().map(text).collect();
+    ensure!(shown == ["before the block", "hi bob", "after the unblock"], "after the unblock the history is {shown:?}");
     Ok(())
 }
 

@@ -197,6 +197,22 @@ pub fn parse_contact(k: &[u8]) -> Option<(UserId, String)> {
     Some((UserId::parse(user).ok()?, std::str::from_utf8(local).ok()?.to_owned()))
 }
 
+// blocks: localpart 0 blocked user id (§6.12)
+pub fn blocks_of(localpart: &str) -> Vec<u8> {
+    let mut k = Vec::new();
+    text_part(&mut k, localpart);
+    k
+}
+pub fn block(localpart: &str, user: &UserId) -> Vec<u8> {
+    let mut k = blocks_of(localpart);
+    k.extend_from_slice(user.as_str().as_bytes());
+    k
+}
+pub fn parse_block(k: &[u8]) -> Option<(String, UserId)> {
+    let (local, user) = split_text(k)?;
+    Some((local.to_owned(), UserId::parse(std::str::from_utf8(user).ok()?).ok()?))
+}
+
 // presence: localpart
 pub fn presence(localpart: &str) -> Vec<u8> {
     localpart.as_bytes().to_vec()

@@ -50,12 +50,17 @@ pub enum Cf {
     /// conversation, order key → `Undeliverable`: the recipient's server refused that local
     /// message for good (§10.5); read by `history` (§6.6)
     Failed,
+    /// localpart, user id → block time (ms): whom a local user blocks (§6.12)
+    Blocks,
+    /// conversation, order key → (): a message kept from its local recipient, who blocked
+    /// its sender when it arrived (§6.12); same key layout as `Messages`
+    Withheld,
     /// name → a record about the whole database (`restore`: `RestoreRecord`, federation.md F12)
     Meta,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 19] = [
+    pub const ALL: [Cf; 21] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -75,6 +80,8 @@ impl Cf {
         Cf::Active,
         Cf::Failed,
         Cf::Meta,
+        Cf::Blocks,
+        Cf::Withheld,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -97,6 +104,8 @@ impl Cf {
             Cf::Active => "active",
             Cf::Failed => "failed",
             Cf::Meta => "meta",
+            Cf::Blocks => "blocks",
+            Cf::Withheld => "withheld",
         }
     }
 }
