@@ -265,6 +265,14 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("stream ended without a response".into()))
     }
 
+    /// §6.13: the server's current key and rotation chain.
+    pub async fn keys(&self) -> Result<(String, Vec<missive_spec::rotation::SignedRotation>), ClientError> {
+        match self.request(Request::Keys {}).await? {
+            Response::Keys { current, rotations } => Ok((current, rotations)),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub async fn info(&self) -> Result<Response, ClientError> {
         self.request(Request::Info {}).await
     }

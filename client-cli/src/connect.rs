@@ -56,13 +56,38 @@ pub async fn connect(profile: &Profile, user: &UserId, addr: &str) -> anyhow::Re
     let timeout = *CONNECT_TIMEOUT.get_or_init(|| missive_cli::client::DEFAULT_CONNECT_TIMEOUT);
     match Client::connect_within(sock, &server, pin, timeout).await {
         Ok(c) => Ok(c),
-        Err(ClientError::KeyMismatch { pinned, presented }) => Err(key_changed(&server, &pinned, &presented, profile)),
+        Err(ClientError::KeyMismatch { pinned, presented }) => {
+            // The operator may have rotated the key: follow it only if the pinned key
+            // signed the hand-over (CLI-TLS-5); anything else is the loud warning.
+            match follow_rotation(sock, &server, &pinned, &presented, timeout).await {
+                Ok(()) => {
+                    profile.pin(&server, &presented)?;
+                    eprintln!("missive: {server} rotated its key, signed by the key pinned before; now pinned: {}", presented.fingerprint());
+                    Client::connect_within(sock, &server, Pin::Key(*presented), timeout).await.map_err(Into::into)
+                }
+                Err(_) => Err(key_changed(&server, &pinned, &presented, profile)),
+            }
+        }
         Err(ClientError::Connect { reason, .. }) if refused_our_protocol(&reason) => Err(anyhow!(
             "{addr} is a QUIC server that does not speak the Missive client protocol (it refused the client ALPN): \
              is it a homeserver's federation port? The client port is `[client] listen` in missived.toml (7450 by default)"
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Asks the server presenting `presented`, over a connection that accepts that key for
+/// this one request, for its rotation chain, and checks it leads from `pinned` there.
+async fn follow_rotation(sock: SocketAddr, server: &ServerName, pinned: &PublicKey, presented: &PublicKey, timeout: Duration) -> anyhow::Result<()> {
+    let c = Client::connect_within(sock, server, Pin::Key(*presented), timeout).await?;
+    let answer = c.keys().await;
+    c.close().await;
+    let (current, chain) = answer?;
+    if PublicKey::parse(&current)? != *presented {
+        bail!("the server's keys answer names another key than it presented");
+    }
+    missive_transport::rotation::follow(server, pinned, presented, &chain)?;
+    Ok(())
 }
 
 /// Whether the handshake failed because the server offers none of our application

@@ -269,3 +269,83 @@ async fn block_keeps_a_user_out_and_unblock_lets_them_back() {
         .collect();
     assert_eq!(shown, ["after", "before"], "alice's history with bob, newest first");
 }
+
+/// The operator of alpha rotates its key. Alice's client and the peer beta, which both
+/// pinned the old key, follow the hand-over without a warning; a message signed with the
+/// old key and still queued for beta is delivered and verifies there; messages flow both
+/// ways after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_server_key_is_followed_by_clients_and_peers_without_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = workspace_bin("missived");
+    let mut servers = Vec::new();
+    for (i, name) in ["alpha.test", "beta.test"].into_iter().enumerate() {
+        let data = tmp.path().join(name);
+        ServerProcess::init_on(&bin, &data, name, "closed", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
+        servers.push(ServerProcess::start(&bin, &data, name).await.unwrap());
+    }
+    servers[0].pin_peer(&servers[1]).await.unwrap();
+    servers[1].pin_peer(&servers[0]).await.unwrap();
+    servers[0].add_user("alice", "alice-password").await.unwrap();
+    servers[1].add_user("bob", "bob-password").await.unwrap();
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    let (alpha_addr, beta_addr) = (servers[0].addr.to_string(), servers[1].addr.to_string());
+    ok(&alice, &["login", "@alice:alpha.test", "--server", &alpha_addr, "--password-stdin"], Some("alice-password\n")).await;
+    ok(&bob, &["login", "@bob:beta.test", "--server", &beta_addr, "--password-stdin"], Some("bob-password\n")).await;
+    let texts = |out: &str| -> Vec<String> { json_lines(out).iter().filter_map(|v| v["text"].as_str().map(str::to_owned)).collect() };
+    let bob_history = || async { texts(&ok(&bob, &["--json", "history", "@alice:alpha.test"], None).await) };
+    ok(&alice, &["send", "@bob:beta.test", "before"], None).await;
+    wait_for("beta has the first message", || async { bob_history().await.contains(&"before".to_owned()) }).await;
+
+    // Queued under the old key while beta is away.
+    servers[1].terminate().await.unwrap();
+    ok(&alice, &["send", "@bob:beta.test", "queued under the old key"], None).await;
+    let old_key = servers[0].key.clone();
+    servers[0].terminate().await.unwrap();
+    let config = servers[0].config.display().to_string();
+    let rotated = std::process::Command::new(&bin).args(["key", "rotate", "--json", "--config", &config]).output().unwrap();
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    let r = &json_lines(&String::from_utf8_lossy(&rotated.stdout))[0];
+    assert_eq!((r["type"].as_str(), r["old"].as_str()), (Some("key_rotated"), Some(old_key.as_str())));
+    servers[0].restart().await.unwrap();
+    assert_eq!(Some(servers[0].key.as_str()), r["new"].as_str(), "alpha did not start with the new key");
+    let doc = std::process::Command::new(&bin).args(["well-known", "--config", &config]).output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
+    assert!(doc["keys"].as_array().unwrap().iter().any(|k| k["key"] == old_key.as_str() && k["valid_until_ms"].is_u64()), "{doc}");
+    servers[1].restart().await.unwrap();
+
+    // Alice's client follows without the changed-key warning.
+    let out = run(&alice, &["send", "@bob:beta.test", "after the rotation"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("WARNING") && stderr.contains("rotated its key"), "{stderr}");
+    let out = run(&alice, &["sync"], None).await;
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("rotated"), "the new key is pinned once");
+
+    // Beta follows too: the old-key message verifies, the new ones arrive, in order.
+    wait_for("beta has every message", || async { bob_history().await.len() == 3 }).await;
+    assert_eq!(bob_history().await, ["after the rotation", "queued under the old key", "before"]);
+    ok(&bob, &["send", "@alice:alpha.test", "reply"], None).await;
+    wait_for("alpha has bob's reply", || async {
+        texts(&ok(&alice, &["--json", "history", "@bob:beta.test"], None).await).contains(&"reply".to_owned())
+    })
+    .await;
+    let beta_log = servers[1].log();
+    assert!(beta_log.contains("following it"), "{beta_log}");
+    for bad in ["WARN", "unknown_key", "bad_signature"] {
+        assert!(!beta_log.lines().any(|l| l.contains(bad) && !l.contains("link down") && !l.contains("connection lost")), "beta logged {bad}:\n{beta_log}");
+    }
+}
+
+/// Polls `check` every 100 ms until it holds, failing after 30 s.
+async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

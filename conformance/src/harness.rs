@@ -214,6 +214,7 @@ impl ServerProcess {
         self.addr = ready.client;
         self.federation = ready.federation;
         self.metrics = ready.metrics;
+        self.key = ready.key;
         Ok(())
     }
 

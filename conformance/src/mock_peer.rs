@@ -104,6 +104,8 @@ struct Shared {
     misbehave: Arc<Mutex<Misbehaviour>>,
     /// Content hashes it accepted, by identity, to answer repeats `duplicate`.
     seen: Mutex<HashMap<(ConversationId, String, u64), [u8; 32]>>,
+    /// Its key's textual form, for `keys` (it never rotates).
+    key: String,
 }
 
 pub struct MockPeer {
@@ -135,7 +137,7 @@ impl MockPeer {
         let sc = tls::federation_server_config(&key, name.as_str(), FEDERATION_ALPN)?;
         let endpoint = quinn::Endpoint::server(sc, SocketAddr::new(ip, 0))?;
         let addr = endpoint.local_addr()?;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared { key: key.public().to_text(), ..Shared::default() });
         let ep = endpoint.clone();
         let sh = shared.clone();
         let handshakes = Arc::new(AtomicUsize::new(0));
@@ -292,6 +294,7 @@ async fn serve_stream(sh: Arc<Shared>, conn: quinn::Connection, mut send: quinn:
         // The mock holds none of the server's units (it is never asked after a restore).
         FedRequest::HighWater { .. } => FedResponse::HighWater { next: None, convs: Vec::new() },
         FedRequest::Reclaim { .. } => FedResponse::Units { units: Vec::new() },
+        FedRequest::Keys {} => FedResponse::Keys { current: sh.key.clone(), rotations: Vec::new() },
         FedRequest::Edu { presence, .. } => {
             sh.observed.lock().unwrap().edus.push(presence);
             FedResponse::Ok {}

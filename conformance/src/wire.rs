@@ -83,6 +83,12 @@ pub fn key_text(k: &VerifyingKey) -> String {
     format!("ed25519:{}", URL_SAFE_NO_PAD.encode(k.as_bytes()))
 }
 
+/// The key of a textual form (§5.1), if it is one.
+pub fn parse_key_text(s: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = URL_SAFE_NO_PAD.decode(s.strip_prefix("ed25519:")?).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
 /// A fresh random client message id (§2.4: 128 random bits).
 pub fn new_client_msg_id() -> ClientMsgId {
     let mut b = [0u8; 16];
@@ -384,6 +390,13 @@ impl Client {
 
     pub async fn unblock(&self, user: &UserId) -> Result<(), ClientError> {
         expect_ok(self.request(Request::Unblock { user: user.clone() }).await?)
+    }
+
+    pub async fn keys(&self) -> Result<(String, Vec<missive_spec::rotation::SignedRotation>), ClientError> {
+        match self.request(Request::Keys {}).await? {
+            Response::Keys { current, rotations } => Ok((current, rotations)),
+            r => Err(unexpected(r)),
+        }
     }
 
     pub async fn blocked(&self) -> Result<Vec<UserId>, ClientError> {

@@ -169,6 +169,12 @@ impl Core {
         })
     }
 
+    /// Writes a record about the whole database ([`store::Cf::Meta`]): a learnt key
+    /// rotation of a peer, say.
+    pub fn put_meta(&mut self, tx: &mut Tx, key: Vec<u8>, value: Vec<u8>) {
+        tx.batch.put(store::Cf::Meta, key, value);
+    }
+
     pub fn server(&self) -> &ServerName {
         &self.server
     }

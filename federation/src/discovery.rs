@@ -142,9 +142,20 @@ impl Default for DiscoveryConfig {
     }
 }
 
+/// A rotation (F2.7) followed from a statically pinned key: while the static entry still
+/// names `from`, the peer's key is `key`, and the replaced keys verify older units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotated {
+    pub from: PublicKey,
+    pub key: PublicKey,
+    pub retired: Vec<(PublicKey, u64)>,
+}
+
 pub struct Discovery {
     // Bound: the operator's `[[peers]]`; replaced whole by `set_statics`.
     statics: RwLock<HashMap<ServerName, StaticPeer>>,
+    // Bound: one entry per static peer at most (only statically pinned keys are followed).
+    rotated: RwLock<HashMap<ServerName, Rotated>>,
     https_port: u16,
     default_port: u16,
     ttl: Duration,
@@ -382,6 +393,7 @@ impl Discovery {
         }
         Ok(Discovery {
             statics: RwLock::new(cfg.statics),
+            rotated: RwLock::new(HashMap::new()),
             https_port: cfg.https_port,
             default_port: cfg.default_port,
             ttl: cfg.ttl,
@@ -405,6 +417,13 @@ impl Discovery {
         let mut st = self.state();
         st.cache.clear();
         st.generation += 1;
+    }
+
+    /// Follows `name`'s rotation from its statically pinned key (the caller checked the
+    /// chain, F2.7), and forgets what is cached about it.
+    pub fn learn_rotation(&self, name: &ServerName, rotated: Rotated) {
+        self.rotated.write().unwrap_or_else(|e| e.into_inner()).insert(name.clone(), rotated);
+        self.forget(name);
     }
 
     /// Forgets what is cached about `name` (after a failed connection, say).
@@ -483,7 +502,13 @@ impl Discovery {
                 (keys, old, d.federation.clone())
             }
             ([], Some(Err(e))) => return Err(e.clone()),
-            (ks, d) => (ks.to_vec(), Vec::new(), d.as_ref().and_then(|d| d.as_ref().ok()).and_then(|d| d.federation.clone())),
+            (ks, d) => {
+                let addr = d.as_ref().and_then(|d| d.as_ref().ok()).and_then(|d| d.federation.clone());
+                match self.rotated.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+                    Some(r) if ks.contains(&r.from) => (vec![r.key], r.retired.clone(), addr),
+                    _ => (ks.to_vec(), Vec::new(), addr),
+                }
+            }
         };
         if keys.is_empty() {
             return Err(DiscoveryError::NoKeys(name.to_string(), "the key document lists no current key".into()));

@@ -13,6 +13,60 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes};
 use ed25519_dalek::SigningKey;
 
 pub use missive_transport::key::{PublicKey, PublicKeyError, ED25519_SPKI_PREFIX};
+use missive_spec::rotation::{RotationStatement, SignedRotation};
+
+/// A server's rotation chain on disk (F2.7): beside the key file, `KEY_FILE.rotations`,
+/// one statement per line as `STATEMENT_HEX SIGNATURE_HEX`, oldest first. No file: the key
+/// was never rotated.
+pub struct RotationChain;
+
+impl RotationChain {
+    pub fn path(key_file: &Path) -> std::path::PathBuf {
+        let mut p = key_file.as_os_str().to_owned();
+        p.push(".rotations");
+        p.into()
+    }
+
+    pub fn load(key_file: &Path) -> Result<Vec<SignedRotation>, KeyError> {
+        let path = Self::path(key_file);
+        let p = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(KeyError::Read { path: p, source }),
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let bad = || KeyError::Format { path: p.clone(), reason: format!("not a rotation line: {l:?}") };
+                let (st, sig) = l.trim().split_once(' ').ok_or_else(bad)?;
+                let s = SignedRotation { statement: hex::decode(st).map_err(|_| bad())?, sig: hex::decode(sig).map_err(|_| bad())? };
+                missive_transport::rotation::open(&s).map_err(|e| KeyError::Format { path: p.clone(), reason: e.to_string() })?;
+                Ok(s)
+            })
+            .collect()
+    }
+
+    /// Appends a statement, synced.
+    pub fn append(key_file: &Path, s: &SignedRotation) -> Result<(), KeyError> {
+        use std::io::Write;
+        let path = Self::path(key_file);
+        let p = path.display().to_string();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&path).map_err(|source| KeyError::Write { path: p.clone(), source })?;
+        writeln!(f, "{} {}", hex::encode(&s.statement), hex::encode(&s.sig))
+            .and_then(|_| f.sync_all())
+            .map_err(|source| KeyError::Write { path: p, source })
+    }
+
+    /// The keys the chain retired, each with the end of its validity.
+    pub fn retired(chain: &[SignedRotation]) -> Vec<(PublicKey, u64)> {
+        chain.iter().filter_map(|s| missive_transport::rotation::open(s).ok()).map(|(st, old, _)| (old, st.valid_until_ms)).collect()
+    }
+}
 
 /// Why a key could not be loaded or parsed.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +132,16 @@ impl ServerKey {
         PublicKey(self.signing.verifying_key())
     }
 
+    /// Hands over from this key to `new` (F2.7): a rotation statement signed by this key,
+    /// `new` alone signing from `valid_until_ms` on.
+    pub fn hand_over(&self, new: &PublicKey, server: &missive_spec::ServerName, valid_until_ms: u64) -> SignedRotation {
+        use ed25519_dalek::Signer;
+        let st = RotationStatement { new: new.to_text(), old: self.public().to_text(), server: server.clone(), valid_until_ms };
+        let statement = missive_spec::codec::encode(&st);
+        let sig = self.signing.sign(&SignedRotation::signed_bytes(&statement)).to_bytes().to_vec();
+        SignedRotation { sig, statement }
+    }
+
     /// PKCS#8 DER of the private key, for building the TLS certificate.
     pub fn pkcs8_der(&self) -> Vec<u8> {
         // Encoding a valid in-memory ed25519 key cannot fail.
@@ -88,6 +152,32 @@ impl ServerKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_chain_is_followed_only_along_signatures_of_the_replaced_keys() {
+        use missive_transport::rotation::{follow, RotationError};
+        let name = missive_spec::ServerName::parse("alpha.test").unwrap();
+        let (k1, k2, k3) = (ServerKey::generate(), ServerKey::generate(), ServerKey::generate());
+        let s1 = k1.hand_over(&k2.public(), &name, 100);
+        let s2 = k2.hand_over(&k3.public(), &name, 200);
+        let chain = vec![s1.clone(), s2.clone()];
+        assert_eq!(follow(&name, &k1.public(), &k3.public(), &chain).unwrap(), vec![(k1.public(), 100), (k2.public(), 200)]);
+        assert_eq!(follow(&name, &k2.public(), &k3.public(), &chain).unwrap(), vec![(k2.public(), 200)]);
+        assert!(matches!(follow(&name, &k1.public(), &k3.public(), std::slice::from_ref(&s2)), Err(RotationError::NoPath { .. })));
+        let other = missive_spec::ServerName::parse("beta.test").unwrap();
+        assert!(follow(&other, &k1.public(), &k2.public(), std::slice::from_ref(&s1)).is_err(), "a chain of another server");
+        // A statement naming k1 as the old key but signed by someone else.
+        let forged = missive_spec::rotation::SignedRotation { sig: k3.hand_over(&k3.public(), &name, 1).sig, statement: s1.statement.clone() };
+        assert!(matches!(follow(&name, &k1.public(), &k2.public(), &[forged]), Err(RotationError::Bad(_))));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        assert!(RotationChain::load(&path).unwrap().is_empty());
+        RotationChain::append(&path, &s1).unwrap();
+        RotationChain::append(&path, &s2).unwrap();
+        assert_eq!(RotationChain::load(&path).unwrap(), chain);
+        assert_eq!(RotationChain::retired(&chain), vec![(k1.public(), 100), (k2.public(), 200)]);
+    }
 
     #[test]
     fn save_load_and_text_roundtrip() {

@@ -18,5 +18,6 @@ pub mod keys;
 pub mod tls;
 
 pub use missive_transport::framing;
+pub use missive_transport::rotation;
 
-pub use keys::{KeyError, PublicKey, ServerKey};
+pub use keys::{KeyError, PublicKey, RotationChain, ServerKey};

@@ -65,6 +65,14 @@ fn frames() -> (Vec<SignedUnit>, Vec<(&'static str, &'static str, Vec<u8>)>) {
             }),
         ),
         ("reclaim", "F12.2", codec::encode(&FedRequestFrame { v: 0, req: FedRequest::Reclaim { conv, last: 7, first: 5 } })),
+        ("keys", "F2.7", codec::encode(&FedRequestFrame { v: 0, req: FedRequest::Keys {} })),
+        ("keys_answer", "F2.7", {
+            // The vector key hands over to the key of seed 8 at 1 795 366 800 000 ms.
+            let next = ServerKey::from_signing_key(SigningKey::from_bytes(&[8; 32]));
+            let name = missive_spec::ServerName::parse("alpha.example").unwrap();
+            let rotation = k.hand_over(&next.public(), &name, 1_795_366_800_000);
+            codec::encode(&FedResponseFrame { v: 0, res: FedResponse::Keys { current: next.public().to_text(), rotations: vec![rotation] } })
+        }),
     ];
     (units, f)
 }

@@ -75,11 +75,13 @@ impl Report {
 /// The key document this server should publish at `https://NAME/.well-known/missive/server`.
 pub fn key_document(config: &Config, federation: Option<&str>) -> anyhow::Result<KeyDocument> {
     let key = ServerKey::load(&config.key_file)?.public();
-    Ok(KeyDocument {
-        server_name: config.server_name.to_string(),
-        federation: federation.map(str::to_owned),
-        keys: vec![KeyEntry { id: key.key_id(), key: key.to_text(), valid_until_ms: None }],
-    })
+    let mut keys = vec![KeyEntry { id: key.key_id(), key: key.to_text(), valid_until_ms: None }];
+    // Replaced keys stay published, retired, so units they signed still verify (F2.2, F2.7).
+    let chain = missive_federation::RotationChain::load(&config.key_file)?;
+    for (old, until) in missive_federation::RotationChain::retired(&chain) {
+        keys.push(KeyEntry { id: old.key_id(), key: old.to_text(), valid_until_ms: Some(until) });
+    }
+    Ok(KeyDocument { server_name: config.server_name.to_string(), federation: federation.map(str::to_owned), keys })
 }
 
 pub fn well_known(config: &ConfigArg, federation: Option<&str>) -> anyhow::Result<()> {

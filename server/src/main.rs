@@ -4,6 +4,7 @@
 
 mod backup_commands;
 mod check_command;
+mod key_commands;
 mod queue_commands;
 mod user_commands;
 
@@ -61,6 +62,20 @@ enum Policy {
     Closed,
     Open,
     Token,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new server key, signed over to by the current one (peers and clients that
+    /// pinned the old key follow it without a warning); the old key stays published as
+    /// retired. Run with the server stopped.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object describing the rotation.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +166,11 @@ enum Command {
         /// One JSON object describing the restore.
         #[arg(long)]
         json: bool,
+    },
+    /// The server key.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
     },
     /// Print the key document to publish at https://NAME/.well-known/missive/server.
     WellKnown {
@@ -375,6 +395,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Deadletters { command } => queue_commands::run(command).await,
         Command::Peers { config, json } => peers(&config.load()?, json).await,
         Command::Check { config, json } => check_command::check(&config, json).await,
+        Command::Key { command: KeyCommand::Rotate { config, json } } => key_commands::rotate(&config, json).await,
         Command::Backup { config, dir, json } => backup_commands::backup(&config, &dir, json).await,
         Command::Restore { dir, data_dir, json } => backup_commands::restore(&dir, &data_dir, json),
         Command::WellKnown { config, federation } => check_command::well_known(&config, federation.as_deref()),

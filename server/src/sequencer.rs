@@ -56,6 +56,8 @@ pub enum Cmd {
     Reclaim { units: Vec<(SignedUnit, Message)>, reply: Reply<usize> },
     /// Records that a restored server has reclaimed from this peer.
     Reclaimed { peer: ServerName, reply: Reply<()> },
+    /// Writes a record about the whole database (`Cf::Meta`).
+    Meta { key: Vec<u8>, value: Vec<u8>, reply: Reply<()> },
     /// Commit what came before, then end the writer; later commands fail with shutting_down.
     Stop,
 }
@@ -166,6 +168,9 @@ impl Sequencer {
     }
     pub async fn reclaim(&self, units: Vec<(SignedUnit, Message)>) -> Result<usize, ApiError> {
         self.call(|reply| Cmd::Reclaim { units, reply }).await
+    }
+    pub async fn put_meta(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), ApiError> {
+        self.call(|reply| Cmd::Meta { key, value, reply }).await
     }
     pub async fn reclaimed(&self, peer: ServerName) -> Result<(), ApiError> {
         self.call(|reply| Cmd::Reclaimed { peer, reply }).await
@@ -325,6 +330,10 @@ impl Writer {
             Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
             Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
             Cmd::Reclaim { units, reply } => finish(done, reply, core.reclaim(tx, units).map_err(Into::into)),
+            Cmd::Meta { key, value, reply } => {
+                core.put_meta(tx, key, value);
+                finish(done, reply, Ok(()))
+            }
             Cmd::Reclaimed { peer, reply } => {
                 core.reclaimed(tx, &peer);
                 finish(done, reply, Ok(()))

@@ -36,6 +36,19 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let admin_path = config.admin_socket();
     crate::admin::check_socket_path(&admin_path)?;
     let key = Arc::new(ServerKey::load(&config.key_file)?);
+    let chain = missive_federation::RotationChain::load(&config.key_file)?;
+    if let Some(last) = chain.last() {
+        let (_, _, new) = missive_federation::rotation::open(last)?;
+        if new != key.public() {
+            anyhow::bail!(
+                "{} hands over to {new}, but {} holds {}: a key rotation was interrupted; put the key it names in place (server.key.new) or remove the last line of the rotations file",
+                missive_federation::RotationChain::path(&config.key_file).display(),
+                config.key_file.display(),
+                key.public()
+            );
+        }
+    }
+    let own = Arc::new(crate::federation::OwnKeys::new(key.public(), chain));
     let rocks = Arc::new(RocksStore::open(&config.db_dir())?);
     // Bound once the database lock is ours; the file goes when `run` returns, however.
     let (admin_listener, _admin_file) = crate::admin::bind(&admin_path)?;
@@ -88,6 +101,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         registration: Registration { policy: config.registration.policy, token: config.registration.token.clone() },
         metrics: metrics.clone(),
         reclaims,
+        keys: own.clone(),
     });
 
     let server_config = tls::server_config(&key, config.server_name.as_str(), CLIENT_ALPN, CLIENT_IDLE_TIMEOUT)?;
@@ -121,7 +135,9 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         live.clone(),
         policy.clone(),
         metrics.clone(),
+        own.clone(),
     );
+    federation.load_rotations().await?;
     federation.start(queued_rx).await?;
     federation.start_edus(edu_rx);
     if let (Some(record), Some(rx)) = (restored, reclaims_rx) {

@@ -68,6 +68,8 @@ pub struct Service {
     /// Restored from a backup: servers a send went to that are not reclaimed from yet
     /// (federation.md F12.3). Bounded; a full channel drops the ask.
     pub reclaims: Option<tokio::sync::mpsc::Sender<missive_spec::ServerName>>,
+    /// The server's key and rotation chain, for `keys` (§6.13).
+    pub keys: Arc<crate::federation::OwnKeys>,
 }
 
 /// An authenticated caller.
@@ -284,6 +286,10 @@ impl Service {
             }
             Request::Block { user } => self.block(auth, user, true).await,
             Request::Unblock { user } => self.block(auth, user, false).await,
+            Request::Keys {} => {
+                let (current, rotations) = self.keys.answer();
+                Ok(Response::Keys { current, rotations })
+            }
             Request::Blocked {} => self.read(auth, |s, c| Ok(Response::Blocked { users: s.blocked(&c.user)? })).await,
             Request::Typing { with } => {
                 self.read(auth, move |s, c| {

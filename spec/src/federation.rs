@@ -100,6 +100,8 @@ pub enum FedRequest {
     },
     /// F§12.2: send back the *asker's* own messages `first..=last` of `conv`, as stored.
     Reclaim { conv: ConversationId, last: u64, first: u64 },
+    /// F§2.7: the asked server's current key and rotation chain.
+    Keys {},
     /// F§11: ephemeral updates about users of the sending server, coalesced; not stored,
     /// not signed (the link authenticates the sender).
     Edu {
@@ -121,6 +123,8 @@ pub enum FedResponse {
     },
     /// The units a backfill or reclaim asked for, in `origin_seq` order.
     Units { units: Vec<SignedUnit> },
+    /// F§2.7: the current key and the rotation chain, oldest first.
+    Keys { current: String, rotations: Vec<crate::rotation::SignedRotation> },
     /// F§12.1: one entry per conversation; `next` when more conversations remain.
     HighWater {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod limits;
 pub mod ordering;
 pub mod requirements;
+pub mod rotation;
 pub mod wire;
 
 pub use ids::{ClientMsgId, ConversationId, DeviceId, IdError, ServerName, UserId};

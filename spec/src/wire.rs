@@ -107,13 +107,15 @@ pub enum Request {
     Unblock { user: UserId },
     /// §6.12: whom the caller blocks.
     Blocked {},
+    /// §6.13: the server's current key and rotation chain (no auth).
+    Keys {},
 }
 
 impl Request {
     /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
     /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
     /// (§5.2).
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 20] = [
         "info",
         "register",
         "login",
@@ -133,6 +135,7 @@ impl Request {
         "block",
         "unblock",
         "blocked",
+        "keys",
     ];
 
     /// This request's name on the wire.
@@ -157,6 +160,7 @@ impl Request {
             Request::Block { .. } => "block",
             Request::Unblock { .. } => "unblock",
             Request::Blocked {} => "blocked",
+            Request::Keys {} => "keys",
         }
     }
 }
@@ -211,6 +215,8 @@ pub enum Response {
     Devices { devices: Vec<DeviceInfo> },
     /// §6.12: the users the caller blocks, in id order.
     Blocked { users: Vec<UserId> },
+    /// §6.13: the server's current key and its rotation chain, oldest first.
+    Keys { current: String, rotations: Vec<crate::rotation::SignedRotation> },
     /// §6.10: one page of the caller's conversations, most recently active first.
     Conversations {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -100,6 +100,7 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
         ("block", "6.12", f(Request::Block { user: user("@mallory:beta.example") }, &token)),
         ("unblock", "6.12", f(Request::Unblock { user: user("@mallory:beta.example") }, &token)),
         ("blocked", "6.12", f(Request::Blocked {}, &token)),
+        ("keys", "6.13", f(Request::Keys {}, &None)),
         ("presence", "12.2", f(Request::Presence { user: user("@bob:beta.example") }, &token)),
         ("settings", "12.4", f(Request::Settings { hide_last_seen: true }, &token)),
         ("typing", "13", f(Request::Typing { with: user("@bob:beta.example") }, &token)),

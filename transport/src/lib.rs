@@ -10,6 +10,7 @@
 
 pub mod framing;
 pub mod key;
+pub mod rotation;
 pub mod tls;
 
 pub use key::{PublicKey, PublicKeyError};

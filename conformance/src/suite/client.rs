@@ -44,6 +44,7 @@ pub fn tests() -> Vec<Test> {
         test!("c2s.devices", Required, ["C2S-DEV-1", "C2S-DEV-2"], [Devices], devices),
         test!("c2s.change_password", Required, ["C2S-PASS-1", "C2S-PASS-3"], [Devices], change_password),
         test!("c2s.change_password.rate_limited", Required, ["C2S-PASS-2"], [], change_password_rate_limited),
+        test!("c2s.keys", Required, ["C2S-KEYS-1"], [], keys),
         test!("c2s.block", Required, ["C2S-BLOCK-1", "C2S-BLOCK-2", "C2S-BLOCK-3", "C2S-BLOCK-4"], [Presence], block),
         test!("c2s.presence", Required, ["C2S-PRES-2", "C2S-PRES-3", "C2S-PRES-4", "C2S-PRES-5"], [Presence], presence),
         test!("c2s.presence.silent_client", Required, ["C2S-PRES-1"], [Presence], presence_silent_client),
@@ -774,6 +775,31 @@ async fn change_password_rate_limited(mut ctx: Ctx) -> anyhow::Result<()> {
     expect_code(a.change_password(&right, "a new password", false).await, ErrorCode::RateLimited, &what)?;
     let mut x = s.connect().await?;
     expect_code(x.login(&alice, &right, None).await, ErrorCode::RateLimited, "a login after the guessing")?;
+    Ok(())
+}
+
+/// `keys` answers, without a token, the key the handshake presented, and a chain whose
+/// statements are each signed by the key they replace and end at it.
+async fn keys(mut ctx: Ctx) -> anyhow::Result<()> {
+    let sut = ctx.server().await?;
+    let c = sut.connect().await?;
+    let (current, chain) = c.keys().await?;
+    let presented = crate::wire::key_text(&c.server_key());
+    ensure!(current == presented, "keys names {current}, the handshake presented {presented}");
+    // Each statement (federation.md F2.7) signed by its `old` key, each taking over from
+    // the one before, the last naming the current key.
+    let mut at: Option<String> = None;
+    for (i, s) in chain.iter().enumerate() {
+        let st: missive_spec::rotation::RotationStatement = missive_spec::codec::decode(&s.statement).context("a rotation statement")?;
+        ensure!(st.server == sut.name, "statement {i} names {}", st.server);
+        ensure!(at.as_ref().is_none_or(|a| *a == st.old), "statement {i} hands over from {}, not from {at:?}", st.old);
+        let old = crate::wire::parse_key_text(&st.old).ok_or_else(|| anyhow!("statement {i}: {} is no key", st.old))?;
+        let sig = ed25519_dalek::Signature::from_slice(&s.sig).map_err(|_| anyhow!("statement {i}: not a signature"))?;
+        old.verify_strict(&missive_spec::rotation::SignedRotation::signed_bytes(&s.statement), &sig)
+            .map_err(|_| anyhow!("statement {i} is not signed by its old key"))?;
+        at = Some(st.new);
+    }
+    ensure!(at.is_none_or(|a| a == current), "the chain ends at another key than the current one");
     Ok(())
 }
 

@@ -99,7 +99,7 @@ impl Federation {
 
     /// The connection, once the peer's certificate carries a key discovery returned for the
     /// one server name it names (F3.2); `None` after closing it otherwise.
-    async fn authenticate(&self, incoming: quinn::Incoming, addr: SocketAddr) -> Option<(quinn::Connection, ServerName, PeerInfo)> {
+    async fn authenticate(self: &Arc<Self>, incoming: quinn::Incoming, addr: SocketAddr) -> Option<(quinn::Connection, ServerName, PeerInfo)> {
         let conn = match incoming.await {
             Ok(c) => c,
             Err(e) => {
@@ -133,12 +133,27 @@ impl Federation {
                 return None;
             }
         };
-        if !info.keys.contains(&key) {
-            tracing::warn!(peer = %name, %addr, presented = %key, "refusing peer: key is not one discovery returned");
-            conn.close(2u32.into(), b"key not pinned for that server name");
-            return None;
+        if info.keys.contains(&key) {
+            return Some((conn, name, info));
         }
-        Some((conn, name, info))
+        // It may have rotated its key (F2.7): follow a rotation its pinned key signed.
+        let followed = match self.follow_rotation(&name, &info, &key).await {
+            Ok(()) => self.discovery.resolve(&name).await.ok().filter(|i| i.keys.contains(&key)),
+            Err(e) => {
+                tracing::debug!(peer = %name, error = %e, "no key rotation to follow");
+                // A key document is read afresh next time.
+                self.discovery.forget(&name);
+                None
+            }
+        };
+        match followed {
+            Some(info) => Some((conn, name, info)),
+            None => {
+                tracing::warn!(peer = %name, %addr, presented = %key, "refusing peer: key is not one discovery returned");
+                conn.close(2u32.into(), b"key not pinned for that server name");
+                None
+            }
+        }
     }
 
     /// The request budget `name` shares over its connections.
@@ -215,6 +230,10 @@ impl Federation {
                 blocking(move || missive_core::restore::serve_reclaim(&*store, &peer, conv, first, last))
                     .await
                     .unwrap_or_else(|_| fed_error(FedErrorCode::Internal, "storage fault"))
+            }
+            FedRequest::Keys {} => {
+                let (current, rotations) = self.own.answer();
+                FedResponse::Keys { current, rotations }
             }
             FedRequest::Edu { typing, presence } => self.receive_edus(peer, typing, presence).await,
         }

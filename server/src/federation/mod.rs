@@ -15,6 +15,9 @@ mod ephemeral;
 mod inbound;
 mod outbound;
 mod restore;
+mod rotation;
+
+pub use rotation::OwnKeys;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -121,6 +124,10 @@ pub struct Federation {
     /// The allow and deny lists (F3.5), shared with the client API.
     policy: Arc<FederationPolicy>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// This server's current key and rotation chain (F2.7).
+    own: Arc<OwnKeys>,
+    /// When a peer's rotation was last looked for; only statically pinned peers are.
+    rotation_tries: Mutex<HashMap<ServerName, Instant>>,
 }
 
 fn response(res: FedResponse) -> Vec<u8> {
@@ -147,6 +154,7 @@ impl Federation {
         live: Arc<LiveLimits>,
         policy: Arc<FederationPolicy>,
         metrics: Arc<crate::metrics::Metrics>,
+        own: Arc<OwnKeys>,
     ) -> Arc<Federation> {
         let (connections, per_address) = live.federation_connections();
         Arc::new(Federation {
@@ -169,6 +177,8 @@ impl Federation {
             shutdown,
             policy,
             metrics,
+            own,
+            rotation_tries: Mutex::new(HashMap::new()),
         })
     }
 
@@ -299,14 +309,32 @@ impl Federation {
     }
 
     async fn connect(&self, peer: &ServerName, info: &PeerInfo) -> Result<quinn::Connection, String> {
+        match self.connect_once(peer, info).await {
+            Ok(c) => Ok(c),
+            // Another key than expected: follow the peer's rotation if its old key signed
+            // one (F2.7), then try again once with what discovery now says.
+            Err((e, Some(seen))) if !info.keys.contains(&seen) => {
+                if let Err(why) = self.follow_rotation(peer, info, &seen).await {
+                    return Err(format!("{e} (and no key rotation to follow: {why})"));
+                }
+                let info = self.discovery.resolve(peer).await.map_err(|e| e.to_string())?;
+                self.connect_once(peer, &info).await.map_err(|(e, _)| e)
+            }
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// One attempt; on failure, the key the peer presented, if it got that far.
+    async fn connect_once(&self, peer: &ServerName, info: &PeerInfo) -> Result<quinn::Connection, (String, Option<missive_federation::PublicKey>)> {
         let verifier = PinnedServerVerifier::new(Pin::AnyOf(info.keys.clone()));
-        let cfg = tls::federation_client_config(verifier, &self.key, self.server.as_str(), FEDERATION_ALPN)
-            .map_err(|e| e.to_string())?;
-        let connecting = self.endpoint.connect_with(cfg, info.addr, peer.as_str()).map_err(|e| e.to_string())?;
-        tokio::time::timeout(REQUEST_TIMEOUT, connecting)
-            .await
-            .map_err(|_| format!("connecting to {} timed out", info.addr))?
-            .map_err(|e| format!("connecting to {} ({}): {e}", info.addr, info.via))
+        let cfg = tls::federation_client_config(verifier.clone(), &self.key, self.server.as_str(), FEDERATION_ALPN)
+            .map_err(|e| (e.to_string(), None))?;
+        let connecting = self.endpoint.connect_with(cfg, info.addr, peer.as_str()).map_err(|e| (e.to_string(), None))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, connecting).await {
+            Err(_) => Err((format!("connecting to {} timed out", info.addr), None)),
+            Ok(Err(e)) => Err((format!("connecting to {} ({}): {e}", info.addr, info.via), verifier.seen())),
+            Ok(Ok(c)) => Ok(c),
+        }
     }
 
     pub(super) async fn request(&self, conn: &quinn::Connection, req: FedRequest) -> Result<FedResponse, String> {
@@ -324,12 +352,12 @@ impl Federation {
 
     /// This server's keys that sign now.
     fn own_keys(&self) -> Vec<missive_federation::PublicKey> {
-        vec![self.key.public()]
+        vec![self.own.current]
     }
 
     /// This server's retired keys with the end of their validity (ms).
     fn retired_keys(&self) -> Vec<(missive_federation::PublicKey, u64)> {
-        Vec::new()
+        self.own.retired.clone()
     }
 
     /// For `/metrics`, on the blocking pool: each known peer's queue depth (a key count),

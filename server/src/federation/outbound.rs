@@ -33,6 +33,7 @@ impl Federation {
                     match rows {
                         Ok(rows) if rows.is_empty() => None,
                         Ok(rows) => {
+                            let rows = self.signed_now(rows);
                             self.deliver(&peer, Link::build(lane, rows)).await;
                             continue;
                         }
@@ -102,6 +103,31 @@ impl Federation {
             FedResponse::Error { code, message } => Err(format!("peer refused the transaction: {code:?}: {message}")),
             other => Err(format!("unexpected answer to a transaction: {other:?}")),
         }
+    }
+}
+
+impl Federation {
+    /// Receipts queued before a key rotation, signed again with the current key: a retired
+    /// key verifies only messages (F6.2, F2.7). Messages keep their signatures.
+    fn signed_now(&self, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        if self.own.chain.is_empty() {
+            return rows;
+        }
+        let current = self.own.current.key_id();
+        rows.into_iter()
+            .map(|(k, v)| {
+                let Ok(u) = missive_core::records::decode::<missive_spec::federation::SignedUnit>("out_queue", &v) else { return (k, v) };
+                if u.key == current {
+                    return (k, v);
+                }
+                match missive_spec::codec::decode::<missive_spec::federation::Unit>(&u.unit) {
+                    Ok(unit @ missive_spec::federation::Unit::Receipt(_)) => {
+                        (k, missive_core::records::encode(&missive_federation::envelope::sign(&self.key, &unit)))
+                    }
+                    _ => (k, v),
+                }
+            })
+            .collect()
     }
 }
 
