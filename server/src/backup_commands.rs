@@ -89,6 +89,11 @@ pub async fn backup(config: &ConfigArg, dir: &Path, json: bool) -> anyhow::Resul
     };
     copy_private(&config.path, &dir.join(config::CONFIG_FILE))?;
     copy_private(&loaded.key_file, &dir.join(config::KEY_FILE))?;
+    // The key's rotation chain (federation.md F2.7) belongs with it.
+    let chain = missive_federation::RotationChain::path(&loaded.key_file);
+    if chain.exists() {
+        copy_private(&chain, &missive_federation::RotationChain::path(&dir.join(config::KEY_FILE)))?;
+    }
     let manifest = Manifest {
         kind: "missive-backup".into(),
         server_name: loaded.server_name.to_string(),
@@ -120,9 +125,14 @@ pub fn restore(from: &Path, data_dir: &Path, json: bool) -> anyhow::Result<()> {
     }
     let db = data_dir.join("db");
     copy_tree(&from.join("db"), &db)?;
-    for file in [config::CONFIG_FILE, config::KEY_FILE] {
-        if from.join(file).exists() {
-            copy_private(&from.join(file), &data_dir.join(file))?;
+    let chain = |dir: &Path| missive_federation::RotationChain::path(&dir.join(config::KEY_FILE));
+    for (src, dst) in [
+        (from.join(config::CONFIG_FILE), data_dir.join(config::CONFIG_FILE)),
+        (from.join(config::KEY_FILE), data_dir.join(config::KEY_FILE)),
+        (chain(from), chain(data_dir)),
+    ] {
+        if src.exists() {
+            copy_private(&src, &dst)?;
         }
     }
     let config_path = data_dir.join(config::CONFIG_FILE);
@@ -132,6 +142,14 @@ pub fn restore(from: &Path, data_dir: &Path, json: bool) -> anyhow::Result<()> {
             "the restored config keeps its data in {}, not {}: set data_dir in {} before starting",
             loaded.db_dir().display(),
             db.display(),
+            config_path.display()
+        );
+    }
+    if !loaded.key_file.exists() {
+        bail!(
+            "the restored config names the key file {}, which does not exist; the backup's key is {}: set key_file in {}",
+            loaded.key_file.display(),
+            data_dir.join(config::KEY_FILE).display(),
             config_path.display()
         );
     }

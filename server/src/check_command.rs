@@ -127,6 +127,9 @@ pub async fn check(config_arg: &ConfigArg, json: bool) -> anyhow::Result<()> {
     let running = admin::call(&config.admin_socket(), &AdminRequest::Peers {}).await.ok().flatten().is_some();
     check_port(&mut r, "client", config.client.listen, running);
     check_port(&mut r, "federation", config.federation.listen, running);
+    if config.metrics.enabled {
+        check_port(&mut r, "metrics", config.metrics.listen, running);
+    }
     check_clock(&mut r);
     let discovery = match config.discovery().and_then(|d| Ok(Discovery::new(d)?)) {
         Ok(d) => Some(d),
@@ -176,11 +179,17 @@ fn check_port(r: &mut Report, which: &str, addr: SocketAddr, running: bool) {
         r.ok(check, format!("{addr}: served by the running missived"));
         return;
     }
-    match std::net::UdpSocket::bind(addr) {
-        Ok(_) => r.ok(check, format!("{addr} (UDP) can be bound")),
+    // The metrics listener is HTTP over TCP; the others are QUIC over UDP.
+    let (proto, bound) = if which == "metrics" {
+        ("TCP", std::net::TcpListener::bind(addr).map(drop))
+    } else {
+        ("UDP", std::net::UdpSocket::bind(addr).map(drop))
+    };
+    match bound {
+        Ok(()) => r.ok(check, format!("{addr} ({proto}) can be bound")),
         Err(e) => r.fail(
             check,
-            format!("{addr} (UDP) cannot be bound: {e}"),
+            format!("{addr} ({proto}) cannot be bound: {e}"),
             format!("stop what holds {addr}, or change `listen` in the [{which}] section"),
         ),
     }

@@ -82,10 +82,11 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let policy = Arc::new(crate::federation::policy::FederationPolicy::new(&config.federation));
     // Restored from a backup: reclaim from peers before numbering for them (F12.3).
     let restored = missive_core::restore::load(&*store)?;
+    let (reclaimed_tx, reclaimed_rx) = tokio::sync::watch::channel(0u64);
     let (reclaims, reclaims_rx) = match restored.is_some() {
         true => {
             let (tx, rx) = tokio::sync::mpsc::channel(1024);
-            (Some(tx), Some(rx))
+            (Some(crate::service::Reclaims { ask: tx, done: reclaimed_rx }), Some(rx))
         }
         false => (None, None),
     };
@@ -142,7 +143,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     federation.start_edus(edu_rx);
     if let (Some(record), Some(rx)) = (restored, reclaims_rx) {
         tracing::warn!(reclaimed = record.reclaimed.len(), "restored from a backup: learning from peers what this server sent them");
-        federation.start_reclaim(record, rx).await?;
+        federation.start_reclaim(record, rx, reclaimed_tx).await?;
     }
     let inflight = Arc::new(Inflight::default());
     let slots = crate::api::Slots::new(config.client.max_connections, config.client.max_connections_per_address);

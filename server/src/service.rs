@@ -65,11 +65,22 @@ pub struct Service {
     /// Which servers this one federates with (federation.md F3.5).
     pub policy: Arc<crate::federation::policy::FederationPolicy>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Restored from a backup: servers a send went to that are not reclaimed from yet
-    /// (federation.md F12.3). Bounded; a full channel drops the ask.
-    pub reclaims: Option<tokio::sync::mpsc::Sender<missive_spec::ServerName>>,
+    /// Restored from a backup: how sends ask for and wait on reclaims (federation.md F12.3).
+    pub reclaims: Option<Reclaims>,
     /// The server's key and rotation chain, for `keys` (§6.13).
     pub keys: Arc<crate::federation::OwnKeys>,
+}
+
+/// How long a send to a server not yet reclaimed from after a restore waits for it.
+const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A restored server's sends and its reclaims (federation.md F12.3).
+pub struct Reclaims {
+    /// Servers a send went to that are not reclaimed from yet. Bounded; a full channel
+    /// drops the ask.
+    pub ask: tokio::sync::mpsc::Sender<missive_spec::ServerName>,
+    /// Bumped whenever a reclaim completes.
+    pub done: tokio::sync::watch::Receiver<u64>,
 }
 
 /// An authenticated caller.
@@ -207,17 +218,26 @@ impl Service {
                         Ok((c, to, content))
                     })
                     .await?;
-                let server = to.server_name();
-                let sent = self.sequencer.send(c.user, c.device, to, client_msg_id, content).await;
-                if let (Err(e), Some(reclaims)) = (&sent, &self.reclaims) {
-                    // Refused by the writer: restored, and not yet reclaimed from that
-                    // server (federation.md F12.3). Ask for it; a full channel means many
-                    // are under way, and the user's next try asks again.
-                    if e.code == ErrorCode::RemoteUnavailable {
-                        let _ = reclaims.try_send(server);
+                let Some(reclaims) = &self.reclaims else {
+                    return Ok(Response::Sent { message: self.sequencer.send(c.user, c.device, to, client_msg_id, content).await? });
+                };
+                // Restored from a backup: the writer refuses to number for a server not yet
+                // reclaimed from (federation.md F12.3). Ask for it (a full channel means
+                // many are under way; the user's next try asks again) and wait a little.
+                let deadline = tokio::time::Instant::now() + RECLAIM_WAIT;
+                let mut done = reclaims.done.clone();
+                loop {
+                    let sent = self.sequencer.send(c.user.clone(), c.device.clone(), to.clone(), client_msg_id, content.clone()).await;
+                    match sent {
+                        Err(e) if e.code == ErrorCode::RemoteUnavailable => {
+                            let _ = reclaims.ask.try_send(to.server_name());
+                            if tokio::time::timeout_at(deadline, done.changed()).await.is_err() {
+                                return Err(e);
+                            }
+                        }
+                        sent => return Ok(Response::Sent { message: sent? }),
                     }
                 }
-                Ok(Response::Sent { message: sent? })
             }
             Request::History { with, after, limit, before } => self.read(auth, move |s, c| s.history(&c, with, after, limit, before)).await,
             Request::Conversations { limit, before } => self.read(auth, move |s, c| s.conversations(&c, limit, before)).await,

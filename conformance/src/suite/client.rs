@@ -811,7 +811,7 @@ async fn block(mut ctx: Ctx) -> anyhow::Result<()> {
     let (bob, b) = s.new_user("bob").await?;
     let (_carol, c) = s.new_user("carol").await?;
     b.send_text(&alice, "before the block").await?;
-    a.send_text(&bob, "hi bob").await?;
+    let hi = a.send_text(&bob, "hi bob").await?;
     expect_code(a.block(&alice).await, ErrorCode::InvalidRequest, "blocking oneself")?;
     a.block(&bob).await?;
     a.block(&bob).await.context("blocking twice")?;
@@ -827,10 +827,17 @@ async fn block(mut ctx: Ctx) -> anyhow::Result<()> {
 
     let (mut sub, _, backlog) = a.subscribe(a.sync(0, None).await?.0).await?;
     ensure!(backlog.is_empty(), "a subscription from the head has a backlog");
-    // Bob is told nothing; carol's later message shows where bob's would have been.
+    // Bob is told nothing; carol's later message shows where bob's message and read
+    // receipt would have been.
     b.send_text(&alice, "while blocked").await.context("a blocked user's send")?;
+    b.receipt(&alice, ReceiptKind::Read, Watermark(hi.order_key())).await.context("a blocked user's receipt")?;
     c.send_text(&alice, "from carol").await?;
-    let got = messages(&collect(&mut sub, Vec::new(), 1).await?);
+    let events = collect(&mut sub, Vec::new(), 1).await?;
+    ensure!(
+        !events.iter().any(|e| matches!(&e.event, EventKind::Receipt(r) if r.user == bob)),
+        "the blocker received bob's receipt"
+    );
+    let got = messages(&events);
     ensure!(got.iter().all(|m| m.from != bob), "the blocker received {:?} from bob", got.iter().map(text).collect::<Vec<_>>());
     ensure!(got.iter().any(|m| text(m) == "from carol"), "carol's message did not arrive: {:?}", got.iter().map(text).collect::<Vec<_>>());
     let shown: Vec<String> = history_all(&a, &bob).await?.iter().map(text).collect();

@@ -11,7 +11,7 @@ use missive_core::restore::{self, RestoreRecord};
 use missive_federation::envelope;
 use missive_spec::federation::{FedRequest, FedResponse, HighWaterMark, Unit};
 use missive_spec::ServerName;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::Federation;
 use crate::store::{blocking, Cf, Direction, StoreResult};
@@ -26,7 +26,8 @@ impl Federation {
     /// Starts reclaiming from every server the restored database shares a conversation
     /// with or owes units to, retrying until each is done, and from any other server a
     /// local user sends to (`asked`), once per ask.
-    pub async fn start_reclaim(self: &Arc<Self>, record: RestoreRecord, mut asked: mpsc::Receiver<ServerName>) -> anyhow::Result<()> {
+    pub async fn start_reclaim(self: &Arc<Self>, record: RestoreRecord, mut asked: mpsc::Receiver<ServerName>, done: watch::Sender<u64>) -> anyhow::Result<()> {
+        let done = Arc::new(done);
         let known = {
             let (store, me) = (self.store.clone(), self.server.clone());
             blocking(move || servers_in_conversations(&*store, &me)).await??
@@ -35,7 +36,7 @@ impl Federation {
         names.extend(self.queued_destinations().await?);
         let running = Arc::new(std::sync::Mutex::new(HashSet::new()));
         for name in names.into_iter().filter(|n| !record.reclaimed.contains(n)) {
-            self.spawn_reclaim(name, true, running.clone());
+            self.spawn_reclaim(name, true, running.clone(), done.clone());
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -43,7 +44,7 @@ impl Federation {
             loop {
                 tokio::select! {
                     name = asked.recv() => match name {
-                        Some(name) => me.spawn_reclaim(name, false, running.clone()),
+                        Some(name) => me.spawn_reclaim(name, false, running.clone(), done.clone()),
                         None => return,
                     },
                     _ = shutdown.changed() => return,
@@ -55,7 +56,7 @@ impl Federation {
 
     /// One reclaim task for `peer` unless one runs or [`MAX_RECLAIMS`] do; `persist`:
     /// try again until it succeeds (else once).
-    fn spawn_reclaim(self: &Arc<Self>, peer: ServerName, persist: bool, running: Arc<std::sync::Mutex<HashSet<ServerName>>>) {
+    fn spawn_reclaim(self: &Arc<Self>, peer: ServerName, persist: bool, running: Arc<std::sync::Mutex<HashSet<ServerName>>>, done: Arc<watch::Sender<u64>>) {
         {
             let mut r = running.lock().unwrap_or_else(|e| e.into_inner());
             if r.contains(&peer) || r.len() >= MAX_RECLAIMS {
@@ -68,7 +69,10 @@ impl Federation {
             let mut shutdown = me.shutdown.clone();
             loop {
                 match me.reclaim_from(&peer).await {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        done.send_modify(|n| *n += 1);
+                        break;
+                    }
                     Err(e) => tracing::warn!(%peer, error = %e, "cannot learn from a peer what this restored server sent it"),
                 }
                 if !persist {
