@@ -77,7 +77,16 @@ async fn a_restored_server_takes_back_what_it_sent_after_the_backup() {
     servers[0].kill9().await;
     let restored_dir = dir.path().join("alpha-restored");
     let out = missived_ok(&["restore", "--json", &backup.display().to_string(), "--data-dir", &restored_dir.display().to_string()]).await;
-    assert!(out.contains("\"type\":\"restore\""), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((v["type"].as_str(), v["server_name"].as_str()), (Some("restore"), Some("alpha.test")), "{out}");
+    assert!(v["event_floor"].as_u64().unwrap() > 1 << 32, "{out}");
+    // A second restore into the same directory is refused: it is not empty.
+    let again = tokio::process::Command::new(missived())
+        .args(["restore", &backup.display().to_string(), "--data-dir", &restored_dir.display().to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not empty"));
     let alpha = ServerProcess::start(missived(), &restored_dir, "alpha.test").await.unwrap();
     let beta = &servers[1];
     let alice = login(&alpha, "alice").await;
