@@ -166,3 +166,35 @@ async fn a_peer_over_its_request_rate_is_answered_rate_limited_and_others_are_no
     // The bucket refills.
     eventually("the mock's bucket to refill", || async { matches!(MockPeer::request(&conn, edu()).await, Ok(FedResponse::Ok {})).then_some(()) }).await;
 }
+
+/// `high_water` reads up to 1 000 stored conversations per request (F12.1): a peer gets
+/// 600 a minute and is answered `rate_limited` after, while beta's answers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_asking_high_water_without_end_is_limited_and_others_are_not() {
+    let (_d, servers, mock) = alpha_beta_and_mock(|c| c).await;
+    let alpha = &servers[0];
+    let alice = register(alpha, "alice").await;
+    alice.send_text(&UserId::parse("@someone:mock.test").unwrap(), "hello").await.unwrap();
+    let conn = mock.connect(&alpha.name, alpha.federation, &alpha.key).await.unwrap();
+    let mut answered = 0;
+    let limited = loop {
+        match MockPeer::request(&conn, FedRequest::HighWater { after: None }).await.unwrap() {
+            FedResponse::HighWater { convs, .. } => {
+                assert_eq!(convs.len(), 1, "the mock shares one conversation with alpha");
+                answered += 1;
+            }
+            FedResponse::Error { code: missive_spec::federation::FedErrorCode::RateLimited, message } => break message,
+            other => panic!("unexpected answer {other:?}"),
+        }
+        assert!(answered <= 600, "more than 600 high_water requests answered in a minute");
+    };
+    assert_eq!(answered, 600, "{limited}");
+    assert!(limited.contains("a minute"), "{limited}");
+    // Other requests of the same peer, and other peers, are served meanwhile.
+    assert!(matches!(MockPeer::request(&conn, FedRequest::Edu { typing: Vec::new(), presence: Vec::new() }).await, Ok(FedResponse::Ok {})));
+    let other = MockPeer::start("other.test", [127, 0, 0, 10].into()).unwrap();
+    alpha.pin_peer_raw("other.test", &other.addr.to_string(), &other.public().to_text()).await.unwrap();
+    let other_conn = other.connect(&alpha.name, alpha.federation, &alpha.key).await.unwrap();
+    let answer = MockPeer::request(&other_conn, FedRequest::HighWater { after: None }).await.unwrap();
+    assert!(matches!(answer, FedResponse::HighWater { .. }), "another peer's high_water was answered {answer:?}");
+}

@@ -220,6 +220,10 @@ impl Federation {
                     .unwrap_or_else(|_| fed_error(FedErrorCode::Internal, "storage fault"))
             }
             FedRequest::HighWater { after } => {
+                if let Err(wait) = self.high_water_limit.reserve(peer, Instant::now()) {
+                    let msg = format!("at most {} high_water requests a minute; again in {} s", super::HIGH_WATER_PER_MINUTE, wait.as_secs() + 1);
+                    return fed_error(FedErrorCode::RateLimited, msg);
+                }
                 let (store, me, peer) = (self.store.clone(), self.server.clone(), peer.clone());
                 blocking(move || missive_core::restore::high_water(&*store, &me, &peer, after))
                     .await

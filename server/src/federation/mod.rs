@@ -128,7 +128,12 @@ pub struct Federation {
     own: Arc<OwnKeys>,
     /// When a peer's rotation was last looked for; only statically pinned peers are.
     rotation_tries: Mutex<HashMap<ServerName, Instant>>,
+    /// `high_water` requests per peer and minute (each reads up to 1 000 records, F12.1).
+    high_water_limit: crate::ratelimit::FailureLimiter<ServerName>,
 }
+
+/// `high_water` requests one peer may make a minute.
+pub const HIGH_WATER_PER_MINUTE: u32 = 600;
 
 fn response(res: FedResponse) -> Vec<u8> {
     codec::encode(&FedResponseFrame { v: PROTOCOL_VERSION, res })
@@ -179,6 +184,7 @@ impl Federation {
             metrics,
             own,
             rotation_tries: Mutex::new(HashMap::new()),
+            high_water_limit: crate::ratelimit::FailureLimiter::new(HIGH_WATER_PER_MINUTE, Duration::from_secs(60)),
         })
     }
 
