@@ -103,24 +103,34 @@ impl Core {
         if other == *user {
             return Err(Error::refused(ErrorCode::InvalidRequest, "one cannot block oneself"));
         }
+        let present = self.blocks(tx, user.localpart(), &other)?;
         let key = keys::block(user.localpart(), &other);
-        let present = self.store.get(Cf::Blocks, &key)?.is_some();
         match (on, present) {
             (true, false) => {
-                if self.store.count(Cf::Blocks, &keys::blocks_of(user.localpart()))? >= missive_spec::limits::MAX_BLOCKED as u64 {
+                // Blocks added earlier in this group are not in the store yet.
+                let pending = tx.blocks.iter().filter(|(k, on)| **on && k.starts_with(&keys::blocks_of(user.localpart()))).count() as u64;
+                if self.store.count(Cf::Blocks, &keys::blocks_of(user.localpart()))? + pending >= missive_spec::limits::MAX_BLOCKED as u64 {
                     return Err(Error::refused(ErrorCode::InvalidRequest, format!("at most {} users may be blocked", missive_spec::limits::MAX_BLOCKED)));
                 }
-                tx.batch.put(Cf::Blocks, key, tx.now_ms.to_be_bytes().to_vec());
+                tx.batch.put(Cf::Blocks, key.clone(), tx.now_ms.to_be_bytes().to_vec());
+                tx.blocks.insert(key, true);
             }
-            (false, true) => tx.batch.delete(Cf::Blocks, key),
+            (false, true) => {
+                tx.batch.delete(Cf::Blocks, key.clone());
+                tx.blocks.insert(key, false);
+            }
             _ => {}
         }
         Ok(())
     }
 
-    /// Whether local user `localpart` blocks `other` (§6.12).
-    pub fn blocks(&self, localpart: &str, other: &UserId) -> StoreResult<bool> {
-        Ok(self.store.get(Cf::Blocks, &keys::block(localpart, other))?.is_some())
+    /// Whether local user `localpart` blocks `other` (§6.12), this group's changes included.
+    pub fn blocks(&self, tx: &Tx, localpart: &str, other: &UserId) -> StoreResult<bool> {
+        let key = keys::block(localpart, other);
+        if let Some(on) = tx.blocks.get(&key) {
+            return Ok(*on);
+        }
+        Ok(self.store.get(Cf::Blocks, &key)?.is_some())
     }
 
     fn set_password(&mut self, tx: &mut Tx, user: &UserId, password_hash: String, logout_others: bool, keep: Option<&DeviceId>) -> Result<Vec<DeviceId>, Error> {

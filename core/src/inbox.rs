@@ -122,6 +122,11 @@ impl Core {
         let mut conv = self.conv(&m.conv, &m.from, &m.to)?;
         // The origin cannot have seen more of our messages than we have sent.
         if m.deps.get(&self.server) > conv.heads.get(&self.server) {
+            // Restored from a backup and not yet reclaimed from the origin: it may well
+            // have seen messages of ours we lost; once reclaimed they are here (F12.3).
+            if self.may_number_for(&m.origin).is_err() {
+                return Ok(outcome(UnitResult::Retry));
+            }
             tracing::warn!(conv = %m.conv, origin = %m.origin, seq = m.seq, "unit claims messages of ours that do not exist");
             return Ok(outcome(UnitResult::InvalidUnit));
         }

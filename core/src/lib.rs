@@ -109,6 +109,8 @@ pub struct Tx {
     pub(crate) removed: HashSet<(String, DeviceId)>,
     pub(crate) watermarks: HashMap<Vec<u8>, Watermark>,
     pub(crate) presence: HashMap<String, PresenceRecord>,
+    /// Blocks started (true) or ended (false) by this group, by `Blocks` key (§6.12).
+    pub(crate) blocks: HashMap<Vec<u8>, bool>,
     pub(crate) limits: HeldLimits,
     /// Held units this group may still release.
     pub(crate) release_left: usize,
@@ -199,6 +201,7 @@ impl Core {
             removed: HashSet::new(),
             watermarks: HashMap::new(),
             presence: HashMap::new(),
+            blocks: HashMap::new(),
             limits,
             release_left: limits.release_batch,
         }

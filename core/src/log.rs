@@ -79,11 +79,6 @@ impl Core {
         conv.active_ms = now;
         for (user, peer) in [(&msg.from, &msg.to), (&msg.to, &msg.from)] {
             if user.is_on(&self.server) {
-                // A recipient who blocks the sender never gets the message (§6.12).
-                if user == &msg.to && self.blocks(user.localpart(), &msg.from)? {
-                    tx.batch.put(Cf::Withheld, keys::message(&msg.conv, &key), Vec::new());
-                    continue;
-                }
                 if was != now {
                     if was != 0 {
                         tx.batch.delete(Cf::Active, keys::active(user.localpart(), was, &msg.conv));
@@ -94,7 +89,13 @@ impl Core {
                     tx.batch.put(Cf::UserConvs, keys::user_conv(user.localpart(), &msg.conv), peer.as_str().as_bytes().to_vec());
                     tx.batch.put(Cf::Contacts, keys::contact(peer, user.localpart()), Vec::new());
                 }
-                self.push_event(tx, user.localpart(), EventKind::Message(msg.clone()))?;
+                // A recipient who blocks the sender never gets the message (§6.12); the
+                // indexes above stay as for any message, and read around it.
+                if user == &msg.to && self.blocks(tx, user.localpart(), &msg.from)? {
+                    tx.batch.put(Cf::Withheld, keys::message(&msg.conv, &key), Vec::new());
+                } else {
+                    self.push_event(tx, user.localpart(), EventKind::Message(msg.clone()))?;
+                }
             }
         }
         Ok(())

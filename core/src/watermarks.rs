@@ -31,7 +31,7 @@ impl Core {
         tx.watermarks.insert(key, r.up_to.clone());
         for u in [&r.user, &r.peer] {
             // The receipts of someone the local user blocks do not reach them (§6.12).
-            if u.is_on(&self.server) && !(u == &r.peer && self.blocks(u.localpart(), &r.user)?) {
+            if u.is_on(&self.server) && !(u == &r.peer && self.blocks(tx, u.localpart(), &r.user)?) {
                 self.push_event(tx, u.localpart(), EventKind::Receipt(r.clone()))?;
             }
         }

@@ -426,6 +426,11 @@ impl Discovery {
         self.forget(name);
     }
 
+    /// The keys the operator pinned for `name` (`[[peers]]`), if any.
+    pub fn static_keys(&self, name: &ServerName) -> Vec<PublicKey> {
+        self.statics.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|s| s.keys.clone()).unwrap_or_default()
+    }
+
     /// Forgets what is cached about `name` (after a failed connection, say).
     pub fn forget(&self, name: &ServerName) {
         self.state().cache.remove(name);

@@ -125,6 +125,11 @@ pub fn restore(from: &Path, data_dir: &Path, json: bool) -> anyhow::Result<()> {
     }
     let db = data_dir.join("db");
     copy_tree(&from.join("db"), &db)?;
+    // Marked at once: however the rest goes, this database never starts as if it had not
+    // been restored (it would number again what peers already hold).
+    let store = RocksStore::open(&db)?;
+    let record = missive_core::restore::mark_restored(&store, missive_server::accounts::now_ms())?;
+    drop(store);
     let chain = |dir: &Path| missive_federation::RotationChain::path(&dir.join(config::KEY_FILE));
     for (src, dst) in [
         (from.join(config::CONFIG_FILE), data_dir.join(config::CONFIG_FILE)),
@@ -153,9 +158,6 @@ pub fn restore(from: &Path, data_dir: &Path, json: bool) -> anyhow::Result<()> {
             config_path.display()
         );
     }
-    let store = RocksStore::open(&db)?;
-    let record = missive_core::restore::mark_restored(&store, missive_server::accounts::now_ms())?;
-    drop(store);
     if json {
         println!(
             "{}",

@@ -1,9 +1,10 @@
 //! What `/metrics` reports (Prometheus text, OpenMetrics flavour): counters and histograms
 //! the server updates as it works, and figures read from the store at each scrape.
 //!
-//! Every label set is bounded: request kinds and error codes are fixed lists, event kinds
-//! too; `peer` takes the names of servers this one federates with, the same set
-//! `missived peers` lists.
+//! Request kinds, error codes and event kinds are fixed lists. `peer` takes the name of
+//! every server this one sent a transaction to or received units from since it started,
+//! and is never dropped: as many series as servers met, which the connection limits and
+//! the destinations of local users bound, not a fixed number.
 
 use std::sync::Mutex;
 use std::time::Duration;

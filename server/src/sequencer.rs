@@ -288,11 +288,14 @@ impl Writer {
             }
         };
         self.core.committed(committed);
+        if committed {
+            // Counted before anyone hears `sent`, so no scrape after the reply misses it.
+            self.ctx.metrics.messages_accepted.inc_by(accepted);
+        }
         for d in done {
             d(committed);
         }
         if committed {
-            self.ctx.metrics.messages_accepted.inc_by(accepted);
             for (user, head) in tx.wake {
                 self.ctx.hub.notify(&user, head);
             }

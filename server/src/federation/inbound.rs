@@ -137,7 +137,7 @@ impl Federation {
             return Some((conn, name, info));
         }
         // It may have rotated its key (F2.7): follow a rotation its pinned key signed.
-        let followed = match self.follow_rotation(&name, &info, &key).await {
+        let followed = match self.follow_rotation(&name, &info).await {
             Ok(()) => self.discovery.resolve(&name).await.ok().filter(|i| i.keys.contains(&key)),
             Err(e) => {
                 tracing::debug!(peer = %name, error = %e, "no key rotation to follow");

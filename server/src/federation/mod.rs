@@ -320,7 +320,7 @@ impl Federation {
             // Another key than expected: follow the peer's rotation if its old key signed
             // one (F2.7), then try again once with what discovery now says.
             Err((e, Some(seen))) if !info.keys.contains(&seen) => {
-                if let Err(why) = self.follow_rotation(peer, info, &seen).await {
+                if let Err(why) = self.follow_rotation(peer, info).await {
                     return Err(format!("{e} (and no key rotation to follow: {why})"));
                 }
                 let info = self.discovery.resolve(peer).await.map_err(|e| e.to_string())?;

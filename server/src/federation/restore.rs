@@ -3,7 +3,7 @@
 //! peer's units it lost, before numbering new messages for the peer's users. What to ask
 //! and what may be stored is the core's (`missive_core::restore`); this moves the bytes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, watch};
 use super::Federation;
 use crate::store::{blocking, Cf, Direction, StoreResult};
 
-/// Reclaims under way at once; a send toward yet another server is answered
-/// `remote_unavailable` and asks again later.
+/// Reclaims asked for by sends under way at once; a send toward yet another server is
+/// answered `remote_unavailable` and asks again later. Those of the servers the database
+/// knows are not counted: there is one per server, retrying until done.
 const MAX_RECLAIMS: usize = 64;
 /// Pause between attempts toward a peer that could not be reached.
 const RETRY: Duration = Duration::from_secs(2);
@@ -34,7 +35,8 @@ impl Federation {
         };
         let mut names: HashSet<ServerName> = known.into_iter().collect();
         names.extend(self.queued_destinations().await?);
-        let running = Arc::new(std::sync::Mutex::new(HashSet::new()));
+        // Reclaims under way, each with whether it retries until done.
+        let running = Arc::new(std::sync::Mutex::new(HashMap::new()));
         for name in names.into_iter().filter(|n| !record.reclaimed.contains(n)) {
             self.spawn_reclaim(name, true, running.clone(), done.clone());
         }
@@ -56,13 +58,13 @@ impl Federation {
 
     /// One reclaim task for `peer` unless one runs or [`MAX_RECLAIMS`] do; `persist`:
     /// try again until it succeeds (else once).
-    fn spawn_reclaim(self: &Arc<Self>, peer: ServerName, persist: bool, running: Arc<std::sync::Mutex<HashSet<ServerName>>>, done: Arc<watch::Sender<u64>>) {
+    fn spawn_reclaim(self: &Arc<Self>, peer: ServerName, persist: bool, running: Arc<std::sync::Mutex<HashMap<ServerName, bool>>>, done: Arc<watch::Sender<u64>>) {
         {
             let mut r = running.lock().unwrap_or_else(|e| e.into_inner());
-            if r.contains(&peer) || r.len() >= MAX_RECLAIMS {
+            if r.contains_key(&peer) || (!persist && r.values().filter(|p| !**p).count() >= MAX_RECLAIMS) {
                 return;
             }
-            r.insert(peer.clone());
+            r.insert(peer.clone(), persist);
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -118,17 +120,20 @@ impl Federation {
     /// for its units we lack; how many of ours were stored.
     async fn reclaim_conversation(self: &Arc<Self>, conn: &quinn::Connection, peer: &ServerName, mark: &HighWaterMark) -> Result<usize, String> {
         let mut stored = 0;
-        let mut asked_gap = false;
+        let mut fill = None;
         loop {
             let plan = {
                 let (store, me, peer, mark) = (self.store.clone(), self.server.clone(), peer.clone(), *mark);
                 blocking(move || restore::plan(&*store, &me, &peer, &mark)).await.and_then(|r| r).map_err(|e| e.to_string())?
             };
-            if let (Some(fill), false) = (plan.fill, asked_gap) {
-                asked_gap = true;
-                self.want_gap(fill);
-            }
-            let Some((first, last)) = plan.reclaim else { return Ok(stored) };
+            fill = fill.or(plan.fill);
+            let Some((first, last)) = plan.reclaim else {
+                // The peer's units we lost may depend on ours: asked for once ours are back.
+                if let Some(f) = fill {
+                    self.want_gap(f);
+                }
+                return Ok(stored);
+            };
             let units = match self.request(conn, FedRequest::Reclaim { conv: mark.conv, last, first }).await? {
                 FedResponse::Units { units } => units,
                 FedResponse::Error { code, message } => return Err(format!("reclaim refused: {code:?}: {message}")),

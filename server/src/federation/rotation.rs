@@ -64,40 +64,49 @@ impl Federation {
         Ok(())
     }
 
-    /// `peer` presented `seen`, which it was not expected to (`info`): if its chain leads
-    /// there from a key pinned for it, expect `seen` from now on (F2.7). At most one try
-    /// per peer every [`RETRY`].
-    pub(super) async fn follow_rotation(&self, peer: &ServerName, info: &PeerInfo, seen: &PublicKey) -> Result<(), String> {
-        if info.via != "static" {
-            // A key document is read again instead (F2.2), after `forget`.
+    /// `peer`, statically pinned, presented a key it was not pinned with: connect to its
+    /// address, see the key it presents there, and if its chain leads there from the
+    /// pinned key, expect that key from now on (F2.7). Whoever shows a key on an inbound
+    /// connection only makes us look at the real server; at most one look per peer every
+    /// [`RETRY`].
+    pub(super) async fn follow_rotation(&self, peer: &ServerName, info: &PeerInfo) -> Result<(), String> {
+        let pinned = self.discovery.static_keys(peer);
+        if pinned.is_empty() {
+            // Its keys come from its key document, which is read again instead (F2.2).
             return Err("the peer's keys come from its key document".into());
         }
         {
+            // Bounded by the static peers.
             let mut tried = self.rotation_tries.lock().unwrap_or_else(|e| e.into_inner());
             if tried.get(peer).is_some_and(|t| t.elapsed() < RETRY) {
-                return Err("followed a short while ago".into());
+                return Err("looked a short while ago".into());
             }
             tried.insert(peer.clone(), Instant::now());
         }
-        // A link that accepts the presented key for one `keys` request and nothing else.
-        let verifier = PinnedServerVerifier::new(Pin::Key(*seen));
-        let cfg = tls::federation_client_config(verifier, &self.key, self.server.as_str(), FEDERATION_ALPN).map_err(|e| e.to_string())?;
+        // A link that accepts whatever key the server at the pinned address presents, for
+        // one `keys` request and nothing else.
+        let verifier = PinnedServerVerifier::new(Pin::FirstUse);
+        let cfg = tls::federation_client_config(verifier.clone(), &self.key, self.server.as_str(), FEDERATION_ALPN).map_err(|e| e.to_string())?;
         let connecting = self.endpoint.connect_with(cfg, info.addr, peer.as_str()).map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(super::REQUEST_TIMEOUT, connecting).await.map_err(|_| "timed out".to_string())?.map_err(|e| e.to_string())?;
+        let seen = verifier.seen().ok_or("no key presented")?;
+        if info.keys.contains(&seen) {
+            conn.close(0u32.into(), b"keys read");
+            return Err("the server presents the key already expected".into());
+        }
         let answer = self.request(&conn, FedRequest::Keys {}).await;
         conn.close(0u32.into(), b"keys read");
         let (current, chain) = match answer? {
             FedResponse::Keys { current, rotations } => (current, rotations),
             other => return Err(format!("unexpected answer to keys: {other:?}")),
         };
-        if PublicKey::parse(&current).ok().as_ref() != Some(seen) {
+        if PublicKey::parse(&current).ok().as_ref() != Some(&seen) {
             return Err("the peer's keys answer names another current key than it presented".into());
         }
-        let (from, retired) = info
-            .keys
+        let (from, retired) = pinned
             .iter()
-            .find_map(|k| missive_federation::rotation::follow(peer, k, seen, &chain).ok().map(|r| (*k, r)))
-            .ok_or_else(|| format!("{peer} presented {seen}, and no rotation statement by its pinned key leads there"))?;
+            .find_map(|k| missive_federation::rotation::follow(peer, k, &seen, &chain).ok().map(|r| (*k, r)))
+            .ok_or_else(|| format!("{peer} presents {seen}, and no rotation statement by its pinned key leads there"))?;
         let learnt = Learnt {
             from: from.to_text(),
             key: seen.to_text(),
@@ -106,7 +115,7 @@ impl Federation {
         let key = [LEARNT_PREFIX, peer.as_str().as_bytes()].concat();
         self.sequencer.put_meta(key, serde_json::to_vec(&learnt).map_err(|e| e.to_string())?).await.map_err(|e| e.message)?;
         tracing::info!(%peer, old = %from, new = %seen, "peer rotated its key; following it (signed by its old key)");
-        self.discovery.learn_rotation(peer, Rotated { from, key: *seen, retired });
+        self.discovery.learn_rotation(peer, Rotated { from, key: seen, retired });
         Ok(())
     }
 }
