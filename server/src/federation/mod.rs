@@ -127,7 +127,9 @@ pub struct Federation {
     /// This server's current key and rotation chain (F2.7).
     own: Arc<OwnKeys>,
     /// When a peer's rotation was last looked for; only statically pinned peers are.
-    rotation_tries: Mutex<HashMap<ServerName, Instant>>,
+    rotation_tries: Mutex<HashMap<ServerName, (Instant, bool)>>,
+    /// Held while looking for a peer's rotation.
+    rotation_lock: tokio::sync::Mutex<()>,
     /// `high_water` requests per peer and minute (each reads up to 1 000 records, F12.1).
     high_water_limit: crate::ratelimit::FailureLimiter<ServerName>,
 }
@@ -184,6 +186,7 @@ impl Federation {
             metrics,
             own,
             rotation_tries: Mutex::new(HashMap::new()),
+            rotation_lock: tokio::sync::Mutex::new(()),
             high_water_limit: crate::ratelimit::FailureLimiter::new(HIGH_WATER_PER_MINUTE, Duration::from_secs(60)),
         })
     }

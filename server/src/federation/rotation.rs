@@ -75,14 +75,24 @@ impl Federation {
             // Its keys come from its key document, which is read again instead (F2.2).
             return Err("the peer's keys come from its key document".into());
         }
+        // One look at a time (an inbound and an outbound connection may both ask): who
+        // waited learns what the look before found.
+        let _one = self.rotation_lock.lock().await;
         {
             // Bounded by the static peers.
-            let mut tried = self.rotation_tries.lock().unwrap_or_else(|e| e.into_inner());
-            if tried.get(peer).is_some_and(|t| t.elapsed() < RETRY) {
-                return Err("looked a short while ago".into());
+            let tried = self.rotation_tries.lock().unwrap_or_else(|e| e.into_inner());
+            match tried.get(peer) {
+                Some((t, true)) if t.elapsed() < RETRY => return Ok(()),
+                Some((t, false)) if t.elapsed() < RETRY => return Err("looked a short while ago".into()),
+                _ => {}
             }
-            tried.insert(peer.clone(), Instant::now());
         }
+        let outcome = self.look_for_rotation(peer, info, &pinned).await;
+        self.rotation_tries.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.clone(), (Instant::now(), outcome.is_ok()));
+        outcome
+    }
+
+    async fn look_for_rotation(&self, peer: &ServerName, info: &PeerInfo, pinned: &[PublicKey]) -> Result<(), String> {
         // A link that accepts whatever key the server at the pinned address presents, for
         // one `keys` request and nothing else.
         let verifier = PinnedServerVerifier::new(Pin::FirstUse);
