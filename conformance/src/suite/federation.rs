@@ -35,6 +35,7 @@ pub fn tests() -> Vec<Test> {
         test!("fed.tls.unpinned_peer", Required, ["FED-TLS-2", "FED-DISC-3"], [Federation], tls_unpinned_peer),
         test!("fed.tls.wrong_server_key", Required, ["FED-TLS-1"], [Federation], tls_wrong_server_key),
         test!("fed.send.signed", Required, ["FED-SIGN-1", "FED-TXN-1", "FED-SEND-4", "CORE-CBOR-1"], [Federation], send_signed),
+        test!("fed.restore.answers", Required, ["FED-RESTORE-1", "FED-RESTORE-2", "FED-ROT-2"], [Federation], restore_answers),
         test!("fed.send.backfill_answer", Required, ["FED-BACKFILL-1", "FED-BACKFILL-2", "FED-BACKFILL-3", "FED-SIGN-2"], [Federation], send_backfill_answer),
         test!("fed.send.dropped_transactions", Required, ["FED-SEND-2", "FED-SEND-3"], [Federation], send_dropped),
         test!("fed.send.partial_ack", Required, ["FED-SEND-2", "FED-SEND-4"], [Federation], send_partial),
@@ -95,6 +96,43 @@ async fn recv_accept(mut ctx: Ctx) -> anyhow::Result<()> {
     let got = messages(&sync_all(&s.client).await?);
     ensure!(got == ms, "bob's stream has {:?}, expected f1..f3 exactly as sent", got.iter().map(text).collect::<Vec<_>>());
     ensure!(history_all(&s.client, &alice).await? == ms, "history differs from the accepted units");
+    Ok(())
+}
+
+/// What a restored peer asks (F12): `high_water` reports what is stored of the asker's
+/// units and of the server's own per conversation, `reclaim` sends the asker's own units
+/// back as stored; and `keys` (F2.7) names the key the link presented.
+async fn restore_answers(mut ctx: Ctx) -> anyhow::Result<()> {
+    let mut s = setup(&mut ctx).await?;
+    let c = conn(&s).await?;
+    let alice = mock_user(&s.mock, "alice");
+    let units: Vec<_> = msgs(&s.mock, &alice, &s.local, 1, 3).iter().map(|m| s.mock.sign(m)).collect();
+    expect_results(&c, units.clone(), &[UnitResult::Accepted; 3], "three honest units").await?;
+    s.client.send_text(&alice, "a reply").await?;
+    let conv = ConversationId::one_to_one(&s.local, &alice);
+    let (next, convs) = match MockPeer::request(&c, FedRequest::HighWater { after: None }).await? {
+        FedResponse::HighWater { next, convs } => (next, convs),
+        r => bail!("high_water answered {r:?}"),
+    };
+    ensure!(next.is_none(), "one conversation, yet high_water says more remain");
+    let mark = convs.iter().find(|m| m.conv == conv).ok_or_else(|| anyhow!("high_water lists no entry for the conversation: {convs:?}"))?;
+    ensure!((mark.yours, mark.mine) == (3, 1), "high_water says yours {} mine {}, expected 3 and 1", mark.yours, mark.mine);
+    let after = MockPeer::request(&c, FedRequest::HighWater { after: Some(conv) }).await?;
+    ensure!(matches!(&after, FedResponse::HighWater { convs, .. } if convs.iter().all(|m| m.conv > conv)), "high_water after the last conversation answered {after:?}");
+    match MockPeer::request(&c, FedRequest::Reclaim { conv, last: 9, first: 2 }).await? {
+        FedResponse::Units { units: back } => ensure!(back == units[1..], "reclaim 2..9 answered other units than the asker's 2 and 3 as sent"),
+        r => bail!("reclaim answered {r:?}"),
+    }
+    let r = MockPeer::request(&c, FedRequest::Reclaim { conv, last: 101, first: 1 }).await?;
+    ensure!(matches!(&r, FedResponse::Error { code, .. } if *code == FedErrorCode::TooMany), "a reclaim of 101 was answered {r:?}");
+    let (carol, _) = s.sut.new_user("carol").await?;
+    let foreign = ConversationId::one_to_one(&s.local, &carol);
+    let r = MockPeer::request(&c, FedRequest::Reclaim { conv: foreign, last: 1, first: 1 }).await?;
+    ensure!(matches!(&r, FedResponse::Error { code, .. } if *code == FedErrorCode::Forbidden), "a reclaim of a conversation the asker has no member in was answered {r:?}");
+    match MockPeer::request(&c, FedRequest::Keys {}).await? {
+        FedResponse::Keys { current, .. } => ensure!(current == s.sut.key.to_text(), "keys names {current}, not the server's key"),
+        r => bail!("keys answered {r:?}"),
+    }
     Ok(())
 }
 
