@@ -8,6 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
+use tokio::io::AsyncBufReadExt;
+
 use common::*;
 use missive_conformance::harness::ServerProcess;
 use missive_server::config::Config;
@@ -318,4 +320,71 @@ async fn a_closed_output_pipe_ends_an_operator_command_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", out.status);
+}
+
+/// The README's "two servers on one host" block, run line by line as written: only its
+/// `/tmp/` paths move into a temporary directory, the `ed25519:…` placeholders take the
+/// keys `init` printed, and the last `sync` is asked again until the message is there.
+/// It uses the README's ports, 7450 to 7462 on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_federation_example_runs_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("Two servers on one host").expect("the README's federation example moved")..];
+    let start = section.find("```sh\n").unwrap() + "```sh\n".len();
+    let block = &section[start..start + section[start..].find("\n```").unwrap()];
+    let tmp = tempfile::tempdir().unwrap();
+    let bins = missived().parent().unwrap().to_owned();
+    let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
+    let mut keys: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+    let mut servers = Vec::new();
+    let mut last = String::new();
+    // Joins continued lines.
+    for line in block.replace("\\\n", " ").lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+        let mut line = line.replace("/tmp/", &format!("{}/", tmp.path().display()));
+        if line.contains("ed25519:…") {
+            let name = ["alpha.test", "beta.test"].into_iter().find(|n| line.contains(&format!(" {n} "))).unwrap();
+            line = line.replace("ed25519:…", &keys[name]);
+        }
+        if let Some(run) = line.strip_suffix(" &") {
+            let mut child = tokio::process::Command::new("sh")
+                .args(["-c", &format!("exec {run}")])
+                .env("PATH", &path)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+            let ready = async {
+                while let Some(l) = lines.next_line().await.unwrap() {
+                    if l.contains(" ready, ") {
+                        return l;
+                    }
+                }
+                panic!("{run} ended before it was ready");
+            };
+            tokio::time::timeout(DEADLINE, ready).await.unwrap_or_else(|_| panic!("{run} not ready in time"));
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            servers.push(child);
+            continue;
+        }
+        let sync = line.ends_with(" sync");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let out = tokio::process::Command::new("sh").args(["-c", &line]).env("PATH", &path).output().await.unwrap();
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "README line failed: {line}\n{stdout}{stderr}");
+            last = stdout.to_string();
+            if let Some(k) = stdout.lines().find_map(|l| l.trim().strip_prefix("server key:")) {
+                let name = if line.contains("alpha.test") { "alpha.test" } else { "beta.test" };
+                keys.insert(name, k.trim().to_owned());
+            }
+            if !sync || last.contains("hello from alpha") || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    assert!(last.contains("@alice:alpha.test: hello from alpha"), "bob's sync printed: {last}");
+    assert_eq!(servers.len(), 2);
 }
