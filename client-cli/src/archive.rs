@@ -216,7 +216,7 @@ impl Archive {
 
     fn insert(&self, m: &Message) -> rusqlite::Result<bool> {
         let id = self.free_id(m.ts)?;
-        let text = m.content.as_text();
+        let text = crate::e2ee::shown(&m.content).text;
         let inserted = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO message (id, conv, origin, seq, ts, sender, recipient, content_type, text, encoded)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",

@@ -273,6 +273,36 @@ impl Client {
         }
     }
 
+    /// E3.1: publishes this device's keys; how many one-time keys the server holds, and
+    /// whether it holds a fallback key.
+    pub async fn keys_upload(
+        &self,
+        keys: Option<missive_spec::e2ee::DeviceKeys>,
+        fallback: Option<missive_spec::e2ee::OneTimeKey>,
+        one_time: Vec<missive_spec::e2ee::OneTimeKey>,
+    ) -> Result<(u32, bool), ClientError> {
+        match self.request(Request::KeysUpload { keys, fallback, one_time }).await? {
+            Response::KeyCount { one_time, fallback } => Ok((one_time, fallback)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// E3.2: the device keys of `user`'s devices.
+    pub async fn keys_query(&self, user: &UserId) -> Result<Vec<missive_spec::e2ee::DeviceKeys>, ClientError> {
+        match self.request(Request::KeysQuery { user: user.clone() }).await? {
+            Response::DeviceKeys { devices, .. } => Ok(devices),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// E3.3: one key of each of `devices` of `user`.
+    pub async fn keys_claim(&self, user: &UserId, devices: Vec<DeviceId>) -> Result<Vec<missive_spec::e2ee::ClaimedKey>, ClientError> {
+        match self.request(Request::KeysClaim { user: user.clone(), devices }).await? {
+            Response::Claimed { keys } => Ok(keys),
+            r => Err(unexpected(r)),
+        }
+    }
+
     pub async fn info(&self) -> Result<Response, ClientError> {
         self.request(Request::Info {}).await
     }

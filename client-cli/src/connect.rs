@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use missive_cli::archive::Recorder;
 use missive_cli::client::{Client, ClientError};
+use missive_cli::e2ee::Crypto;
 use missive_cli::outbox::Outbox;
 use missive_cli::profile::{Profile, SessionFile};
 use missive_spec::{Response, ServerName, UserId};
@@ -136,13 +137,29 @@ pub async fn session_client_flushed(profile: &Profile) -> anyhow::Result<(Client
     Ok((c, s, waiting))
 }
 
+/// The logged-in device's key store.
+pub fn crypto(profile: &Profile, s: &SessionFile) -> anyhow::Result<Crypto> {
+    Crypto::open(profile, &s.user, &s.device)
+}
+
+/// Says on standard error what the key store noticed (a peer's new or changed device).
+pub fn say_notices(crypto: &mut Crypto) {
+    for n in crypto.take_notices() {
+        eprintln!("missive: {n}");
+    }
+}
+
 /// Sends the outbox in order; reports on standard error. Returns how many still wait.
 async fn flush_outbox(profile: &Profile, c: &Client) -> anyhow::Result<usize> {
     let outbox = Outbox::open(profile.dir())?;
     if outbox.is_empty()? {
         return Ok(0);
     }
-    let f = outbox.flush(c).await?;
+    let s = profile.require_session()?;
+    let mut crypto = Crypto::open(profile, &s.user, &s.device)?;
+    let f = outbox.flush(c, &mut crypto).await;
+    say_notices(&mut crypto);
+    let f = f?;
     Recorder::new(profile).record_all(&f.sent);
     if !f.sent.is_empty() {
         eprintln!("sent {} message(s) from the outbox", f.sent.len());

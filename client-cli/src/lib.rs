@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod client;
+pub mod e2ee;
 pub mod outbox;
 pub mod output;
 pub mod profile;

@@ -111,6 +111,10 @@ enum Command {
         to: String,
         /// The message.
         text: String,
+        /// Send it unencrypted, readable by both servers (for bots and compliance
+        /// archives); messages are end-to-end encrypted otherwise.
+        #[arg(long)]
+        plaintext: bool,
     },
     /// List the outbox: messages waiting to be sent, and those the server refused, with
     /// the reason (at most 1 000 entries).
@@ -154,6 +158,19 @@ enum Command {
     Chat {
         /// The user to chat with (required outside a terminal).
         with: Option<String>,
+        /// Send unencrypted, readable by both servers; encrypted end to end otherwise.
+        #[arg(long)]
+        plaintext: bool,
+    },
+    /// Show the safety number you and a user share, and mark the user verified: compare
+    /// it with theirs (in person, or over another channel you trust) first. Afterwards a
+    /// new or changed device of theirs stops your messages to them until you verify again.
+    Verify {
+        /// The user, e.g. @bob:beta.example.
+        user: String,
+        /// Only show the number; change nothing.
+        #[arg(long)]
+        show: bool,
     },
     /// Change your password: asks for the current one, then the new one twice.
     Passwd {
@@ -322,7 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Passwd { password_stdin, logout_others } => {
             cmd::login::passwd(p, json, password_from(password_stdin), logout_others).await
         }
-        Command::Send { to, text } => cmd::send::send(p, json, &to, &text).await,
+        Command::Send { to, text, plaintext } => cmd::send::send(p, json, &to, &text, plaintext).await,
         Command::Outbox { action: None } => cmd::outbox::list(p, json),
         Command::Outbox { action: Some(OutboxAction::Retry { id }) } => cmd::outbox::retry(p, json, &id),
         Command::Outbox { action: Some(OutboxAction::Drop { id }) } => cmd::outbox::drop(p, json, &id),
@@ -330,7 +347,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync => cmd::sync::sync(p, json).await,
         Command::Listen => cmd::listen::listen(p, json).await,
         Command::Search { text, with, limit } => cmd::search::search(p, json, &text, with.as_deref(), limit),
-        Command::Chat { with } => cmd::chat::chat(p, json, with.as_deref()).await,
+        Command::Chat { with, plaintext } => cmd::chat::chat(p, json, with.as_deref(), plaintext).await,
+        Command::Verify { user, show } => cmd::verify::verify(p, json, &user, show).await,
         Command::Read { with } => cmd::history::read(p, json, &with).await,
         Command::Presence { user } => cmd::presence::presence(p, json, &user).await,
         Command::Typing { with } => cmd::presence::typing(p, json, &with).await,

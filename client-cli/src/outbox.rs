@@ -12,10 +12,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use missive_spec::{limits, ClientMsgId, Content, Message, UserId};
+use missive_spec::{limits, ClientMsgId, Message, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, ClientError};
+use crate::e2ee::{send_text, Crypto, SendError};
 use crate::profile::{create_private_dir, write_private};
 
 /// Bound on the entries the outbox holds, waiting and failed together: queueing more is
@@ -35,13 +36,16 @@ pub struct Queued {
     /// Why the server refused it, for an entry in `failed/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Sent unencrypted (`--plaintext`); otherwise encrypted when it leaves (e2ee.md E4).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext: bool,
 }
 
 impl Queued {
     /// A message to queue now, under the id it was (or would have been) sent with.
     pub fn new(to: UserId, text: String, id: ClientMsgId) -> Queued {
         let created_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Queued { to, text, client_msg_id: id.to_hex(), created_ms, reason: None }
+        Queued { to, text, client_msg_id: id.to_hex(), created_ms, reason: None, plaintext: false }
     }
 
     pub fn id(&self) -> anyhow::Result<ClientMsgId> {
@@ -209,24 +213,28 @@ impl Outbox {
     }
 
     /// Sends what waits, in order, stopping (and keeping the rest) if the server becomes
-    /// unreachable.
-    pub async fn flush(&self, c: &Client) -> anyhow::Result<Flushed> {
+    /// unreachable. Each message is encrypted now, with the keys current when it leaves.
+    pub async fn flush(&self, c: &Client, crypto: &mut Crypto) -> anyhow::Result<Flushed> {
         let mut out = Flushed::default();
         let all = self.list()?;
         let total = all.len();
         for (i, (path, q)) in all.into_iter().enumerate() {
-            match c.send(&q.to, Content::text(&q.text), q.id()?).await {
+            match send_text(c, crypto, &q.to, &q.text, q.id()?, q.plaintext).await {
                 Ok(m) => {
                     remove(&path)?;
                     out.sent.push(m);
                 }
-                Err(ClientError::Server { code, message }) => {
+                Err(e) if e.is_connection() => {
+                    out.waiting = total - i;
+                    break;
+                }
+                Err(SendError::Client(ClientError::Server { code, message })) => {
                     let reason = format!("{code}: {message}");
                     out.failed.push((self.fail(&path, q, reason.clone())?, reason));
                 }
-                Err(_) => {
-                    out.waiting = total - i;
-                    break;
+                Err(e) => {
+                    let reason = e.to_string();
+                    out.failed.push((self.fail(&path, q, reason.clone())?, reason));
                 }
             }
         }
@@ -270,6 +278,7 @@ mod tests {
             client_msg_id: id.into(),
             created_ms: 1,
             reason: None,
+            plaintext: false,
         }
     }
 

@@ -19,10 +19,13 @@ pub fn message_fields(m: &Message) -> Map<String, Value> {
     o.insert("from".into(), json!(m.from.as_str()));
     o.insert("to".into(), json!(m.to.as_str()));
     o.insert("ts".into(), json!(m.ts));
-    o.insert("content_type".into(), json!(m.content.kind));
-    match m.content.as_text() {
-        Some(t) => o.insert("text".into(), json!(t)),
-        None => o.insert("body_base64".into(), json!(STANDARD.encode(&m.content.body))),
+    let shown = crate::e2ee::shown(&m.content);
+    o.insert("content_type".into(), json!(shown.kind));
+    o.insert("encrypted".into(), json!(shown.encrypted));
+    match (shown.text, shown.undecryptable) {
+        (_, Some(why)) => o.insert("undecryptable".into(), json!(why)),
+        (Some(t), None) => o.insert("text".into(), json!(t)),
+        (None, None) => o.insert("body_base64".into(), json!(STANDARD.encode(shown.body))),
     };
     o
 }
@@ -83,9 +86,11 @@ pub fn page_json(older: &Option<Cursor>, newer: &Option<Cursor>, count: usize) -
 
 /// `2026-11-22 17:05:09 @alice:alpha.test: hello`
 pub fn message_line(m: &Message) -> String {
-    let body = match m.content.as_text() {
-        Some(t) => t.replace('\n', "\n    "),
-        None => format!("[{} payload, {} bytes]", m.content.kind, m.content.body.len()),
+    let shown = crate::e2ee::shown(&m.content);
+    let body = match (shown.text, shown.undecryptable) {
+        (_, Some(why)) => format!("[encrypted message this device cannot read: {why}]"),
+        (Some(t), None) => t.replace('\n', "\n    "),
+        (None, None) => format!("[{} payload, {} bytes]", shown.kind, shown.body.len()),
     };
     format!("{} {}: {}", utc(m.ts), m.from, body)
 }

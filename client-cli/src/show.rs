@@ -44,6 +44,9 @@ pub fn event(json: bool, e: &Event) {
         EventKind::Message(m) => message(json, "message", m, Some(e.pos)),
         EventKind::Receipt(r) => receipt(json, r, Some(e.pos)),
         EventKind::Undeliverable(u) => failed(json, u, Some(e.pos)),
+        // The key store looked at the user's devices again and said what changed.
+        EventKind::Devices(d) if json => println!("{}", json!({"type": "devices", "pos": e.pos, "user": d.user.as_str()})),
+        EventKind::Devices(_) => {}
         // A kind this version does not know (spec §6.5): skipped.
         EventKind::Unknown(_) => {}
     }

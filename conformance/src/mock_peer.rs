@@ -96,6 +96,18 @@ impl Misbehaviour {
 
 type UnitLog = Arc<Mutex<HashMap<(ConversationId, u64), SignedUnit>>>;
 
+/// One device of a mock user in its key directory (e2ee.md E3).
+#[derive(Debug, Clone)]
+pub struct MockDevice {
+    pub keys: missive_spec::e2ee::DeviceKeys,
+    /// Handed out lowest first, each once.
+    pub one_time: Vec<missive_spec::e2ee::OneTimeKey>,
+    pub fallback: Option<missive_spec::e2ee::OneTimeKey>,
+}
+
+/// The mock's key directory: what it answers `keys_query` and `keys_claim` with.
+pub type Directory = Arc<Mutex<HashMap<UserId, Vec<MockDevice>>>>;
+
 #[derive(Default)]
 struct Shared {
     log: UnitLog,
@@ -106,6 +118,7 @@ struct Shared {
     seen: Mutex<HashMap<(ConversationId, String, u64), [u8; 32]>>,
     /// Its key's textual form, for `keys` (it never rotates).
     key: String,
+    directory: Directory,
 }
 
 pub struct MockPeer {
@@ -123,6 +136,8 @@ pub struct MockPeer {
     pub misbehave: Arc<Mutex<Misbehaviour>>,
     /// Connection attempts it has seen, complete or not.
     pub handshakes: Arc<AtomicUsize>,
+    /// Its users' device keys (e2ee.md E3), as a test sets them.
+    pub directory: Directory,
 }
 
 impl MockPeer {
@@ -167,6 +182,7 @@ impl MockPeer {
             stalled: shared.stalled.clone(),
             misbehave: shared.misbehave.clone(),
             handshakes,
+            directory: shared.directory.clone(),
         })
     }
 
@@ -276,7 +292,7 @@ fn conv_of(u: &SignedUnit) -> Option<ConversationId> {
     match envelope::open_trusted(u) {
         Ok(Unit::Message(m)) => Some(m.conv),
         Ok(Unit::Receipt(r)) => Some(r.conv),
-        Err(_) => None,
+        Ok(Unit::Devices(_)) | Err(_) => None,
     }
 }
 
@@ -295,6 +311,24 @@ async fn serve_stream(sh: Arc<Shared>, conn: quinn::Connection, mut send: quinn:
         FedRequest::HighWater { .. } => FedResponse::HighWater { next: None, convs: Vec::new() },
         FedRequest::Reclaim { .. } => FedResponse::Units { units: Vec::new() },
         FedRequest::Keys {} => FedResponse::Keys { current: sh.key.clone(), rotations: Vec::new() },
+        FedRequest::KeysQuery { user } => {
+            let dir = sh.directory.lock().unwrap();
+            let devices = dir.get(&user).map(|ds| ds.iter().map(|d| d.keys.clone()).collect()).unwrap_or_default();
+            FedResponse::DeviceKeys { user, devices }
+        }
+        FedRequest::KeysClaim { user, devices } => {
+            let mut dir = sh.directory.lock().unwrap();
+            let mut keys = Vec::new();
+            for d in dir.get_mut(&user).into_iter().flatten().filter(|d| devices.contains(&d.keys.device)) {
+                let device = d.keys.device.clone();
+                match (d.one_time.is_empty(), &d.fallback) {
+                    (false, _) => keys.push(missive_spec::e2ee::ClaimedKey { key: d.one_time.remove(0), device, fallback: false }),
+                    (true, Some(f)) => keys.push(missive_spec::e2ee::ClaimedKey { key: f.clone(), device, fallback: true }),
+                    (true, None) => {}
+                }
+            }
+            FedResponse::Claimed { keys }
+        }
         FedRequest::Edu { presence, .. } => {
             sh.observed.lock().unwrap().edus.push(presence);
             FedResponse::Ok {}

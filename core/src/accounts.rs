@@ -194,6 +194,7 @@ impl Core {
                 None => None,
             },
         };
+        self.drop_device_keys(tx, user, &device)?;
         if let Some(h) = hash {
             tx.batch.delete(Cf::Tokens, keys::token(&h));
             tx.batch.delete(Cf::Devices, keys::device(user.localpart(), &device));

@@ -13,6 +13,7 @@ use crate::store::{keys, Cf, Store};
 pub enum Checked {
     Message(InboundUnit),
     Receipt(Receipt),
+    Devices(missive_spec::e2ee::DeviceListChange),
 }
 
 /// Checks a verified unit from `peer` for this server (`me`). `env` is the envelope as
@@ -21,6 +22,9 @@ pub fn unit(store: &dyn Store, me: &ServerName, peer: &ServerName, env: SignedUn
     let msg = match unit {
         Unit::Message(m) => m,
         Unit::Receipt(r) => return receipt(store, me, peer, r).map(Checked::Receipt),
+        // A device-list change speaks for a user of the sending server (e2ee.md E5).
+        Unit::Devices(c) if c.user.is_on(peer) => return Ok(Checked::Devices(c)),
+        Unit::Devices(_) => return Err(UnitResult::WrongOrigin),
     };
     if msg.origin != *peer || !msg.from.is_on(peer) {
         return Err(UnitResult::WrongOrigin);

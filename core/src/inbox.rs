@@ -105,6 +105,10 @@ impl Core {
                     true => UnitResult::Accepted,
                     false => UnitResult::Duplicate,
                 },
+                Ok(Checked::Devices(c)) => match self.device_list_change(tx, c)? {
+                    true => UnitResult::Accepted,
+                    false => UnitResult::Duplicate,
+                },
                 Ok(Checked::Message(m)) => {
                     let o = self.inbound(tx, m)?;
                     gaps.extend(o.backfill);

@@ -26,6 +26,7 @@ pub mod checks;
 pub mod ephemeral;
 pub mod gapfill;
 pub mod inbox;
+pub mod keydir;
 pub mod link;
 pub mod log;
 pub mod records;
@@ -111,6 +112,8 @@ pub struct Tx {
     pub(crate) presence: HashMap<String, PresenceRecord>,
     /// Blocks started (true) or ended (false) by this group, by `Blocks` key (§6.12).
     pub(crate) blocks: HashMap<Vec<u8>, bool>,
+    /// Key-directory records written (`Some`) or removed (`None`) by this group.
+    pub(crate) keydir: HashMap<(store::Cf, Vec<u8>), Option<Vec<u8>>>,
     pub(crate) limits: HeldLimits,
     /// Held units this group may still release.
     pub(crate) release_left: usize,
@@ -202,6 +205,7 @@ impl Core {
             watermarks: HashMap::new(),
             presence: HashMap::new(),
             blocks: HashMap::new(),
+            keydir: HashMap::new(),
             limits,
             release_left: limits.release_batch,
         }

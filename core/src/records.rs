@@ -64,6 +64,16 @@ pub struct ConvRecord {
     pub active_ms: u64,
 }
 
+/// A device's entry in the key directory (e2ee.md E3.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub keys: missive_spec::e2ee::DeviceKeys,
+    pub fallback: Option<missive_spec::e2ee::OneTimeKey>,
+    /// The highest key id the device ever uploaded: later uploads must go above it, so a
+    /// claimed key never comes back (E3.1).
+    pub max_id: u64,
+}
+
 /// Where an idempotent send's message lives.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SendIdRecord {

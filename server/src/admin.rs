@@ -217,6 +217,7 @@ fn dead_letters(store: &dyn Store) -> Result<Vec<DeadLetterInfo>, ApiError> {
         let (kind, from, to, seq) = match codec::decode::<Unit>(&dl.unit.unit) {
             Ok(Unit::Message(m)) => ("message", Some(m.from), Some(m.to), Some(m.seq)),
             Ok(Unit::Receipt(r)) => ("receipt", Some(r.user), Some(r.peer), None),
+            Ok(Unit::Devices(c)) => ("devices", Some(c.user), None, None),
             _ => ("unknown", None, None, None),
         };
         out.push(DeadLetterInfo { id: letter_id(&peer, lane, pos), peer, reason: dl.reason, kind: kind.into(), from, to, seq });

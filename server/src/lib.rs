@@ -19,6 +19,7 @@ pub mod error;
 pub mod federation;
 pub mod hashing;
 pub mod hub;
+pub mod keydir;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

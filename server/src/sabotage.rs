@@ -20,11 +20,21 @@ pub enum Fault {
     ReorderPage,
     /// Writes skip the write-ahead log, so an acknowledged write dies with the process.
     AckBeforeSync,
+    /// `keys_query` answers carry fresh device keys instead of the devices' own, as a
+    /// server that wants to read its users' messages would (e2ee.md E6).
+    SubstituteDeviceKeys,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] =
-        [Fault::SkipSignatureCheck, Fault::StoreTwice, Fault::SettleExtra, Fault::ReleaseEarly, Fault::ReorderPage, Fault::AckBeforeSync];
+    pub const ALL: [Fault; 7] = [
+        Fault::SkipSignatureCheck,
+        Fault::StoreTwice,
+        Fault::SettleExtra,
+        Fault::ReleaseEarly,
+        Fault::ReorderPage,
+        Fault::AckBeforeSync,
+        Fault::SubstituteDeviceKeys,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -34,6 +44,7 @@ impl Fault {
             Fault::ReleaseEarly => "release_early",
             Fault::ReorderPage => "reorder_page",
             Fault::AckBeforeSync => "ack_before_sync",
+            Fault::SubstituteDeviceKeys => "substitute_device_keys",
         }
     }
 }

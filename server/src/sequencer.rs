@@ -56,6 +56,10 @@ pub enum Cmd {
     Reclaim { units: Vec<(SignedUnit, Message)>, reply: Reply<usize> },
     /// Records that a restored server has reclaimed from this peer.
     Reclaimed { peer: ServerName, reply: Reply<()> },
+    /// A device publishes keys (e2ee.md E3.1), signatures already checked.
+    UploadKeys { user: UserId, device: DeviceId, upload: missive_core::keydir::Upload, reply: Reply<missive_core::keydir::KeyCount> },
+    /// Hands out one key of each device named (E3.3).
+    ClaimKeys { user: UserId, devices: Vec<DeviceId>, reply: Reply<Vec<missive_spec::e2ee::ClaimedKey>> },
     /// Writes a record about the whole database (`Cf::Meta`).
     Meta { key: Vec<u8>, value: Vec<u8>, reply: Reply<()> },
     /// Commit what came before, then end the writer; later commands fail with shutting_down.
@@ -168,6 +172,12 @@ impl Sequencer {
     }
     pub async fn reclaim(&self, units: Vec<(SignedUnit, Message)>) -> Result<usize, ApiError> {
         self.call(|reply| Cmd::Reclaim { units, reply }).await
+    }
+    pub async fn upload_keys(&self, user: UserId, device: DeviceId, upload: missive_core::keydir::Upload) -> Result<missive_core::keydir::KeyCount, ApiError> {
+        self.call(|reply| Cmd::UploadKeys { user, device, upload, reply }).await
+    }
+    pub async fn claim_keys(&self, user: UserId, devices: Vec<DeviceId>) -> Result<Vec<missive_spec::e2ee::ClaimedKey>, ApiError> {
+        self.call(|reply| Cmd::ClaimKeys { user, devices, reply }).await
     }
     pub async fn put_meta(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), ApiError> {
         self.call(|reply| Cmd::Meta { key, value, reply }).await
@@ -333,6 +343,10 @@ impl Writer {
             Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
             Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
             Cmd::Reclaim { units, reply } => finish(done, reply, core.reclaim(tx, units).map_err(Into::into)),
+            Cmd::UploadKeys { user, device, upload, reply } => {
+                finish(done, reply, core.upload_keys(tx, &user, &device, upload).map_err(Into::into))
+            }
+            Cmd::ClaimKeys { user, devices, reply } => finish(done, reply, core.claim_keys(tx, &user, &devices).map_err(Into::into)),
             Cmd::Meta { key, value, reply } => {
                 core.put_meta(tx, key, value);
                 finish(done, reply, Ok(()))

@@ -103,6 +103,9 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         metrics: metrics.clone(),
         reclaims,
         keys: own.clone(),
+        claims: crate::ratelimit::FailureLimiter::new(crate::keydir::CLAIMS_PER_MINUTE, Duration::from_secs(60)),
+        peer_claims: crate::ratelimit::FailureLimiter::new(crate::keydir::PEER_CLAIMS_PER_MINUTE, Duration::from_secs(60)),
+        federation: Default::default(),
     });
 
     let server_config = tls::server_config(&key, config.server_name.as_str(), CLIENT_ALPN, CLIENT_IDLE_TIMEOUT)?;
@@ -138,6 +141,8 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         metrics.clone(),
         own.clone(),
     );
+    let _ = service.federation.set(federation.clone());
+    federation.serve_keys_for(service.clone());
     federation.load_rotations().await?;
     federation.start(queued_rx).await?;
     federation.start_edus(edu_rx);

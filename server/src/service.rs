@@ -69,6 +69,12 @@ pub struct Service {
     pub reclaims: Option<Reclaims>,
     /// The server's key and rotation chain, for `keys` (§6.13).
     pub keys: Arc<crate::federation::OwnKeys>,
+    /// Key claims per user (e2ee.md E3.3; `keydir.rs`).
+    pub claims: FailureLimiter<UserId>,
+    /// Key claims per peer server.
+    pub peer_claims: FailureLimiter<ServerName>,
+    /// The federation links, once started: a remote user's keys are asked of their server.
+    pub federation: std::sync::OnceLock<Arc<crate::federation::Federation>>,
 }
 
 /// How long a send to a server not yet reclaimed from after a restore waits for it.
@@ -158,6 +164,7 @@ impl Service {
                 missive_spec::wire::EventKind::Message(_) => "message",
                 missive_spec::wire::EventKind::Receipt(_) => "receipt",
                 missive_spec::wire::EventKind::Undeliverable(_) => "undeliverable",
+                missive_spec::wire::EventKind::Devices(_) => "devices",
                 missive_spec::wire::EventKind::Unknown(_) => "unknown",
             };
             self.metrics.events_delivered.get_or_create(&crate::metrics::KindLabels { kind }).inc();
@@ -166,7 +173,7 @@ impl Service {
 
     /// Runs `f` with the caller authenticated, on the blocking pool: the token lookup and
     /// the request's own reads take one hop off the runtime.
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         self: &Arc<Self>,
         auth: Option<String>,
         f: impl FnOnce(&Service, Caller) -> Result<T, ApiError> + Send + 'static,
@@ -310,6 +317,9 @@ impl Service {
                 let (current, rotations) = self.keys.answer();
                 Ok(Response::Keys { current, rotations })
             }
+            Request::KeysUpload { keys, fallback, one_time } => self.keys_upload(auth, keys, fallback, one_time).await,
+            Request::KeysQuery { user } => self.keys_query(auth, user).await,
+            Request::KeysClaim { user, devices } => self.keys_claim(auth, user, devices).await,
             Request::Blocked {} => self.read(auth, |s, c| Ok(Response::Blocked { users: s.blocked(&c.user)? })).await,
             Request::Typing { with } => {
                 self.read(auth, move |s, c| {

@@ -56,6 +56,8 @@ pub enum Unit {
     Message(Message),
     /// A watermark of a user of the origin (F§10).
     Receipt(crate::wire::Receipt),
+    /// A user of the origin changed their devices or device keys (e2ee.md E5).
+    Devices(crate::e2ee::DeviceListChange),
 }
 
 /// A transaction id: SHA-256 over the domain prefix and the content hash of each unit in
@@ -102,6 +104,11 @@ pub enum FedRequest {
     Reclaim { conv: ConversationId, last: u64, first: u64 },
     /// F§2.7: the asked server's current key and rotation chain.
     Keys {},
+    /// E3.2: the device keys of a user of the asked server.
+    KeysQuery { user: crate::ids::UserId },
+    /// E3.3: one one-time key (or the fallback key) of each of `devices` of a user of the
+    /// asked server.
+    KeysClaim { user: crate::ids::UserId, devices: Vec<crate::ids::DeviceId> },
     /// F§11: ephemeral updates about users of the sending server, coalesced; not stored,
     /// not signed (the link authenticates the sender).
     Edu {
@@ -131,6 +138,10 @@ pub enum FedResponse {
         next: Option<ConversationId>,
         convs: Vec<HighWaterMark>,
     },
+    /// E3.2: a user's devices with keys, in device id order.
+    DeviceKeys { user: crate::ids::UserId, devices: Vec<crate::e2ee::DeviceKeys> },
+    /// E3.3: one key per device asked for that has keys.
+    Claimed { keys: Vec<crate::e2ee::ClaimedKey> },
     Ok {},
     Error { code: FedErrorCode, message: String },
 }

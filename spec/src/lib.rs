@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod diag;
+pub mod e2ee;
 pub mod federation;
 pub mod ids;
 pub mod limits;

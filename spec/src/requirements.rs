@@ -6,8 +6,11 @@
 //! server conformance suite cannot observe and reports apart.
 
 /// The spec documents, embedded so that tools can list requirements without the source tree.
-pub const DOCUMENTS: [(&str, &str); 2] =
-    [("core.md", include_str!("../core.md")), ("federation.md", include_str!("../federation.md"))];
+pub const DOCUMENTS: [(&str, &str); 3] = [
+    ("core.md", include_str!("../core.md")),
+    ("federation.md", include_str!("../federation.md")),
+    ("e2ee.md", include_str!("../e2ee.md")),
+];
 
 /// How strong a requirement is, from the RFC 2119 key word in its sentence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,13 +40,14 @@ impl Requirement {
     }
 }
 
-/// Whether `s` has the shape of a requirement id: `SCOPE-TOPIC-N`.
+/// Whether `s` has the shape of a requirement id: `SCOPE-TOPIC-N`, the topic upper-case
+/// letters and digits starting with a letter (`E2EE`).
 pub fn is_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() == 3
         && ["CORE", "C2S", "FED", "CLI"].contains(&parts[0])
-        && !parts[1].is_empty()
-        && parts[1].bytes().all(|b| b.is_ascii_uppercase())
+        && parts[1].bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+        && parts[1].bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
         && !parts[2].is_empty()
         && parts[2].bytes().all(|b| b.is_ascii_digit())
         && !parts[2].starts_with('0')
@@ -77,9 +81,14 @@ fn block_start(text: &str, at: usize) -> usize {
 }
 
 /// The section cited for offset `at` of `document`: the last heading (`## 6. Requests`)
-/// or numbered paragraph (`6.4. **send**`, `F5.2. **Sender obligations.**`) before it.
+/// or numbered paragraph (`6.4. **send**`, `F5.2. **Sender obligations.**`,
+/// `E3.1. **keys_upload**`) before it.
 fn section_at(document: &str, text: &str, at: usize) -> String {
-    let prefix = if document == "federation.md" { "F" } else { "" };
+    let prefix = match document {
+        "federation.md" => "F",
+        "e2ee.md" => "E",
+        _ => "",
+    };
     let mut section = String::new();
     for line in text[..at].lines() {
         let (line, heading) = match line.strip_prefix("## ") {
@@ -91,7 +100,7 @@ fn section_at(document: &str, text: &str, at: usize) -> String {
         let dotted = number.trim_end_matches('.');
         let numbered = number.ends_with('.') && !dotted.is_empty() && rest[number.len()..].starts_with(' ');
         if numbered && (heading || dotted.contains('.')) {
-            section = if prefix.is_empty() { format!("§{dotted}") } else { format!("F{dotted}") };
+            section = if prefix.is_empty() { format!("§{dotted}") } else { format!("{prefix}{dotted}") };
         }
     }
     section
@@ -194,6 +203,10 @@ mod tests {
         assert!(find("C2S-FRAME-9").text.contains("is answered `invalid_request`"), "{}", find("C2S-FRAME-9").text);
         assert_eq!(find("C2S-PRES-6").section, "§12");
         assert!(find("CLI-TLS-3").is_client_duty() && !find("C2S-TLS-1").is_client_duty());
+        assert_eq!((find("C2S-E2EE-8").section.as_str(), find("C2S-E2EE-8").level), ("E3.3", Level::Must));
+        assert_eq!((find("CLI-E2EE-8").section.as_str(), find("CLI-E2EE-8").level), ("E5.3", Level::Should));
+        assert_eq!(find("FED-KEYS-5").section, "E5.2");
+        assert_eq!(find("FED-KEYS-5").document, "e2ee.md");
     }
 
     #[test]
@@ -201,5 +214,6 @@ mod tests {
         assert_eq!(lint("A server MUST do it.\n\nAnother MUST do it. [C2S-X-1]\n").len(), 1);
         assert!(lint("- one SHOULD [FED-A-1]\n- two\n").is_empty());
         assert!(!is_id("C2S-SEND-03") && !is_id("XYZ-A-1") && is_id("FED-RECV-14"));
+        assert!(is_id("C2S-E2EE-3") && !is_id("C2S-2E-1") && !is_id("C2S-e2ee-1"));
     }
 }

@@ -109,13 +109,26 @@ pub enum Request {
     Blocked {},
     /// §6.13: the server's current key and rotation chain (no auth).
     Keys {},
+    /// E3.1: publishes the calling device's keys, one-time keys and fallback key.
+    KeysUpload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keys: Option<crate::e2ee::DeviceKeys>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fallback: Option<crate::e2ee::OneTimeKey>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        one_time: Vec<crate::e2ee::OneTimeKey>,
+    },
+    /// E3.2: the device keys of `user`'s devices (any server).
+    KeysQuery { user: UserId },
+    /// E3.3: one one-time key (or the fallback key) of each of `devices` of `user`.
+    KeysClaim { user: UserId, devices: Vec<DeviceId> },
 }
 
 impl Request {
     /// The name of every request, as `req`'s one key carries it (§5.3): a frame naming
     /// anything else is `bad_frame`, one naming these with bad arguments `invalid_request`
     /// (§5.2).
-    pub const NAMES: [&'static str; 20] = [
+    pub const NAMES: [&'static str; 23] = [
         "info",
         "register",
         "login",
@@ -136,6 +149,9 @@ impl Request {
         "unblock",
         "blocked",
         "keys",
+        "keys_upload",
+        "keys_query",
+        "keys_claim",
     ];
 
     /// This request's name on the wire.
@@ -161,6 +177,9 @@ impl Request {
             Request::Unblock { .. } => "unblock",
             Request::Blocked {} => "blocked",
             Request::Keys {} => "keys",
+            Request::KeysUpload { .. } => "keys_upload",
+            Request::KeysQuery { .. } => "keys_query",
+            Request::KeysClaim { .. } => "keys_claim",
         }
     }
 }
@@ -217,6 +236,13 @@ pub enum Response {
     Blocked { users: Vec<UserId> },
     /// §6.13: the server's current key and its rotation chain, oldest first.
     Keys { current: String, rotations: Vec<crate::rotation::SignedRotation> },
+    /// E3.1: how many one-time keys the server holds for the calling device, and whether
+    /// it holds a fallback key.
+    KeyCount { fallback: bool, one_time: u32 },
+    /// E3.2: `user`'s devices with keys, in device id order.
+    DeviceKeys { user: UserId, devices: Vec<crate::e2ee::DeviceKeys> },
+    /// E3.3: one key per device asked for that has keys, in device id order.
+    Claimed { keys: Vec<crate::e2ee::ClaimedKey> },
     /// §6.10: one page of the caller's conversations, most recently active first.
     Conversations {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -362,6 +388,9 @@ pub enum EventKind {
     Receipt(Receipt),
     /// The recipient's server refused one of the user's messages for good (§10.5).
     Undeliverable(Undeliverable),
+    /// The devices of `user` (the caller, or someone they share a conversation with)
+    /// changed: query their keys again (E5).
+    Devices(crate::e2ee::DeviceListChange),
     /// A kind this version does not know (a later minor revision); skipped (§6.5).
     /// Encoded again, it is its name with no fields: `{NAME: {}}`.
     Unknown(String),
@@ -414,7 +443,12 @@ macro_rules! tolerant_enum {
     };
 }
 
-tolerant_enum!(EventKind { "message" => Message(Message), "receipt" => Receipt(Receipt), "undeliverable" => Undeliverable(Undeliverable) });
+tolerant_enum!(EventKind {
+    "message" => Message(Message),
+    "receipt" => Receipt(Receipt),
+    "undeliverable" => Undeliverable(Undeliverable),
+    "devices" => Devices(crate::e2ee::DeviceListChange),
+});
 tolerant_enum!(Ephemeral { "presence" => Presence(PresenceUpdate), "typing" => Typing(TypingUpdate) });
 
 /// Updates pushed to live subscriptions and never stored (§12, §13).

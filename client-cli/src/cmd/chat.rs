@@ -13,10 +13,11 @@ use std::time::Duration;
 use anyhow::bail;
 use missive_cli::archive::Recorder;
 use missive_cli::client::{new_client_msg_id, ClientError};
+use missive_cli::e2ee::send_text;
 use missive_cli::output::message_json;
 use missive_cli::profile::Profile;
 use missive_cli::receipts::ack_delivered;
-use missive_spec::{limits, Content, ConversationId, Ephemeral, EventKind, ReceiptKind, ServerName, UserId, Watermark};
+use missive_spec::{limits, ConversationId, Ephemeral, EventKind, ReceiptKind, ServerName, UserId, Watermark};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::mpsc;
 
@@ -89,23 +90,24 @@ fn typed_lines() -> mpsc::Receiver<Typed> {
     lines
 }
 
-pub async fn chat(profile: &Profile, json: bool, with: Option<&str>) -> anyhow::Result<()> {
+pub async fn chat(profile: &Profile, json: bool, with: Option<&str>, plaintext: bool) -> anyhow::Result<()> {
     let with = with.map(parse_user).transpose()?;
     let me = profile.require_session()?.user;
     if with.as_ref() == Some(&me) {
         bail!("cannot chat with yourself");
     }
     if !json && std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
-        return crate::tui::run(profile, with).await;
+        return crate::tui::run(profile, with, plaintext).await;
     }
     let Some(with) = with else {
         bail!("say whom to chat with (`missive chat @user:server`) when input or output is not a terminal");
     };
-    line_mode(profile, json, &me, &with).await
+    line_mode(profile, json, &me, &with, plaintext).await
 }
 
-async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) -> anyhow::Result<()> {
+async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId, plaintext: bool) -> anyhow::Result<()> {
     let conv = ConversationId::one_to_one(me, with);
+    let mut crypto = crate::connect::crypto(profile, &profile.require_session()?)?;
     let mut lines = typed_lines();
     let mut seen = Seen::default();
     let mut archive = Recorder::new(profile);
@@ -153,7 +155,9 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
                 }
             }
             Next::Connected(_) => {}
-            Next::Frame(c, f) => {
+            Next::Frame(c, mut f) => {
+                crypto.open_events(&c, &mut f.events).await;
+                crate::connect::say_notices(&mut crypto);
                 if !announced && !json {
                     eprintln!(
                         "-- chatting with {with}; type a line and press Enter to send, /quit or Ctrl-D to quit --"
@@ -191,7 +195,7 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
                         EventKind::Receipt(r) if r.user != *me => show::receipt(json, r, Some(e.pos)),
                         // One's own message refused for good by the recipient's server.
                         EventKind::Undeliverable(u) => show::failed(json, u, Some(e.pos)),
-                        EventKind::Receipt(_) | EventKind::Unknown(_) => {}
+                        EventKind::Receipt(_) | EventKind::Devices(_) | EventKind::Unknown(_) => {}
                     }
                 }
                 archive.record_events(&f.events);
@@ -243,12 +247,14 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
             Next::Input(Typed::Line(text)) => {
                 let id = new_client_msg_id();
                 let Some(c) = follow.client() else {
-                    if let Err(e) = send::queue(profile, with, &text, id, json) {
+                    if let Err(e) = send::queue(profile, with, &text, id, json, plaintext) {
                         eprintln!("missive: not sent: {e:#}");
                     }
                     continue;
                 };
-                match c.send(with, Content::text(&text), id).await {
+                let sent = send_text(c, &mut crypto, with, &text, id, plaintext).await;
+                crate::connect::say_notices(&mut crypto);
+                match sent {
                     Ok(m) => {
                         archive.record(&m);
                         seen.saw(&m);
@@ -257,11 +263,11 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId) ->
                             println!("{}", message_json("sent", &m, None));
                         }
                     }
-                    Err(ClientError::Connection(e)) => {
-                        if let Err(e) = send::queue(profile, with, &text, id, json) {
+                    Err(e) if e.is_connection() => {
+                        if let Err(e) = send::queue(profile, with, &text, id, json, plaintext) {
                             eprintln!("missive: not sent: {e:#}");
                         }
-                        follow.lost(e);
+                        follow.lost(e.to_string());
                     }
                     Err(e) => eprintln!("missive: not sent: {e}"),
                 }

@@ -7,7 +7,7 @@ use missive_cli::profile::Profile;
 use missive_spec::{Cursor, ReceiptKind, Watermark};
 
 use super::parse_user;
-use crate::connect::session_client;
+use crate::connect::{crypto, say_notices, session_client};
 use crate::show;
 
 pub async fn history(
@@ -20,7 +20,10 @@ pub async fn history(
 ) -> anyhow::Result<()> {
     let with = parse_user(with)?;
     let (c, s) = session_client(profile).await?;
-    let page = c.history(&with, limit, before.map(Cursor), after.map(Cursor)).await?;
+    let mut page = c.history(&with, limit, before.map(Cursor), after.map(Cursor)).await?;
+    let mut crypto = crypto(profile, &s)?;
+    crypto.open_messages(&c, &mut page.messages).await;
+    say_notices(&mut crypto);
     for m in &page.messages {
         show::page_message(json, m, &s.user, &page);
     }

@@ -48,7 +48,7 @@ pub async fn login(
     check_server_name(&c, &user, server).await?;
     let password = read_password(from, &format!("Password for {user}: "), false)?;
     let session = c.login(&user, &password, device_name).await?;
-    finish_login(profile, &c, session, server, json)?;
+    finish_login(profile, &c, session, server, json).await?;
     c.close().await;
     Ok(())
 }
@@ -68,7 +68,7 @@ pub async fn register(
     check_server_name(&c, &user, server).await?;
     let password = read_password(from, &format!("New password for {user}: "), true)?;
     let session = c.register(&user, &password, token, device_name).await?;
-    finish_login(profile, &c, session, server, json)?;
+    finish_login(profile, &c, session, server, json).await?;
     c.close().await;
     Ok(())
 }
@@ -118,7 +118,7 @@ fn read_password_stdin() -> anyhow::Result<String> {
     Ok(pw)
 }
 
-fn finish_login(profile: &Profile, c: &Client, session: Session, server: &str, json: bool) -> anyhow::Result<()> {
+async fn finish_login(profile: &Profile, c: &Client, session: Session, server: &str, json: bool) -> anyhow::Result<()> {
     let name = session.user.server_name();
     if profile.pinned(&name)?.is_none() {
         profile.pin(&name, &c.server_key())?;
@@ -131,10 +131,23 @@ fn finish_login(profile: &Profile, c: &Client, session: Session, server: &str, j
         token: session.token,
         sync_pos: 0,
     })?;
+    publish_keys(profile, c).await;
     if json {
         println!("{}", json!({"type": "session", "user": session.user.as_str(), "device": session.device, "server": server}));
     } else {
         println!("logged in as {} (device {})", session.user, session.device);
     }
     Ok(())
+}
+
+/// Publishes the new device's keys (e2ee.md E3.1); a failure is said, and the next
+/// command that sends tries again.
+async fn publish_keys(profile: &Profile, c: &Client) {
+    let published = match profile.require_session().and_then(|s| crate::connect::crypto(profile, &s)) {
+        Ok(mut k) => k.publish(c).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = published {
+        eprintln!("missive: warning: this device's keys are not published yet ({e:#}); the next command that sends tries again");
+    }
 }

@@ -11,6 +11,7 @@ pub mod presence;
 pub mod search;
 pub mod send;
 pub mod sync;
+pub mod verify;
 
 use anyhow::anyhow;
 use missive_spec::UserId;

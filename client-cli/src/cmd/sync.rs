@@ -7,16 +7,19 @@ use missive_cli::receipts::ack_delivered;
 use missive_spec::limits;
 use serde_json::json;
 
-use crate::connect::session_client;
+use crate::connect::{crypto, say_notices, session_client};
 use crate::show;
 
 pub async fn sync(profile: &Profile, json: bool) -> anyhow::Result<()> {
     let (c, mut s) = session_client(profile).await?;
+    let mut crypto = crypto(profile, &s)?;
     let mut archive = Recorder::new(profile);
     let mut count = 0;
     loop {
         let page = c.sync_page(s.sync_pos, None).await?;
-        let (next, events) = (page.next, page.events);
+        let (next, mut events) = (page.next, page.events);
+        crypto.open_events(&c, &mut events).await;
+        say_notices(&mut crypto);
         for e in &events {
             show::event(json, e);
         }

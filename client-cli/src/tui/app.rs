@@ -591,7 +591,7 @@ impl App {
                     let text = format!("your message #{} to {} could not be delivered: {}", u.seq, c.with, u.reason);
                     self.error(text);
                 }
-                EventKind::Unknown(_) => {}
+                EventKind::Devices(_) | EventKind::Unknown(_) => {}
             }
         }
         for e in &f.ephemeral {

@@ -151,9 +151,11 @@ fn push_message(rows: &mut Vec<Line<'_>>, time: &str, who: &str, body: &str, sta
 }
 
 fn body(m: &Message) -> String {
-    match m.content.as_text() {
-        Some(t) => t.to_owned(),
-        None => format!("[{} payload, {} bytes]", m.content.kind, m.content.body.len()),
+    let shown = missive_cli::e2ee::shown(&m.content);
+    match (shown.text, shown.undecryptable) {
+        (_, Some(why)) => format!("[encrypted message this device cannot read: {why}]"),
+        (Some(t), None) => t.to_owned(),
+        (None, None) => format!("[{} payload, {} bytes]", shown.kind, shown.body.len()),
     }
 }
 

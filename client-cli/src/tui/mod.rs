@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use missive_cli::client::{Client, ClientError};
+use missive_cli::e2ee::{send_text, Crypto};
 use missive_cli::outbox::{Outbox, Queued};
 use missive_cli::profile::Profile;
 use missive_cli::archive::Recorder;
-use missive_spec::{limits, Content, ErrorCode, UserId};
+use missive_spec::{limits, ErrorCode, UserId};
 use ratatui::crossterm::event::{self, DisableBracketedPaste, EnableBracketedPaste, Event};
 use ratatui::crossterm::execute;
 use ratatui::crossterm::terminal::{self, EnterAlternateScreen, LeaveAlternateScreen};
@@ -117,16 +118,18 @@ enum Answer {
 
 /// Runs requests one after another, in the order the screen asked for them (so sends keep
 /// their order). Both channels hold at most 256 entries; the screen waits when full.
-fn request_task() -> (mpsc::Sender<Job>, mpsc::Receiver<Answer>) {
+/// Messages are encrypted here (unless `plaintext`) and history pages opened, with a key
+/// store of the task's own.
+fn request_task(mut crypto: Crypto, plaintext: bool) -> (mpsc::Sender<Job>, mpsc::Receiver<Answer>) {
     let (job_tx, mut jobs) = mpsc::channel::<Job>(256);
     let (answer_tx, answers) = mpsc::channel(256);
     tokio::spawn(async move {
         while let Some(Job { client: c, action }) = jobs.recv().await {
             let answer = match action {
-                Action::Send { to, text, id } => match c.send(&to, Content::text(&text), id).await {
+                Action::Send { to, text, id } => match send_text(&c, &mut crypto, &to, &text, id, plaintext).await {
                     Ok(m) => Some(Answer::Done(Done::Sent(m))),
-                    Err(ClientError::Connection(reason)) => {
-                        Some(Answer::SendLost { to, text, id, conn: c.connection().stable_id(), reason })
+                    Err(e) if e.is_connection() => {
+                        Some(Answer::SendLost { to, text, id, conn: c.connection().stable_id(), reason: e.to_string() })
                     }
                     Err(e) => Some(Answer::Done(Done::Failed { what: "sending", error: e.to_string() })),
                 },
@@ -144,7 +147,10 @@ fn request_task() -> (mpsc::Sender<Job>, mpsc::Receiver<Answer>) {
                 Action::History { with, before } => {
                     let older = before.is_some();
                     Some(Answer::Done(match c.history(&with, Some(app::PAGE), before, None).await {
-                        Ok(page) => Done::Page { with, older, page },
+                        Ok(mut page) => {
+                            crypto.open_messages(&c, &mut page.messages).await;
+                            Done::Page { with, older, page }
+                        }
                         Err(e) => Done::Failed { what: "loading history", error: e.to_string() },
                     }))
                 }
@@ -181,13 +187,15 @@ enum Input {
     Quit,
 }
 
-pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> {
-    let me = profile.require_session()?.user;
+pub async fn run(profile: &Profile, peer: Option<UserId>, plaintext: bool) -> anyhow::Result<()> {
+    let session = profile.require_session()?;
+    let me = session.user.clone();
+    let mut crypto = crate::connect::crypto(profile, &session)?;
     let mut hangup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut screen = Screen::enter()?;
     let mut events = terminal_events();
-    let (jobs, mut answers) = request_task();
+    let (jobs, mut answers) = request_task(crate::connect::crypto(profile, &session)?, plaintext);
     let mut app = App::new(me, None, now_ms());
     if let Some(with) = peer {
         // Its history and presence are asked for once connected.
@@ -240,7 +248,11 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                     pending.push(Action::Presence { user: with });
                 }
             }
-            Ok(Next::Frame(_, f)) => {
+            Ok(Next::Frame(c, mut f)) => {
+                crypto.open_events(&c, &mut f.events).await;
+                for n in crypto.take_notices() {
+                    app.error(n);
+                }
                 archive.record_events(&f.events);
                 pending.extend(app.frame(&f, now));
                 if let Err(e) = follow.save_position(f.next) {
@@ -261,7 +273,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                     pending.extend(app.done(d, now))
                 }
                 Answer::SendLost { to, text, id, conn, reason } => {
-                    queue(profile, &mut app, to, text, id);
+                    queue(profile, &mut app, to, text, id, plaintext);
                     if follow.client().is_some_and(|c| c.connection().stable_id() == conn) {
                         follow.lost(reason);
                     }
@@ -284,7 +296,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
                         app.error("the request task ended");
                     }
                 }
-                (None, Action::Send { to, text, id }) => queue(profile, &mut app, to, text, id),
+                (None, Action::Send { to, text, id }) => queue(profile, &mut app, to, text, id, plaintext),
                 // Receipts, typing and pages wait for the connection: what is still
                 // unread or unloaded then is asked for again.
                 (
@@ -301,8 +313,8 @@ pub async fn run(profile: &Profile, peer: Option<UserId>) -> anyhow::Result<()> 
 }
 
 /// Puts a message written while offline into the profile's outbox.
-fn queue(profile: &Profile, app: &mut App, to: UserId, text: String, id: missive_spec::ClientMsgId) {
-    let q = Queued::new(to.clone(), text.clone(), id);
+fn queue(profile: &Profile, app: &mut App, to: UserId, text: String, id: missive_spec::ClientMsgId, plaintext: bool) {
+    let q = Queued { plaintext, ..Queued::new(to.clone(), text.clone(), id) };
     match Outbox::open(profile.dir()).and_then(|o| o.push(&q)) {
         Ok(_) => app.queued(to, text),
         Err(e) => app.error(format!("not sent, and the outbox refused it: {e:#}")),

@@ -37,6 +37,23 @@ pub fn parse_device(k: &[u8]) -> Option<(String, DeviceId)> {
     Some((local.to_owned(), DeviceId::parse(std::str::from_utf8(rest).ok()?).ok()?))
 }
 
+// one_time_keys: localpart 0 device 0 key id BE (device_keys use `device`)
+pub fn one_time_keys_of(localpart: &str, device: &DeviceId) -> Vec<u8> {
+    let mut k = devices_of(localpart);
+    text_part(&mut k, device.as_str());
+    k
+}
+pub fn one_time_key(localpart: &str, device: &DeviceId, id: u64) -> Vec<u8> {
+    let mut k = one_time_keys_of(localpart, device);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+// device_lists: user id
+pub fn device_list(user: &UserId) -> Vec<u8> {
+    user.as_str().as_bytes().to_vec()
+}
+
 // tokens: SHA-256 of the token
 pub fn token(hash: &[u8; 32]) -> Vec<u8> {
     hash.to_vec()

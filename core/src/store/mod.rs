@@ -57,10 +57,17 @@ pub enum Cf {
     Withheld,
     /// name → a record about the whole database (`restore`: `RestoreRecord`, federation.md F12)
     Meta,
+    /// localpart, device → `KeyRecord`: a device's public keys and fallback key (e2ee.md E3)
+    DeviceKeys,
+    /// localpart, device, key id → `OneTimeKey`, removed when claimed (e2ee.md E3.3)
+    OneTimeKeys,
+    /// user id (any server) → version (u64 BE): the latest change of that user's device
+    /// list issued (local users) or seen (remote users) (e2ee.md E5)
+    DeviceLists,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 21] = [
+    pub const ALL: [Cf; 24] = [
         Cf::Users,
         Cf::Devices,
         Cf::Tokens,
@@ -82,6 +89,9 @@ impl Cf {
         Cf::Meta,
         Cf::Blocks,
         Cf::Withheld,
+        Cf::DeviceKeys,
+        Cf::OneTimeKeys,
+        Cf::DeviceLists,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -106,6 +116,9 @@ impl Cf {
             Cf::Meta => "meta",
             Cf::Blocks => "blocks",
             Cf::Withheld => "withheld",
+            Cf::DeviceKeys => "device_keys",
+            Cf::OneTimeKeys => "one_time_keys",
+            Cf::DeviceLists => "device_lists",
         }
     }
 }

@@ -240,6 +240,14 @@ impl Federation {
                 FedResponse::Keys { current, rotations }
             }
             FedRequest::Edu { typing, presence } => self.receive_edus(peer, typing, presence).await,
+            FedRequest::KeysQuery { user } => match self.service.get() {
+                Some(s) => s.peer_keys_query(user).await,
+                None => fed_error(FedErrorCode::ShuttingDown, "not serving yet"),
+            },
+            FedRequest::KeysClaim { user, devices } => match self.service.get() {
+                Some(s) => s.peer_keys_claim(peer, user, devices).await,
+                None => fed_error(FedErrorCode::ShuttingDown, "not serving yet"),
+            },
         }
     }
 

@@ -132,6 +132,8 @@ pub struct Federation {
     rotation_lock: tokio::sync::Mutex<()>,
     /// `high_water` requests per peer and minute (each reads up to 1 000 records, F12.1).
     high_water_limit: crate::ratelimit::FailureLimiter<ServerName>,
+    /// The client side, which answers peers' key-directory requests (e2ee.md E3).
+    service: std::sync::OnceLock<Arc<crate::service::Service>>,
 }
 
 /// `high_water` requests one peer may make a minute.
@@ -188,6 +190,7 @@ impl Federation {
             rotation_tries: Mutex::new(HashMap::new()),
             rotation_lock: tokio::sync::Mutex::new(()),
             high_water_limit: crate::ratelimit::FailureLimiter::new(HIGH_WATER_PER_MINUTE, Duration::from_secs(60)),
+            service: Default::default(),
         })
     }
 
@@ -346,6 +349,19 @@ impl Federation {
         }
     }
 
+    /// Asks `dest` one request on the link (opening it if need be): a key query or claim
+    /// for a client waiting on the answer (e2ee.md E3).
+    pub async fn ask(self: &Arc<Self>, dest: &ServerName, req: FedRequest) -> Result<FedResponse, String> {
+        let p = self.peer(dest);
+        let conn = self.connection(&p).await?;
+        self.request(&conn, req).await
+    }
+
+    /// The client side that answers peers' key-directory requests.
+    pub fn serve_keys_for(&self, service: Arc<crate::service::Service>) {
+        let _ = self.service.set(service);
+    }
+
     pub(super) async fn request(&self, conn: &quinn::Connection, req: FedRequest) -> Result<FedResponse, String> {
         let body = codec::encode(&FedRequestFrame { v: PROTOCOL_VERSION, req });
         let exchange = async {
@@ -383,7 +399,7 @@ impl Federation {
                     let u: SignedUnit = missive_core::records::decode("out_queue", v).ok()?;
                     match codec::decode::<Unit>(&u.unit).ok()? {
                         Unit::Message(m) => Some(m.ts),
-                        Unit::Receipt(_) => None,
+                        Unit::Receipt(_) | Unit::Devices(_) => None,
                     }
                 });
                 oldest = match (oldest, ts) {

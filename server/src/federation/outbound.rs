@@ -107,8 +107,9 @@ impl Federation {
 }
 
 impl Federation {
-    /// Receipts queued before a key rotation, signed again with the current key: a retired
-    /// key verifies only messages (F6.2, F2.7). Messages keep their signatures.
+    /// Receipts and device-list changes queued before a key rotation, signed again with
+    /// the current key: a retired key verifies only messages (F6.2, F2.7). Messages keep
+    /// their signatures.
     fn signed_now(&self, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
         if self.own.chain.is_empty() {
             return rows;
@@ -121,7 +122,7 @@ impl Federation {
                     return (k, v);
                 }
                 match missive_spec::codec::decode::<missive_spec::federation::Unit>(&u.unit) {
-                    Ok(unit @ missive_spec::federation::Unit::Receipt(_)) => {
+                    Ok(unit @ (missive_spec::federation::Unit::Receipt(_) | missive_spec::federation::Unit::Devices(_))) => {
                         (k, missive_core::records::encode(&missive_federation::envelope::sign(&self.key, &unit)))
                     }
                     _ => (k, v),

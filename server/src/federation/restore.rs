@@ -143,7 +143,7 @@ impl Federation {
             for env in units {
                 match envelope::verify_for_peer(&env, &self.own_keys(), &self.retired_keys()) {
                     Ok(Unit::Message(m)) => ours.push((env, m)),
-                    Ok(Unit::Receipt(_)) => return Err("reclaim answered a receipt".into()),
+                    Ok(Unit::Receipt(_) | Unit::Devices(_)) => return Err("reclaim answered a unit that is not a message".into()),
                     Err(e) => return Err(format!("a reclaimed unit does not verify with this server's keys: {e}")),
                 }
             }
