@@ -224,7 +224,7 @@ impl Outbox {
                     remove(&path)?;
                     out.sent.push(m);
                 }
-                Err(e) if e.is_connection() => {
+                Err(e) if e.is_later() => {
                     out.waiting = total - i;
                     break;
                 }

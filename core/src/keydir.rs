@@ -49,6 +49,14 @@ pub fn query(store: &dyn Store, user: &UserId) -> StoreResult<Vec<DeviceKeys>> {
     rows.iter().map(|(_, v)| records::decode::<KeyRecord>("device_keys", v).map(|r| r.keys)).collect()
 }
 
+/// Whether a local user exists (a removed account's tombstone does not).
+pub fn user_exists(store: &dyn Store, user: &UserId) -> StoreResult<bool> {
+    match store.get(Cf::Users, &keys::user(user.localpart()))? {
+        Some(v) => Ok(records::decode::<records::UserRecord>("users", &v)?.exists()),
+        None => Ok(false),
+    }
+}
+
 /// How many one-time keys the server holds for a device.
 pub fn one_time_count(store: &dyn Store, user: &UserId, device: &DeviceId) -> StoreResult<u32> {
     Ok(store.count(Cf::OneTimeKeys, &keys::one_time_keys_of(user.localpart(), device))? as u32)

@@ -103,7 +103,14 @@ impl Service {
     pub(crate) async fn keys_query(self: &Arc<Self>, auth: Option<String>, user: UserId) -> Result<Response, ApiError> {
         let _ = self.read(auth, |_, c| Ok(c)).await?;
         let devices = match user.is_on(&self.server) {
-            true => self.local_device_keys(user.clone()).await?,
+            true => {
+                let (store, u) = (self.store.clone(), user.clone());
+                let exists = crate::store::blocking(move || keydir::user_exists(&*store, &u)).await??;
+                if !exists {
+                    return Err(ApiError::new(ErrorCode::UnknownUser, format!("{user} does not exist")));
+                }
+                self.local_device_keys(user.clone()).await?
+            }
             false => {
                 let res = self.ask_remote(&user.server_name(), FedRequest::KeysQuery { user: user.clone() }).await?;
                 remote_devices(&user, res).map_err(|e| remote_unavailable(&user, e))?

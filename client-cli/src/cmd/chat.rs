@@ -263,11 +263,13 @@ async fn line_mode(profile: &Profile, json: bool, me: &UserId, with: &UserId, pl
                             println!("{}", message_json("sent", &m, None));
                         }
                     }
-                    Err(e) if e.is_connection() => {
+                    Err(e) if e.is_later() => {
                         if let Err(e) = send::queue(profile, with, &text, id, json, plaintext) {
                             eprintln!("missive: not sent: {e:#}");
                         }
-                        follow.lost(e.to_string());
+                        if e.is_connection() {
+                            follow.lost(e.to_string());
+                        }
                     }
                     Err(e) => eprintln!("missive: not sent: {e}"),
                 }

@@ -12,12 +12,19 @@ use crate::connect::session_client;
 const PREVIEW_CHARS: usize = 72;
 
 pub async fn conversations(profile: &Profile, json: bool, limit: usize) -> anyhow::Result<()> {
-    let (c, _) = session_client(profile).await?;
+    let (c, s) = session_client(profile).await?;
+    let mut crypto = crate::connect::crypto(profile, &s)?;
     let mut before = None;
     let mut listed = 0;
     while listed < limit {
         let page_size = (limit - listed).min(limits::CONVERSATIONS_MAX_LIMIT as usize) as u32;
-        let (page, older) = c.conversations(Some(page_size), before).await?;
+        let (mut page, older) = c.conversations(Some(page_size), before).await?;
+        for s in page.iter_mut() {
+            if let Some(m) = &s.last {
+                s.last = Some(crypto.open_message(&c, m).await);
+            }
+        }
+        crate::connect::say_notices(&mut crypto);
         for s in &page {
             println!("{}", if json { summary_json(s).to_string() } else { summary_line(s) });
         }

@@ -41,7 +41,7 @@ pub async fn send(profile: &Profile, json: bool, to: &str, text: &str, plaintext
         }
         // The request may or may not have arrived: queue it with the same id; the
         // server's idempotent send makes the retry safe.
-        Err(e) if e.is_connection() => queue(profile, &to, text, id, json, plaintext)?,
+        Err(e) if e.is_later() => queue(profile, &to, text, id, json, plaintext)?,
         Err(e) => return Err(e.into()),
     }
     c.close().await;

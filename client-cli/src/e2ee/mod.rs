@@ -278,6 +278,17 @@ impl Crypto {
         Ok((devices, changes))
     }
 
+    /// A user's devices as last seen (their signatures were checked then).
+    fn known_devices(&self, user: &UserId) -> anyhow::Result<Vec<DeviceKeys>> {
+        let rows = store::known_devices(&self.store.conn, user.as_str())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(d, ed25519, curve25519)| {
+                Some(DeviceKeys { sig: Vec::new(), user: user.clone(), device: DeviceId::parse(&d).ok()?, ed25519, curve25519 })
+            })
+            .collect())
+    }
+
     /// The safety number of this user and `peer` (E6), from the key directory.
     pub async fn safety_number(&mut self, c: &Client, peer: &UserId) -> anyhow::Result<(String, String)> {
         let (mine, _) = self.devices_changed(c, &self.user.clone()).await?;
@@ -309,7 +320,20 @@ impl Crypto {
     /// device's signature.
     pub async fn seal(&mut self, c: &Client, to: &UserId, content: &Content) -> Result<Content, SealError> {
         self.publish(c).await?;
-        let (theirs, changes) = self.devices_changed(c, to).await?;
+        let (theirs, changes) = match self.devices_changed(c, to).await {
+            // The recipient's server is away: the devices last seen do, as long as every
+            // one of them has a session already (nothing to claim).
+            Err(e) if remote_unavailable(&e) => {
+                let known = self.known_devices(to)?;
+                let all_have_sessions = !known.is_empty()
+                    && known.iter().all(|d| store::sessions(&self.store.conn, self.device.as_str(), &d.curve25519).is_ok_and(|s| !s.is_empty()));
+                if !all_have_sessions {
+                    return Err(SealError::Other(e));
+                }
+                (known, DeviceChanges::default())
+            }
+            r => r?,
+        };
         if theirs.is_empty() {
             return Err(match store::peer(&self.store.conn, to.as_str())?.0 {
                 true => SealError::KeysVanished(to.clone()),
@@ -512,8 +536,22 @@ pub enum SendError {
     Client(#[from] crate::client::ClientError),
 }
 
+/// Whether an error says the other user's server could not be reached.
+fn remote_unavailable(e: &anyhow::Error) -> bool {
+    use crate::client::ClientError;
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Server { code: missive_spec::ErrorCode::RemoteUnavailable, .. }))
+    })
+}
+
 impl SendError {
-    /// Whether the server could not be reached (the message may wait in the outbox).
+    /// Whether the message should wait in the outbox and go later: the homeserver, or the
+    /// recipient's server it asks for keys, could not be reached.
+    pub fn is_later(&self) -> bool {
+        self.is_connection() || matches!(self, SendError::Seal(SealError::Other(e)) if remote_unavailable(e))
+    }
+
+    /// Whether the homeserver could not be reached.
     pub fn is_connection(&self) -> bool {
         use crate::client::ClientError;
         match self {
@@ -551,9 +589,11 @@ impl Crypto {
     /// Opens the messages among events, in place, and looks again at the devices of every
     /// user a `devices` event names (announcing changes through the notices).
     pub async fn open_events(&mut self, c: &Client, events: &mut [missive_spec::Event]) {
+        let mut first_messages = false;
         for e in events.iter_mut() {
             match &e.event {
                 missive_spec::EventKind::Message(m) => {
+                    first_messages |= self.uses_one_time_key(m);
                     let opened = self.open_message(c, m).await;
                     e.event = missive_spec::EventKind::Message(opened);
                 }
@@ -566,6 +606,21 @@ impl Crypto {
                 _ => {}
             }
         }
+        // Pre-key messages used up one-time keys: the server gets new ones.
+        if first_messages {
+            if let Err(e) = self.publish(c).await {
+                self.notices.push(format!("warning: cannot publish new one-time keys: {e:#}"));
+            }
+        }
+    }
+
+    /// Whether a message starts a session with this device (a pre-key message for it).
+    fn uses_one_time_key(&self, m: &Message) -> bool {
+        if m.content.kind != CONTENT_ENCRYPTED {
+            return false;
+        }
+        let Ok(sealed) = codec::decode::<Sealed>(&m.content.body) else { return false };
+        sealed.to.iter().any(|s| s.user == self.user && s.device == self.device && s.kind == missive_spec::e2ee::OLM_PRE_KEY)
     }
 
     /// Opens messages, in place.

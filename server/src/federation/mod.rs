@@ -354,7 +354,16 @@ impl Federation {
     pub async fn ask(self: &Arc<Self>, dest: &ServerName, req: FedRequest) -> Result<FedResponse, String> {
         let p = self.peer(dest);
         let conn = self.connection(&p).await?;
-        self.request(&conn, req).await
+        match self.request(&conn, req.clone()).await {
+            Ok(r) => Ok(r),
+            // The connection may be one the peer forgot (it restarted): once more, anew.
+            Err(_) => {
+                conn.close(0u32.into(), b"stale");
+                p.conn.lock().await.take();
+                let conn = self.connection(&p).await?;
+                self.request(&conn, req).await
+            }
+        }
     }
 
     /// The client side that answers peers' key-directory requests.
