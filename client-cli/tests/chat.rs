@@ -242,7 +242,10 @@ async fn full_screen_chat_in_tmux_between_two_servers() {
 async fn history_shows_a_refused_message_as_failed() {
     let u = users(&["alpha.test", "beta.test"]).await;
     let nobody = "@nobody:beta.test";
-    ok(&u.alice, &["send", nobody, "is anyone there?"], None).await;
+    // A user who never published keys gets plaintext only when asked for (e2ee.md E6.4).
+    let refused = fails(&u.alice, &["send", nobody, "is anyone there?"], None).await;
+    assert!(refused.contains("--plaintext"), "{refused}");
+    ok(&u.alice, &["send", "--plaintext", nobody, "is anyone there?"], None).await;
     let line = eventually("the refusal in history", || async {
         let h = json_lines(&ok(&u.alice, &["--json", "history", nobody], None).await);
         h.into_iter().find(|v| v["type"] == "message" && v["state"] == "failed")

@@ -418,6 +418,45 @@ impl Client {
         expect_ok(self.request(req).await?)
     }
 
+    /// e2ee.md E3.1: (one-time keys held, fallback key held).
+    pub async fn keys_upload(
+        &self,
+        keys: Option<missive_spec::e2ee::DeviceKeys>,
+        fallback: Option<missive_spec::e2ee::OneTimeKey>,
+        one_time: Vec<missive_spec::e2ee::OneTimeKey>,
+    ) -> Result<(u32, bool), ClientError> {
+        match self.request(Request::KeysUpload { keys, fallback, one_time }).await? {
+            Response::KeyCount { one_time, fallback } => Ok((one_time, fallback)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// E3.2.
+    pub async fn keys_query(&self, user: &UserId) -> Result<Vec<missive_spec::e2ee::DeviceKeys>, ClientError> {
+        match self.request(Request::KeysQuery { user: user.clone() }).await? {
+            Response::DeviceKeys { devices, .. } => Ok(devices),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// E3.3.
+    pub async fn keys_claim(&self, user: &UserId, devices: Vec<DeviceId>) -> Result<Vec<missive_spec::e2ee::ClaimedKey>, ClientError> {
+        match self.request(Request::KeysClaim { user: user.clone(), devices }).await? {
+            Response::Claimed { keys } => Ok(keys),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The id of the device this client speaks for.
+    pub async fn device_id(&self) -> Result<DeviceId, ClientError> {
+        self.devices()
+            .await?
+            .into_iter()
+            .find(|d| d.current)
+            .map(|d| d.id)
+            .ok_or_else(|| ClientError::Protocol("devices lists no current device".into()))
+    }
+
     pub async fn revoke_device(&self, device: DeviceId) -> Result<(), ClientError> {
         expect_ok(self.request(Request::RevokeDevice { device }).await?)
     }

@@ -11,6 +11,7 @@ use missive_spec::{
     Message, OrderKey, PresenceUpdate, Receipt, ReceiptKind, RegistrationPolicy, Request, RequestFrame, Response,
     ResponseFrame, ServerName, TypingUpdate, Undeliverable, UserId, Watermark,
 };
+use missive_spec::e2ee::{fingerprint_digits, safety_number, ClaimedKey, DeviceKeys, DeviceListChange, Inner, OneTimeKey, Sealed, SealedFor};
 use serde_json::{json, Value};
 
 fn dir() -> PathBuf {
@@ -44,6 +45,70 @@ fn sample_message() -> Message {
         origin: server("alpha.example"),
         content: Content::text("hello, bob"),
     }
+}
+
+/// Device keys with stand-in key and signature bytes: frames test encodings, not
+/// signatures (`e2ee.json` gives the bytes a signature covers).
+fn sample_device_keys() -> DeviceKeys {
+    DeviceKeys {
+        sig: vec![0x33; 64],
+        user: user("@alice:alpha.example"),
+        device: DeviceId::parse("K7Q2M9XW4BRT").unwrap(),
+        ed25519: vec![0x11; 32],
+        curve25519: vec![0x22; 32],
+    }
+}
+
+fn sample_key(id: u64) -> OneTimeKey {
+    OneTimeKey { id, key: vec![0x44; 32], sig: vec![0x55; 64] }
+}
+
+fn sample_sealed() -> Sealed {
+    Sealed {
+        to: vec![SealedFor {
+            body: vec![0x03, 0x0a, 0x20],
+            kind: missive_spec::e2ee::OLM_PRE_KEY,
+            user: user("@bob:beta.example"),
+            device: DeviceId::parse("B0BDEV1CE").unwrap(),
+            session: "c2Vzc2lvbi1pZA".into(),
+        }],
+        alg: missive_spec::e2ee::ALG_OLM_V1.into(),
+        sender: DeviceId::parse("K7Q2M9XW4BRT").unwrap(),
+        sender_key: vec![0x22; 32],
+    }
+}
+
+/// The e2ee.md vectors: what signatures cover, a sealed body and its inner plaintext,
+/// and safety numbers.
+fn e2ee_vectors() -> Value {
+    let keys = sample_device_keys();
+    let otk = sample_key(1);
+    let m = sample_message();
+    let inner = Inner { conv: m.conv, from: m.from.clone(), content: Content::text("hello, bob") };
+    let (alice, bob) = (user("@alice:alpha.example"), user("@bob:beta.example"));
+    let (d1, d2, d3) = (DeviceId::parse("K7Q2M9XW4BRT").unwrap(), DeviceId::parse("B0BDEV1CE").unwrap(), DeviceId::parse("B0BPHONE").unwrap());
+    let (k1, k2, k3) = ([0x11u8; 32], [0x66u8; 32], [0x77u8; 32]);
+    let a: Vec<(&DeviceId, &[u8])> = vec![(&d1, &k1)];
+    let b: Vec<(&DeviceId, &[u8])> = vec![(&d3, &k3), (&d2, &k2)];
+    json!({
+        "device_keys": {"section": "E2.1", "cbor_hex": hex::encode(codec::encode(&keys)), "signed_bytes_hex": hex::encode(keys.signed_bytes())},
+        "one_time_key": {
+            "section": "E2.2",
+            "cbor_hex": hex::encode(codec::encode(&otk)),
+            "signed_bytes_hex": hex::encode(otk.signed_bytes(&keys.user, &keys.device, false)),
+            "fallback_signed_bytes_hex": hex::encode(otk.signed_bytes(&keys.user, &keys.device, true)),
+        },
+        "sealed": {"section": "E4.1", "cbor_hex": hex::encode(codec::encode(&sample_sealed())), "diagnostic": diagnostic(&codec::encode(&sample_sealed())).unwrap()},
+        "inner": {"section": "E4.2", "cbor_hex": hex::encode(codec::encode(&inner)), "diagnostic": diagnostic(&codec::encode(&inner)).unwrap()},
+        "safety_number": {
+            "section": "E6.1",
+            "users": [
+                {"user": alice.as_str(), "devices": [{"device": d1.as_str(), "ed25519_hex": hex::encode(k1)}], "digits": fingerprint_digits(&alice, &a)},
+                {"user": bob.as_str(), "devices": [{"device": d2.as_str(), "ed25519_hex": hex::encode(k2)}, {"device": d3.as_str(), "ed25519_hex": hex::encode(k3)}], "digits": fingerprint_digits(&bob, &b)},
+            ],
+            "number": safety_number((&alice, &a), (&bob, &b)),
+        },
+    })
 }
 
 fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
@@ -101,6 +166,17 @@ fn requests() -> Vec<(&'static str, &'static str, RequestFrame)> {
         ("unblock", "6.12", f(Request::Unblock { user: user("@mallory:beta.example") }, &token)),
         ("blocked", "6.12", f(Request::Blocked {}, &token)),
         ("keys", "6.13", f(Request::Keys {}, &None)),
+        (
+            "keys_upload",
+            "E3.1",
+            f(Request::KeysUpload { keys: Some(sample_device_keys()), fallback: Some(sample_key(2)), one_time: vec![sample_key(1)] }, &token),
+        ),
+        ("keys_query", "E3.2", f(Request::KeysQuery { user: user("@bob:beta.example") }, &token)),
+        (
+            "keys_claim",
+            "E3.3",
+            f(Request::KeysClaim { user: user("@bob:beta.example"), devices: vec![DeviceId::parse("K7Q2M9XW4BRT").unwrap()] }, &token),
+        ),
         ("presence", "12.2", f(Request::Presence { user: user("@bob:beta.example") }, &token)),
         ("settings", "12.4", f(Request::Settings { hide_last_seen: true }, &token)),
         ("typing", "13", f(Request::Typing { with: user("@bob:beta.example") }, &token)),
@@ -239,6 +315,25 @@ fn responses() -> Vec<(&'static str, &'static str, ResponseFrame)> {
             }),
         ),
         ("blocked", "6.12", f(Response::Blocked { users: vec![user("@mallory:beta.example")] })),
+        ("key_count", "E3.1", f(Response::KeyCount { fallback: true, one_time: 50 })),
+        ("device_keys", "E3.2", f(Response::DeviceKeys { user: user("@alice:alpha.example"), devices: vec![sample_device_keys()] })),
+        (
+            "claimed",
+            "E3.3",
+            f(Response::Claimed {
+                keys: vec![ClaimedKey { key: sample_key(2), device: DeviceId::parse("K7Q2M9XW4BRT").unwrap(), fallback: true }],
+            }),
+        ),
+        (
+            "devices event",
+            "E5.1",
+            f(Response::Events {
+                more: false,
+                next: 10,
+                events: vec![Event { pos: 10, event: EventKind::Devices(DeviceListChange { user: user("@bob:beta.example"), version: 3 }) }],
+                ephemeral: vec![],
+            }),
+        ),
         (
             "undeliverable event",
             "10.5",
@@ -369,6 +464,17 @@ fn regenerate() {
         "vectors": [{"messages": msgs, "canonical_order": keyed.iter().map(|(_, id)| id.clone()).collect::<Vec<_>>()}],
     });
     std::fs::write(dir().join("ordering.json"), serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+
+    let doc = json!({
+        "description": "End-to-end encryption (e2ee.md): device keys and a one-time key with the bytes their signatures cover (key and signature bytes are stand-ins), a sealed body and the inner plaintext a ciphertext carries (the Olm bytes are stand-ins), and a safety number with each user's digits.",
+        "vectors": [e2ee_vectors()],
+    });
+    std::fs::write(dir().join("e2ee.json"), serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+}
+
+#[test]
+fn e2ee_vectors_match() {
+    assert_eq!(load("e2ee.json"), [e2ee_vectors()]);
 }
 
 #[test]

@@ -404,13 +404,15 @@ impl Crypto {
         if body.len() > limits::MAX_CONTENT_BODY {
             return Err(SealError::TooLong { devices: sealed.to.len(), max: limits::MAX_CONTENT_BODY });
         }
+        store::save_sent(&self.store.conn, &body, &codec::encode(content))?;
         Ok(Content { body, kind: CONTENT_ENCRYPTED.to_owned() })
     }
 
     /// Remembers what this device sent, so that it shows its own message (no ciphertext
     /// is made for the sending device).
     pub fn keep_sent(&mut self, m: &Message, content: &Content) -> anyhow::Result<()> {
-        store::save_opened(&self.store.conn, m.conv.as_bytes(), m.origin.as_str(), m.seq, &codec::encode(content), None)
+        store::save_opened(&self.store.conn, m.conv.as_bytes(), m.origin.as_str(), m.seq, &codec::encode(content), None)?;
+        store::forget_sent(&self.store.conn, &m.content.body)
     }
 
     /// The message as it is shown: opened (or as this device opened it before), with a
@@ -434,6 +436,11 @@ impl Crypto {
                 Some(w) => Err(w),
                 None => codec::decode(&content).map_err(|e| format!("kept content does not decode: {e}")),
             };
+        }
+        // One of this device's own: what it carries was kept when it was sealed.
+        if let Some(content) = store::sent(&self.store.conn, &m.content.body).map_err(|e| e.to_string())? {
+            let _ = store::save_opened(&self.store.conn, &id.0, &id.1, id.2, &content, None);
+            return codec::decode(&content).map_err(|e| format!("kept content does not decode: {e}"));
         }
         let sealed: Sealed = codec::decode(&m.content.body).map_err(|e| format!("not an encrypted payload: {e}"))?;
         if sealed.alg != ALG_OLM_V1 {
@@ -582,6 +589,7 @@ pub async fn send_text(
     let sealed = crypto.seal(c, to, &content).await?;
     let m = c.send(to, sealed, id).await?;
     crypto.keep_sent(&m, &content).map_err(SealError::Other)?;
+    // (`m` carries the sealed body; what it shows is the text.)
     Ok(Message { content: Content { kind: format!("{OPENED_PREFIX}{}", content.kind), body: content.body }, ..m })
 }
 

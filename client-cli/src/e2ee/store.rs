@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS peer (
     had_keys INTEGER NOT NULL,    -- once a user published keys, plaintext to them is refused
     verified TEXT                 -- their half of the safety number when verified
 );
+CREATE TABLE IF NOT EXISTS sent (
+    body BLOB PRIMARY KEY,        -- a sealed body this device made
+    content BLOB NOT NULL         -- CBOR of the Content it carries
+);
 CREATE TABLE IF NOT EXISTS opened (
     conv BLOB NOT NULL,
     origin TEXT NOT NULL,
@@ -184,6 +188,23 @@ pub fn save_opened(tx: &Connection, conv: &[u8], origin: &str, seq: u64, content
         params![conv, origin, seq as i64, content, undecryptable],
     )?;
     Ok(())
+}
+
+/// Remembers what a sealed body this device made carries: no ciphertext is made for the
+/// sending device, and its own message may come back on the event stream before the
+/// send's answer does.
+pub fn save_sent(tx: &Connection, body: &[u8], content: &[u8]) -> anyhow::Result<()> {
+    tx.execute("INSERT OR REPLACE INTO sent (body, content) VALUES (?1, ?2)", params![body, content])?;
+    Ok(())
+}
+
+pub fn forget_sent(tx: &Connection, body: &[u8]) -> anyhow::Result<()> {
+    tx.execute("DELETE FROM sent WHERE body = ?1", params![body])?;
+    Ok(())
+}
+
+pub fn sent(tx: &Connection, body: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    Ok(tx.query_row("SELECT content FROM sent WHERE body = ?1", params![body], |r| r.get(0)).optional()?)
 }
 
 /// The pickle key: read from its file, or made (32 random bytes, mode 0600) on first use.

@@ -19,6 +19,7 @@ use crate::wire::{Client, Subscription};
 
 mod client;
 mod federation;
+mod keys;
 mod multi;
 mod precision;
 
@@ -54,6 +55,7 @@ pub struct Test {
 pub fn all() -> Vec<Test> {
     let mut v = client::tests();
     v.extend(federation::tests());
+    v.extend(keys::tests());
     v.extend(multi::tests());
     v.extend(precision::tests());
     v
