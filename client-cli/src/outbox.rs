@@ -15,8 +15,8 @@ use anyhow::{bail, Context};
 use missive_spec::{limits, ClientMsgId, Message, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, ClientError};
-use crate::e2ee::{send_text, Crypto, SendError};
+use crate::client::Client;
+use crate::e2ee::{send_text, Crypto};
 use crate::profile::{create_private_dir, write_private};
 
 /// Bound on the entries the outbox holds, waiting and failed together: queueing more is
@@ -228,12 +228,11 @@ impl Outbox {
                     out.waiting = total - i;
                     break;
                 }
-                Err(SendError::Client(ClientError::Server { code, message })) => {
-                    let reason = format!("{code}: {message}");
-                    out.failed.push((self.fail(&path, q, reason.clone())?, reason));
-                }
                 Err(e) => {
-                    let reason = e.to_string();
+                    let reason = match e.refusal() {
+                        Some((code, message)) => format!("{code}: {message}"),
+                        None => format!("{e:#}"),
+                    };
                     out.failed.push((self.fail(&path, q, reason.clone())?, reason));
                 }
             }

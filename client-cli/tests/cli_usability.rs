@@ -32,6 +32,10 @@ async fn setup() -> Setup {
 #[tokio::test]
 async fn the_outbox_shows_refused_messages_with_the_reason_and_retries_or_drops_them() {
     let mut s = setup().await;
+    // bob's device publishes its keys, so messages to him can be encrypted (e2ee.md).
+    let bob = s.tmp.path().join("bob");
+    let addr = s.srv.addr.to_string();
+    ok(&bob, &["login", "@bob:alpha.test", "--server", &addr, "--password-stdin"], Some("bob-password\n")).await;
     s.srv.terminate().await.unwrap();
     for (to, text) in [("@carol:alpha.test", "to carol"), ("@dave:alpha.test", "to dave"), ("@bob:alpha.test", "to bob")] {
         ok(&s.alice, &["send", to, text], None).await;
@@ -58,15 +62,15 @@ async fn the_outbox_shows_refused_messages_with_the_reason_and_retries_or_drops_
     let (carol_id, dave_id) = (listed[0]["id"].as_str().unwrap().to_owned(), listed[1]["id"].as_str().unwrap().to_owned());
     assert!(human.contains(&carol_id) && carol_id.len() >= 8, "ids are shown: {human}");
 
-    // carol gets an account; the retried message goes with the next connection.
+    // carol gets an account and a device; the retried message goes with the next connection.
     s.srv.add_user("carol", "carol-password").await.unwrap();
+    let carol = s.tmp.path().join("carol");
+    let addr = s.srv.addr.to_string();
+    ok(&carol, &["login", "@carol:alpha.test", "--server", &addr, "--password-stdin"], Some("carol-password\n")).await;
     let retried = json_lines(&ok(&s.alice, &["--json", "outbox", "retry", &carol_id], None).await);
     assert_eq!((retried[0]["type"].as_str(), retried[0]["state"].as_str()), (Some("queued"), Some("waiting")));
     let out = run(&s.alice, &["sync"], None).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("sent 1 message(s) from the outbox"));
-    let carol = s.tmp.path().join("carol");
-    let addr = s.srv.addr.to_string();
-    ok(&carol, &["login", "@carol:alpha.test", "--server", &addr, "--password-stdin"], Some("carol-password\n")).await;
     let synced = json_lines(&ok(&carol, &["--json", "sync"], None).await);
     assert!(synced.iter().any(|v| v["type"] == "message" && v["text"] == "to carol"), "{synced:?}");
 

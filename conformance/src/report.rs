@@ -10,9 +10,10 @@ use crate::suite::Tier;
 /// The suite's version and the spec version it tests.
 pub fn banner(implementation: &str) -> String {
     format!(
-        "missive-conformance {} · Missive spec version {} (core.md, federation.md) · implementation: {implementation}",
+        "missive-conformance {} · Missive spec version {} ({}) · implementation: {implementation}",
         env!("CARGO_PKG_VERSION"),
-        missive_spec::PROTOCOL_VERSION
+        missive_spec::PROTOCOL_VERSION,
+        missive_spec::requirements::DOCUMENTS.map(|(name, _)| name).join(", ")
     )
 }
 

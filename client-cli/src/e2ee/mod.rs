@@ -558,6 +558,19 @@ impl SendError {
         self.is_connection() || matches!(self, SendError::Seal(SealError::Other(e)) if remote_unavailable(e))
     }
 
+    /// The server's refusal behind the error, if a server refused: its code and message.
+    pub fn refusal(&self) -> Option<(missive_spec::ErrorCode, String)> {
+        use crate::client::ClientError;
+        match self {
+            SendError::Client(ClientError::Server { code, message }) => Some((*code, message.clone())),
+            SendError::Seal(SealError::Other(e)) => e.chain().find_map(|c| match c.downcast_ref::<ClientError>() {
+                Some(ClientError::Server { code, message }) => Some((*code, message.clone())),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether the homeserver could not be reached.
     pub fn is_connection(&self) -> bool {
         use crate::client::ClientError;
