@@ -171,6 +171,10 @@ enum Command {
         /// Only show the number; change nothing.
         #[arg(long)]
         show: bool,
+        /// The number you compared (from `--show`): marked verified only if it is still
+        /// the number now.
+        #[arg(long, conflicts_with = "show")]
+        number: Option<String>,
     },
     /// Change your password: asks for the current one, then the new one twice.
     Passwd {
@@ -348,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Listen => cmd::listen::listen(p, json).await,
         Command::Search { text, with, limit } => cmd::search::search(p, json, &text, with.as_deref(), limit),
         Command::Chat { with, plaintext } => cmd::chat::chat(p, json, with.as_deref(), plaintext).await,
-        Command::Verify { user, show } => cmd::verify::verify(p, json, &user, show).await,
+        Command::Verify { user, show, number } => cmd::verify::verify(p, json, &user, show, number.as_deref()).await,
         Command::Read { with } => cmd::history::read(p, json, &with).await,
         Command::Presence { user } => cmd::presence::presence(p, json, &user).await,
         Command::Typing { with } => cmd::presence::typing(p, json, &with).await,

@@ -233,3 +233,26 @@ async fn a_new_device_is_announced_reads_what_follows_and_a_revoked_one_is_left_
     assert!(!to.iter().any(|(_, d)| *d == b2_id), "encrypted to the revoked device: {to:?}");
     assert!(to.iter().filter(|(u, _)| u == "@bob:beta.test").count() == 2, "b1 and b3: {to:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_peers_new_device_stops_sending_until_verified_again() {
+    let p = pair().await;
+    let (a1, _b1) = (p.device("a1").await, p.device("b1").await);
+    let shown = json_lines(&ok(&a1, &["--json", "verify", "--show", "@bob:beta.test"], None).await);
+    let compared = shown[0]["number"].as_str().unwrap().to_owned();
+    assert_eq!(shown[0]["verified"], false);
+    ok(&a1, &["verify", "@bob:beta.test", "--number", &compared], None).await;
+    ok(&a1, &["send", "@bob:beta.test", "to the verified devices"], None).await;
+
+    // Bob adds a device: alice's next message does not go, and says why.
+    let _b2 = p.device("b2").await;
+    let err = fails(&a1, &["send", "@bob:beta.test", "must wait"], None).await;
+    assert!(err.contains("changed since you verified") && err.contains("new device"), "{err}");
+    assert!(run(&a1, &["outbox"], None).await.stdout.is_empty(), "a refused message must not wait to go out later");
+    // The number compared before is no longer the number: verifying with it is refused.
+    let stale = fails(&a1, &["verify", "@bob:beta.test", "--number", &compared], None).await;
+    assert!(stale.contains("compare again"), "{stale}");
+    let fresh = json_lines(&ok(&a1, &["--json", "verify", "@bob:beta.test"], None).await);
+    assert_ne!(fresh[0]["number"], compared.as_str());
+    ok(&a1, &["send", "@bob:beta.test", "after verifying again"], None).await;
+}

@@ -118,7 +118,17 @@ impl Core {
                 if k.user != *user || k.device != *device || !k.well_formed() {
                     return Err(invalid("device keys must name the calling user and device, with 32-byte keys and a 64-byte signature"));
                 }
-                if self.store.count(Cf::DeviceKeys, &keys::devices_of(user.localpart()))? >= MAX_KEY_DEVICES as u64 {
+                // The device may have been revoked since its request was read: no keys for
+                // a device that is gone (they would outlive it).
+                let id = (user.localpart().to_owned(), device.clone());
+                let exists = !tx.removed.contains(&id)
+                    && (tx.devices.contains_key(&id) || self.store.get(Cf::Devices, &keys::device(user.localpart(), device))?.is_some());
+                if !exists {
+                    return Err(Error::refused(ErrorCode::Unauthorized, "this device was revoked"));
+                }
+                let prefix = keys::devices_of(user.localpart());
+                let added_now = tx.keydir.iter().filter(|((cf, k), v)| *cf == Cf::DeviceKeys && k.starts_with(&prefix) && v.is_some()).count() as u64;
+                if self.store.count(Cf::DeviceKeys, &prefix)? + added_now >= MAX_KEY_DEVICES as u64 {
                     return Err(invalid(format!("at most {MAX_KEY_DEVICES} devices with keys; revoke one first")));
                 }
                 (KeyRecord { keys: k, fallback: None, max_id: 0 }, true)

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::parse_user;
 use crate::connect::{crypto, say_notices, session_client};
 
-pub async fn verify(profile: &Profile, json: bool, user: &str, show: bool) -> anyhow::Result<()> {
+pub async fn verify(profile: &Profile, json: bool, user: &str, show: bool, number: Option<&str>) -> anyhow::Result<()> {
     let peer = parse_user(user)?;
     let (c, s) = session_client(profile).await?;
     if peer == s.user {
@@ -16,10 +16,17 @@ pub async fn verify(profile: &Profile, json: bool, user: &str, show: bool) -> an
     let mut crypto = crypto(profile, &s)?;
     let numbers = crypto.safety_number(&c, &peer).await;
     say_notices(&mut crypto);
-    let (number, digits) = numbers?;
-    if !show {
-        crypto.verify(&peer, &digits)?;
+    let now = numbers?;
+    if let Some(compared) = number {
+        let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+        if digits(compared) != digits(&now) {
+            anyhow::bail!("the safety number is now {now}, not the one you compared: the devices of one of you changed; compare again");
+        }
     }
+    if !show {
+        crypto.verify(&peer, &now)?;
+    }
+    let number = now;
     if json {
         println!("{}", json!({"type": "safety_number", "user": peer.as_str(), "number": number, "verified": !show}));
     } else {

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, bail, Context};
 use missive_spec::e2ee::{
-    fingerprint_digits, safety_number, ClaimedKey, DeviceKeys, Inner, OneTimeKey, Sealed, SealedFor, ALG_OLM_V1, CONTENT_ENCRYPTED,
+    safety_number, ClaimedKey, DeviceKeys, Inner, OneTimeKey, Sealed, SealedFor, ALG_OLM_V1, CONTENT_ENCRYPTED,
 };
 use missive_spec::{codec, limits, Content, ConversationId, DeviceId, Message, UserId};
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,8 @@ pub use store::{FILE as STORE_FILE, KEY_FILE};
 
 /// How many one-time keys a device keeps on its server; below half, it uploads more.
 pub const ONE_TIME_TARGET: u32 = 50;
+/// The fallback key is replaced at most this often (when the one-time keys ran out).
+const FALLBACK_ROTATION_MS: u64 = 24 * 3600 * 1000;
 /// Content type prefix of an opened message in the client (never on the wire).
 pub const OPENED_PREFIX: &str = "e2ee+";
 /// Content type of a message that could not be opened; the body is the reason.
@@ -150,6 +152,14 @@ impl Crypto {
         Ok(Some((account, next, pending)))
     }
 
+    /// This device's keys as its own account makes them.
+    fn device_keys_of_account(&self) -> anyhow::Result<DeviceKeys> {
+        let Some((account, _, _)) = self.load_account(&self.store.conn, &self.store.key)? else {
+            bail!("this device has no keys yet")
+        };
+        Ok(self.device_keys(&account))
+    }
+
     fn device_keys(&self, account: &Account) -> DeviceKeys {
         let ids = account.identity_keys();
         let mut k = DeviceKeys {
@@ -194,12 +204,22 @@ impl Crypto {
         if count >= ONE_TIME_TARGET / 2 {
             return Ok(());
         }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let bytes = self.store.locked(|tx, key| {
-            let Some((mut account, next, _)) = self.load_account(tx, key)? else { bail!("the device key store lost its account") };
+            let Some((mut account, next, pending)) = self.load_account(tx, key)? else { bail!("the device key store lost its account") };
+            // Another command built an upload meanwhile: that one goes, its keys under the
+            // ids they were given, never numbered twice.
+            if let Some(p) = pending {
+                return Ok(p);
+            }
             account.generate_one_time_keys((ONE_TIME_TARGET - count) as usize);
-            if count == 0 {
-                // The fallback key is being used: a fresh one for the next strangers.
+            // The fallback key is in use: a fresh one for the next strangers, at most once
+            // a day, so that someone draining the one-time keys cannot rotate away a
+            // fallback key a session is still being started with (vodozemac keeps two).
+            let last = store::meta(tx, "fallback_ms")?.unwrap_or(0);
+            if count == 0 && now.saturating_sub(last) > FALLBACK_ROTATION_MS {
                 account.generate_fallback_key();
+                store::set_meta(tx, "fallback_ms", now)?;
             }
             let (up, next) = self.build_upload(&account, next, false);
             let bytes = codec::encode(&up);
@@ -232,17 +252,40 @@ impl Crypto {
         let (count, _) = c.keys_upload(up.keys, up.fallback, up.one_time).await.context("cannot publish this device's keys")?;
         let device = self.device.as_str().to_owned();
         self.store.locked(|tx, key| {
-            let Some((mut account, next, _)) = self.load_account(tx, key)? else { bail!("the device key store lost its account") };
-            account.mark_keys_as_published();
-            store::save_account(tx, &device, &account.pickle().encrypt(key), next, None)
+            let Some((mut account, next, pending)) = self.load_account(tx, key)? else { bail!("the device key store lost its account") };
+            // Only what the server acknowledged is marked published (another command may
+            // have sent and cleared it already).
+            if pending.as_deref() == Some(bytes) {
+                account.mark_keys_as_published();
+                store::save_account(tx, &device, &account.pickle().encrypt(key), next, None)?;
+            }
+            Ok(())
         })?;
         Ok(count)
+    }
+
+    /// Whether the server acknowledged this device's keys.
+    fn keys_published(&self) -> anyhow::Result<bool> {
+        Ok(match store::account(&self.store.conn, self.device.as_str())? {
+            None => false,
+            Some((_, _, None)) => true,
+            Some((_, _, Some(bytes))) => codec::decode::<PendingUpload>(&bytes).map(|p| p.keys.is_none()).unwrap_or(false),
+        })
     }
 
     /// A user's devices from the key directory, each checked against its own signature;
     /// what changed since they were last seen is remembered and returned.
     pub async fn devices_changed(&mut self, c: &Client, user: &UserId) -> anyhow::Result<(Vec<DeviceKeys>, DeviceChanges)> {
         let all = c.keys_query(user).await.with_context(|| format!("cannot get the device keys of {user}"))?;
+        if all.windows(2).any(|w| w[0].device.as_str() >= w[1].device.as_str()) {
+            bail!("the key directory lists a device of {user} twice, or out of order: not trusting it");
+        }
+        if *user == self.user {
+            let mine = self.device_keys_of_account()?;
+            if all.iter().any(|d| d.device == self.device && *d != mine) {
+                bail!("the server lists this device with keys that are not its own: it may be trying to read your messages");
+            }
+        }
         let mut devices = Vec::new();
         for d in all {
             if d.user == *user && d.well_formed() && verify_sig(&d.ed25519, &d.signed_bytes(), &d.sig) {
@@ -251,29 +294,37 @@ impl Crypto {
                 self.notices.push(format!("ignoring device {} of {user}: its keys are not signed by itself", d.device));
             }
         }
-        let seen: BTreeMap<String, (Vec<u8>, Vec<u8>)> =
-            store::known_devices(&self.store.conn, user.as_str())?.into_iter().map(|(d, e, c)| (d, (e, c))).collect();
         let now: BTreeMap<String, (Vec<u8>, Vec<u8>)> =
             devices.iter().map(|d| (d.device.as_str().to_owned(), (d.ed25519.clone(), d.curve25519.clone()))).collect();
-        let mut changes = DeviceChanges::default();
-        for (d, k) in &now {
-            match seen.get(d) {
-                None => changes.added.push(d.clone()),
-                Some(old) if old != k => changes.changed.push(d.clone()),
-                Some(_) => {}
+        let (first_sight, changes) = self.store.locked(|tx, _| {
+            let seen: BTreeMap<String, (Vec<u8>, Vec<u8>)> =
+                store::known_devices(tx, user.as_str())?.into_iter().map(|(d, e, c)| (d, (e, c))).collect();
+            let mut changes = DeviceChanges::default();
+            for (d, k) in &now {
+                match seen.get(d) {
+                    None => changes.added.push(d.clone()),
+                    Some(old) if old != k => changes.changed.push(d.clone()),
+                    Some(_) => {}
+                }
             }
-        }
-        changes.removed = seen.keys().filter(|d| !now.contains_key(*d)).cloned().collect();
-        let rows: Vec<(String, Vec<u8>, Vec<u8>)> = now.into_iter().map(|(d, (e, c))| (d, e, c)).collect();
-        store::set_known_devices(&self.store.conn, user.as_str(), &rows)?;
-        // The first sight of a user is no change worth a warning; later ones are.
-        if !seen.is_empty() && !changes.is_empty() && *user != self.user {
-            self.notices.push(format!(
-                "warning: {user}'s devices changed: {}. Compare safety numbers with `missive verify {user}`",
-                changes.describe()
-            ));
-        } else if !seen.is_empty() && !changes.is_empty() {
-            self.notices.push(format!("note: your devices changed: {}", changes.describe()));
+            changes.removed = seen.keys().filter(|d| !now.contains_key(*d)).cloned().collect();
+            // Whether the user ever listed keys, not whether a list is kept now: an empty
+            // answer must not make the next list look like a first sight.
+            let first_sight = !store::peer(tx, user.as_str())?.0;
+            if !now.is_empty() {
+                let rows: Vec<(String, Vec<u8>, Vec<u8>)> = now.iter().map(|(d, (e, c))| (d.clone(), e.clone(), c.clone())).collect();
+                store::set_known_devices(tx, user.as_str(), &rows)?;
+            }
+            Ok((first_sight, changes))
+        })?;
+        if !first_sight && !changes.is_empty() {
+            self.notices.push(match *user == self.user {
+                false => format!("warning: {user}'s devices changed: {}. Compare safety numbers with `missive verify {user}`", changes.describe()),
+                true => format!(
+                    "warning: your devices changed: {}. If you did not do this, your server may be adding devices to read your messages",
+                    changes.describe()
+                ),
+            });
         }
         Ok((devices, changes))
     }
@@ -290,36 +341,48 @@ impl Crypto {
     }
 
     /// The safety number of this user and `peer` (E6), from the key directory.
-    pub async fn safety_number(&mut self, c: &Client, peer: &UserId) -> anyhow::Result<(String, String)> {
+    pub async fn safety_number(&mut self, c: &Client, peer: &UserId) -> anyhow::Result<String> {
         let (mine, _) = self.devices_changed(c, &self.user.clone()).await?;
         let (theirs, _) = self.devices_changed(c, peer).await?;
         if theirs.is_empty() {
             bail!("{peer} has no device with keys: there is nothing to verify");
         }
+        Ok(self.number_of(peer, &mine, &theirs))
+    }
+
+    /// The safety number of this user's devices `mine` and `peer`'s `theirs`.
+    fn number_of(&self, peer: &UserId, mine: &[DeviceKeys], theirs: &[DeviceKeys]) -> String {
         let fp = |ds: &[DeviceKeys]| ds.iter().map(|d| (d.device.clone(), d.ed25519.clone())).collect::<Vec<_>>();
-        let (m, t) = (fp(&mine), fp(&theirs));
+        let (m, t) = (fp(mine), fp(theirs));
         let m: Vec<(&DeviceId, &[u8])> = m.iter().map(|(d, k)| (d, k.as_slice())).collect();
         let t: Vec<(&DeviceId, &[u8])> = t.iter().map(|(d, k)| (d, k.as_slice())).collect();
-        Ok((safety_number((&self.user, &m), (peer, &t)), fingerprint_digits(peer, &t)))
+        safety_number((&self.user, &m), (peer, &t))
     }
 
-    /// Marks `peer` verified with their current devices.
-    pub fn verify(&mut self, peer: &UserId, digits: &str) -> anyhow::Result<()> {
-        store::set_verified(&self.store.conn, peer.as_str(), digits)
+    /// Marks `peer` verified with the safety number shown: both users' devices as they
+    /// are now (a device added on either side later ends it).
+    pub fn verify(&mut self, peer: &UserId, number: &str) -> anyhow::Result<()> {
+        store::set_verified(&self.store.conn, peer.as_str(), number)
     }
 
-    /// Whether `peer` is verified, and whether their devices still match.
-    pub fn verified(&self, peer: &UserId, devices: &[DeviceKeys]) -> anyhow::Result<Option<bool>> {
+    /// Whether `peer` is verified, and whether both users' devices still match.
+    pub fn verified(&self, peer: &UserId, mine: &[DeviceKeys], theirs: &[DeviceKeys]) -> anyhow::Result<Option<bool>> {
         let (_, verified) = store::peer(&self.store.conn, peer.as_str())?;
-        let t: Vec<(&DeviceId, &[u8])> = devices.iter().map(|d| (&d.device, d.ed25519.as_slice())).collect();
-        Ok(verified.map(|v| v == fingerprint_digits(peer, &t)))
+        Ok(verified.map(|v| v == self.number_of(peer, mine, theirs)))
     }
 
     /// Encrypts `content` for every device of `to` and this user's other devices (E4).
     /// Sessions missing are made from claimed one-time keys, each checked against its
     /// device's signature.
     pub async fn seal(&mut self, c: &Client, to: &UserId, content: &Content) -> Result<Content, SealError> {
-        self.publish(c).await?;
+        // One-time keys running low do not stop a message; unpublished device keys do
+        // (nobody could open it).
+        if let Err(e) = self.publish(c).await {
+            if !self.keys_published()? {
+                return Err(SealError::Other(e));
+            }
+            self.notices.push(format!("warning: cannot publish new one-time keys: {e:#}"));
+        }
         let (theirs, changes) = match self.devices_changed(c, to).await {
             // The recipient's server is away: the devices last seen do, as long as every
             // one of them has a session already (nothing to claim).
@@ -340,12 +403,16 @@ impl Crypto {
                 false => SealError::NoKeys(to.clone()),
             });
         }
-        if self.verified(to, &theirs)? == Some(false) {
-            let what = if changes.is_empty() { "the devices differ from the verified ones".to_owned() } else { changes.describe() };
+        let (all_mine, my_changes) = self.devices_changed(c, &self.user.clone()).await?;
+        if self.verified(to, &all_mine, &theirs)? == Some(false) {
+            let what = match (changes.is_empty(), my_changes.is_empty()) {
+                (false, _) => changes.describe(),
+                (true, false) => format!("your own devices changed: {}", my_changes.describe()),
+                (true, true) => "the devices of one of you differ from the verified ones".to_owned(),
+            };
             return Err(SealError::Unverified { user: to.clone(), what });
         }
-        let (mine, _) = self.devices_changed(c, &self.user.clone()).await?;
-        let mine: Vec<DeviceKeys> = mine.into_iter().filter(|d| d.device != self.device).collect();
+        let mine: Vec<DeviceKeys> = all_mine.into_iter().filter(|d| d.device != self.device).collect();
         let inner = Inner { conv: ConversationId::one_to_one(&self.user, to), from: self.user.clone(), content: content.clone() };
         let plaintext = codec::encode(&inner);
         // Claims for devices with no session yet, one request per user.
@@ -404,14 +471,17 @@ impl Crypto {
         if body.len() > limits::MAX_CONTENT_BODY {
             return Err(SealError::TooLong { devices: sealed.to.len(), max: limits::MAX_CONTENT_BODY });
         }
-        store::save_sent(&self.store.conn, &body, &codec::encode(content))?;
+        store::save_sent(&self.store.conn, &body, &codec::encode(content), ConversationId::one_to_one(&self.user, to).as_bytes())?;
         Ok(Content { body, kind: CONTENT_ENCRYPTED.to_owned() })
     }
 
     /// Remembers what this device sent, so that it shows its own message (no ciphertext
     /// is made for the sending device).
-    pub fn keep_sent(&mut self, m: &Message, content: &Content) -> anyhow::Result<()> {
-        store::save_opened(&self.store.conn, m.conv.as_bytes(), m.origin.as_str(), m.seq, &codec::encode(content), None)?;
+    pub fn keep_sent(&mut self, m: &Message, sealed: &Content, content: &Content) -> anyhow::Result<()> {
+        if m.content != *sealed || m.from != self.user || m.conv != ConversationId::one_to_one(&self.user, &m.to) {
+            bail!("the server answered the send with another message than the one sent");
+        }
+        store::save_opened(&self.store.conn, m.conv.as_bytes(), m.origin.as_str(), m.seq, &codec::encode(content), m.from.as_str())?;
         store::forget_sent(&self.store.conn, &m.content.body)
     }
 
@@ -430,29 +500,36 @@ impl Crypto {
 
     async fn open_content(&mut self, c: &Client, m: &Message) -> Result<Content, String> {
         let id = (m.conv.as_bytes().to_vec(), m.origin.as_str().to_owned(), m.seq);
-        let before = store::opened(&self.store.conn, &id.0, &id.1, id.2).map_err(|e| e.to_string())?;
-        if let Some((content, why)) = before {
-            return match why {
-                Some(w) => Err(w),
-                None => codec::decode(&content).map_err(|e| format!("kept content does not decode: {e}")),
-            };
-        }
-        // One of this device's own: what it carries was kept when it was sealed.
-        if let Some(content) = store::sent(&self.store.conn, &m.content.body).map_err(|e| e.to_string())? {
-            let _ = store::save_opened(&self.store.conn, &id.0, &id.1, id.2, &content, None);
-            return codec::decode(&content).map_err(|e| format!("kept content does not decode: {e}"));
+        let kept = |tx: &rusqlite::Connection| -> Result<Option<Content>, String> {
+            match store::opened(tx, &id.0, &id.1, id.2).map_err(|e| e.to_string())? {
+                Some((content, sender)) if sender == m.from.as_str() => {
+                    codec::decode(&content).map(Some).map_err(|e| format!("kept content does not decode: {e}"))
+                }
+                Some(_) => Err("another sender's message was kept under this message's place".to_owned()),
+                None => Ok(None),
+            }
+        };
+        if let Some(content) = kept(&self.store.conn)? {
+            return Ok(content);
         }
         let sealed: Sealed = codec::decode(&m.content.body).map_err(|e| format!("not an encrypted payload: {e}"))?;
         if sealed.alg != ALG_OLM_V1 {
             return Err(format!("unknown algorithm {}", sealed.alg));
         }
-        let Some(mine) = sealed.to.iter().find(|s| s.user == self.user && s.device == self.device) else {
-            let why = if m.from == self.user && sealed.sender == self.device {
-                "sent from this device before its key store kept it".to_owned()
-            } else {
-                "not encrypted for this device (it was added after the message was sent, or the sender did not know it)".to_owned()
+        // One of this device's own: what it carries was kept when it was sealed, for the
+        // conversation it was sealed for.
+        if m.from == self.user && sealed.sender == self.device {
+            return match store::sent(&self.store.conn, &m.content.body).map_err(|e| e.to_string())? {
+                Some((content, conv)) if conv == m.conv.as_bytes() => {
+                    let _ = store::save_opened(&self.store.conn, &id.0, &id.1, id.2, &content, m.from.as_str());
+                    codec::decode(&content).map_err(|e| format!("kept content does not decode: {e}"))
+                }
+                Some(_) => Err("sent by this device in another conversation".to_owned()),
+                None => Err("sent from this device before its key store kept it".to_owned()),
             };
-            return Err(why);
+        }
+        let Some(mine) = sealed.to.iter().find(|s| s.user == self.user && s.device == self.device) else {
+            return Err("not encrypted for this device (it was added after the message was sent, or the sender did not know it)".to_owned());
         };
         // The sending device must be one of the sender's, as the key directory says.
         let sender_known = |s: &mut Self| -> bool {
@@ -469,14 +546,10 @@ impl Crypto {
         let device = self.device.as_str().to_owned();
         let (conv, from) = (m.conv, m.from.clone());
         let result = self.store.locked(|tx, key| {
-            if let Some((content, why)) = store::opened(tx, &id.0, &id.1, id.2)? {
-                return Ok(match why {
-                    Some(w) => Err(w),
-                    None => codec::decode(&content).map_err(|e| format!("kept content does not decode: {e}")),
-                });
+            if let Some(content) = kept(tx).map_err(|e| anyhow!(e))? {
+                return Ok(Ok(content));
             }
-            let olm = OlmMessage::from_parts(mine.kind as usize, &mine.body).map_err(|e| anyhow!("{e}"));
-            let opened = match olm {
+            let opened = match OlmMessage::from_parts(mine.kind as usize, &mine.body) {
                 Err(e) => Err(format!("not an Olm message: {e}")),
                 Ok(olm) => decrypt(tx, key, &device, &sealed.sender_key, &mine.session, &olm),
             };
@@ -487,9 +560,10 @@ impl Crypto {
                 }
                 Ok(inner.content)
             });
-            match &opened {
-                Ok(content) => store::save_opened(tx, &id.0, &id.1, id.2, &codec::encode(content), None)?,
-                Err(why) => store::save_opened(tx, &id.0, &id.1, id.2, &[], Some(why))?,
+            // Only what opened is kept: a failure may be tried again (a session that
+            // arrives later, a store that was busy).
+            if let Ok(content) = &opened {
+                store::save_opened(tx, &id.0, &id.1, id.2, &codec::encode(content), from.as_str())?;
             }
             Ok(opened)
         });
@@ -497,33 +571,51 @@ impl Crypto {
     }
 }
 
-/// Decrypts one Olm message with the session it names, or a new inbound session for a
-/// pre-key message; the session (and the account, whose one-time key a new session uses
-/// up) saved in the same transaction.
-fn decrypt(tx: &rusqlite::Transaction<'_>, key: &[u8; 32], device: &str, sender_key: &[u8], session_id: &str, olm: &OlmMessage) -> Result<Vec<u8>, String> {
+/// Decrypts one Olm message. A pre-key message names its session itself (its base and
+/// one-time keys): with a session of that id, only that session may open it, so a replayed
+/// pre-key message never starts a second session over a used one; without, a new inbound
+/// session is made (taking the one-time key out of the account). A normal message is tried
+/// with the session the envelope names, then with every other session of the sender's key.
+/// Sessions and account are saved in the caller's transaction.
+fn decrypt(tx: &rusqlite::Transaction<'_>, key: &[u8; 32], device: &str, sender_key: &[u8], session_hint: &str, olm: &OlmMessage) -> Result<Vec<u8>, String> {
     let inner = || -> anyhow::Result<Result<Vec<u8>, String>> {
         let sessions = store::sessions(tx, device, sender_key)?;
-        if let Some((_, pickle)) = sessions.iter().find(|(id, _)| id == session_id) {
+        let try_session = |pickle: &str| -> anyhow::Result<Option<Vec<u8>>> {
             let mut s = Session::from_pickle(SessionPickle::from_encrypted(pickle, key)?);
-            return Ok(match s.decrypt(olm) {
+            match s.decrypt(olm) {
                 Ok(p) => {
                     store::save_session(tx, device, sender_key, &s.session_id(), &s.pickle().encrypt(key))?;
-                    Ok(p)
+                    Ok(Some(p))
                 }
-                Err(e) => Err(format!("cannot decrypt: {e}")),
+                Err(_) => Ok(None),
+            }
+        };
+        if let OlmMessage::PreKey(pre) = olm {
+            let id = pre.session_id();
+            if let Some((_, pickle)) = sessions.iter().find(|(sid, _)| *sid == id) {
+                return Ok(try_session(pickle)?.ok_or_else(|| "cannot decrypt: the message was opened before, or is forged".to_owned()));
+            }
+            let Some((pickle, next, pending)) = store::account(tx, device)? else { return Ok(Err("this device has no keys".into())) };
+            let mut account = Account::from_pickle(AccountPickle::from_encrypted(&pickle, key)?);
+            return Ok(match account.create_inbound_session(SessionConfig::version_1(), curve(sender_key)?, pre) {
+                Ok(r) => {
+                    store::save_session(tx, device, sender_key, &r.session.session_id(), &r.session.pickle().encrypt(key))?;
+                    store::save_account(tx, device, &account.pickle().encrypt(key), next, pending.as_deref())?;
+                    Ok(r.plaintext)
+                }
+                Err(e) => Err(format!("cannot start the session: {e}")),
             });
         }
-        let OlmMessage::PreKey(pre) = olm else { return Ok(Err("no session for this message (its first message never reached this device)".to_owned())) };
-        let Some((pickle, next, pending)) = store::account(tx, device)? else { return Ok(Err("this device has no keys".into())) };
-        let mut account = Account::from_pickle(AccountPickle::from_encrypted(&pickle, key)?);
-        match account.create_inbound_session(SessionConfig::version_1(), curve(sender_key)?, pre) {
-            Ok(r) => {
-                store::save_session(tx, device, sender_key, &r.session.session_id(), &r.session.pickle().encrypt(key))?;
-                store::save_account(tx, device, &account.pickle().encrypt(key), next, pending.as_deref())?;
-                Ok(Ok(r.plaintext))
+        let ordered = sessions.iter().filter(|(sid, _)| sid == session_hint).chain(sessions.iter().filter(|(sid, _)| sid != session_hint));
+        for (_, pickle) in ordered {
+            if let Some(p) = try_session(pickle)? {
+                return Ok(Ok(p));
             }
-            Err(e) => Ok(Err(format!("cannot start the session: {e}"))),
         }
+        Ok(Err(match sessions.is_empty() {
+            true => "no session for this message (its first message never reached this device)".to_owned(),
+            false => "cannot decrypt: no session of the sender opens it (opened before, or forged)".to_owned(),
+        }))
     };
     inner().unwrap_or_else(|e| Err(e.to_string()))
 }
@@ -600,8 +692,8 @@ pub async fn send_text(
         return Ok(c.send(to, content, id).await?);
     }
     let sealed = crypto.seal(c, to, &content).await?;
-    let m = c.send(to, sealed, id).await?;
-    crypto.keep_sent(&m, &content).map_err(SealError::Other)?;
+    let m = c.send(to, sealed.clone(), id).await?;
+    crypto.keep_sent(&m, &sealed, &content).map_err(SealError::Other)?;
     // (`m` carries the sealed body; what it shows is the text.)
     Ok(Message { content: Content { kind: format!("{OPENED_PREFIX}{}", content.kind), body: content.body }, ..m })
 }
@@ -644,9 +736,13 @@ impl Crypto {
         sealed.to.iter().any(|s| s.user == self.user && s.device == self.device && s.kind == missive_spec::e2ee::OLM_PRE_KEY)
     }
 
-    /// Opens messages, in place.
+    /// Opens messages, in place, oldest first whatever their order (a history page is
+    /// newest first): a ratchet keeps only so many keys of messages it skipped.
     pub async fn open_messages(&mut self, c: &Client, messages: &mut [Message]) {
-        for m in messages.iter_mut() {
+        let mut order: Vec<usize> = (0..messages.len()).collect();
+        order.sort_by_key(|i| messages[*i].order_key());
+        for i in order {
+            let m = &mut messages[i];
             *m = self.open_message(c, m).await;
         }
     }

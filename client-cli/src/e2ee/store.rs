@@ -52,15 +52,20 @@ CREATE TABLE IF NOT EXISTS peer (
 );
 CREATE TABLE IF NOT EXISTS sent (
     body BLOB PRIMARY KEY,        -- a sealed body this device made
-    content BLOB NOT NULL         -- CBOR of the Content it carries
+    content BLOB NOT NULL,        -- CBOR of the Content it carries
+    conv BLOB NOT NULL            -- the conversation it was sealed for
 );
 CREATE TABLE IF NOT EXISTS opened (
     conv BLOB NOT NULL,
     origin TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    content BLOB NOT NULL,        -- CBOR of the decrypted Content, or NULL-like empty
-    undecryptable TEXT,
+    content BLOB NOT NULL,        -- CBOR of the decrypted Content
+    sender TEXT NOT NULL,         -- the message's sender, checked on every read
     PRIMARY KEY (conv, origin, seq)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 ";
 
@@ -171,30 +176,39 @@ pub fn set_verified(tx: &Connection, user: &str, digits: &str) -> anyhow::Result
     Ok(())
 }
 
-/// What this device made of a message before: its content (CBOR) or why it could not.
-pub fn opened(tx: &Connection, conv: &[u8], origin: &str, seq: u64) -> anyhow::Result<Option<(Vec<u8>, Option<String>)>> {
+/// What this device opened of a message before: its content (CBOR) and its sender.
+pub fn opened(tx: &Connection, conv: &[u8], origin: &str, seq: u64) -> anyhow::Result<Option<(Vec<u8>, String)>> {
     Ok(tx
         .query_row(
-            "SELECT content, undecryptable FROM opened WHERE conv = ?1 AND origin = ?2 AND seq = ?3",
+            "SELECT content, sender FROM opened WHERE conv = ?1 AND origin = ?2 AND seq = ?3",
             params![conv, origin, seq as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?)
 }
 
-pub fn save_opened(tx: &Connection, conv: &[u8], origin: &str, seq: u64, content: &[u8], undecryptable: Option<&str>) -> anyhow::Result<()> {
+pub fn save_opened(tx: &Connection, conv: &[u8], origin: &str, seq: u64, content: &[u8], sender: &str) -> anyhow::Result<()> {
     tx.execute(
-        "INSERT OR REPLACE INTO opened (conv, origin, seq, content, undecryptable) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![conv, origin, seq as i64, content, undecryptable],
+        "INSERT OR IGNORE INTO opened (conv, origin, seq, content, sender) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![conv, origin, seq as i64, content, sender],
     )?;
+    Ok(())
+}
+
+pub fn meta(tx: &Connection, name: &str) -> anyhow::Result<Option<u64>> {
+    Ok(tx.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get::<_, i64>(0)).optional()?.map(|v| v as u64))
+}
+
+pub fn set_meta(tx: &Connection, name: &str, value: u64) -> anyhow::Result<()> {
+    tx.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)", params![name, value as i64])?;
     Ok(())
 }
 
 /// Remembers what a sealed body this device made carries: no ciphertext is made for the
 /// sending device, and its own message may come back on the event stream before the
 /// send's answer does.
-pub fn save_sent(tx: &Connection, body: &[u8], content: &[u8]) -> anyhow::Result<()> {
-    tx.execute("INSERT OR REPLACE INTO sent (body, content) VALUES (?1, ?2)", params![body, content])?;
+pub fn save_sent(tx: &Connection, body: &[u8], content: &[u8], conv: &[u8]) -> anyhow::Result<()> {
+    tx.execute("INSERT OR REPLACE INTO sent (body, content, conv) VALUES (?1, ?2, ?3)", params![body, content, conv])?;
     Ok(())
 }
 
@@ -203,8 +217,9 @@ pub fn forget_sent(tx: &Connection, body: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn sent(tx: &Connection, body: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
-    Ok(tx.query_row("SELECT content FROM sent WHERE body = ?1", params![body], |r| r.get(0)).optional()?)
+/// What a sealed body of this device carries, and the conversation it was sealed for.
+pub fn sent(tx: &Connection, body: &[u8]) -> anyhow::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    Ok(tx.query_row("SELECT content, conv FROM sent WHERE body = ?1", params![body], |r| Ok((r.get(0)?, r.get(1)?))).optional()?)
 }
 
 /// The pickle key: read from its file, or made (32 random bytes, mode 0600) on first use.
@@ -213,19 +228,25 @@ fn pickle_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
     match std::fs::read(&path) {
         Ok(b) => b.as_slice().try_into().map_err(|_| anyhow::anyhow!("{} is not a 32-byte key; the device key store cannot be read", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Written whole beside it, then linked in place: a reader never sees half a
+            // key, and of two commands making one at once the first link wins.
             let key: [u8; 32] = rand::random();
+            let tmp = dir.join(format!("{KEY_FILE}.{}.tmp", std::process::id()));
             let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
+            opts.write(true).create(true).truncate(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            match opts.open(&path) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    f.write_all(&key)?;
-                    f.sync_all()?;
-                    restrict(&path)?;
-                    Ok(key)
-                }
+            let written = opts.open(&tmp).and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(&key)?;
+                f.sync_all()
+            });
+            written.with_context(|| format!("cannot create {}", tmp.display()))?;
+            restrict(&tmp)?;
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(key),
                 // Another command made it first.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => pickle_key(dir),
                 Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),

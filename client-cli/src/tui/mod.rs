@@ -106,6 +106,8 @@ struct Job {
 /// What the request task reports.
 enum Answer {
     Done(Done),
+    /// What the key store noticed (a changed device of a peer), to show.
+    Notices(Vec<String>),
     /// The connection broke while sending: the message goes to the outbox.
     SendLost {
         to: UserId,
@@ -160,7 +162,8 @@ fn request_task(mut crypto: Crypto, plaintext: bool) -> (mpsc::Sender<Job>, mpsc
                     Err(e) => Done::Failed { what: "listing devices", error: e.to_string() },
                 })),
             };
-            if let Some(a) = answer {
+            let notices = crypto.take_notices();
+            for a in answer.into_iter().chain((!notices.is_empty()).then_some(Answer::Notices(notices))) {
                 if answer_tx.send(a).await.is_err() {
                     return;
                 }
@@ -272,6 +275,7 @@ pub async fn run(profile: &Profile, peer: Option<UserId>, plaintext: bool) -> an
                     }
                     pending.extend(app.done(d, now))
                 }
+                Answer::Notices(notices) => notices.into_iter().for_each(|n| app.error(n)),
                 Answer::SendLost { to, text, id, conn, reason } => {
                     queue(profile, &mut app, to, text, id, plaintext);
                     if follow.client().is_some_and(|c| c.connection().stable_id() == conn) {

@@ -354,15 +354,23 @@ impl Federation {
     pub async fn ask(self: &Arc<Self>, dest: &ServerName, req: FedRequest) -> Result<FedResponse, String> {
         let p = self.peer(dest);
         let conn = self.connection(&p).await?;
+        // A claim is never sent twice: the first may have taken a key.
+        let again = !matches!(req, FedRequest::KeysClaim { .. });
         match self.request(&conn, req.clone()).await {
             Ok(r) => Ok(r),
-            // The connection may be one the peer forgot (it restarted): once more, anew.
-            Err(_) => {
-                conn.close(0u32.into(), b"stale");
-                p.conn.lock().await.take();
+            // The connection may be one the peer forgot (it restarted): once more, on a
+            // new one if that one is still the link's.
+            Err(_) if again => {
+                let mut guard = p.conn.lock().await;
+                if guard.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                    guard.take();
+                    conn.close(0u32.into(), b"stale");
+                }
+                drop(guard);
                 let conn = self.connection(&p).await?;
                 self.request(&conn, req).await
             }
+            Err(e) => Err(e),
         }
     }
 
