@@ -2,7 +2,7 @@
 //!
 //!     cargo run --release -p missive-cli --example e2ee_bench [-- MESSAGES]
 //!
-//! Starts a real `missived` (the release build beside this program, else the debug one)
+//! Starts a real `missived` (the one built beside this program; `MISSIVED_BIN` names another)
 //! with alice and bob, each with two devices (four `Crypto` stores in temporary profiles),
 //! then:
 //! - **Olm alone**: vodozemac's encrypt and decrypt of one message, no store: the floor.
@@ -82,10 +82,7 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(500);
     missive_transport::tls::install_provider();
     let tmp = tempfile::tempdir()?;
-    let bin = {
-        let release = workspace_bin("missived").parent().and_then(|d| d.parent()).map(|t| t.join("release/missived"));
-        release.filter(|p| p.exists()).unwrap_or_else(|| workspace_bin("missived"))
-    };
+    let bin = workspace_bin("missived");
     let srv = ServerProcess::create(&bin, &tmp.path().join("srv"), "alpha.test", "closed").await?;
     srv.add_user("alice", "alice-password").await?;
     srv.add_user("bob", "bob-password").await?;

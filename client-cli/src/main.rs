@@ -24,10 +24,15 @@ const JSON_HELP: &str = "\
 With --json, every command prints one JSON object per line, each with a \"type\":
   session  {type, user, device, server}                      login, register
   sent     {type, conv, origin, seq, rank, from, to, ts,
-            content_type, text | body_base64}                send, chat
+            content_type, encrypted, text | body_base64}     send, chat
   message  {type, [pos], conv, origin, seq, rank, from, to,
-            ts, content_type, text | body_base64, [state]}   history, sync, listen, chat
-            (state: sent, delivered, read or failed; on one's own messages in history)
+            ts, content_type, encrypted, text | undecryptable
+            | body_base64, [state]}                          history, sync, listen, chat
+            (state: sent, delivered, read or failed; on one's own messages in history;
+            undecryptable: why this device cannot open an encrypted message)
+  devices  {type, pos, user}                                 sync, listen, chat
+            (user's devices changed; a change is also said on standard error)
+  safety_number {type, user, number, verified}               verify
   receipt  {type, [pos], conv, user, peer, kind, up_to}      sync, listen, chat
             (user has kind (delivered, read) everything up to up_to {rank, origin, seq})
   failed   {type, pos, conv, origin, seq, reason}            sync, listen, chat

@@ -23,7 +23,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
+    // Tests run from `deps/`, example programs from `examples/`.
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.pop();
     }
     dir.join(name)

@@ -122,6 +122,8 @@ pub struct Crypto {
     device: DeviceId,
     /// Announcements of device changes, for the command to print.
     notices: Vec<String>,
+    /// This device's keys, once read from its account.
+    own: Option<DeviceKeys>,
 }
 
 fn verify_sig(ed25519: &[u8], bytes: &[u8], sig: &[u8]) -> bool {
@@ -138,7 +140,7 @@ impl Crypto {
     /// Opens the profile's device key store for the logged-in device.
     pub fn open(profile: &Profile, user: &UserId, device: &str) -> anyhow::Result<Crypto> {
         let device = DeviceId::parse(device).map_err(|e| anyhow!("the session's device id: {e}"))?;
-        Ok(Crypto { store: store::Store::open(profile.dir())?, user: user.clone(), device, notices: Vec::new() })
+        Ok(Crypto { store: store::Store::open(profile.dir())?, user: user.clone(), device, notices: Vec::new(), own: None })
     }
 
     /// Announcements gathered since the last call.
@@ -152,12 +154,17 @@ impl Crypto {
         Ok(Some((account, next, pending)))
     }
 
-    /// This device's keys as its own account makes them.
-    fn device_keys_of_account(&self) -> anyhow::Result<DeviceKeys> {
+    /// This device's keys as its own account makes them (they never change: made once).
+    fn device_keys_of_account(&mut self) -> anyhow::Result<DeviceKeys> {
+        if let Some(k) = &self.own {
+            return Ok(k.clone());
+        }
         let Some((account, _, _)) = self.load_account(&self.store.conn, &self.store.key)? else {
             bail!("this device has no keys yet")
         };
-        Ok(self.device_keys(&account))
+        let k = self.device_keys(&account);
+        self.own = Some(k.clone());
+        Ok(k)
     }
 
     fn device_keys(&self, account: &Account) -> DeviceKeys {
@@ -185,7 +192,7 @@ impl Crypto {
     pub async fn publish(&mut self, c: &Client) -> anyhow::Result<()> {
         let device = self.device.as_str().to_owned();
         // First, whatever upload is pending (or the device's first one).
-        let pending: Option<Vec<u8>> = self.store.locked(|tx, key| match self.load_account(tx, key)? {
+        let pending: Option<Vec<u8>> = self.store.locked(|tx, key| match store::account(tx, &device)? {
             Some((_, _, pending)) => Ok(pending),
             None => {
                 let mut account = Account::new();
@@ -313,7 +320,10 @@ impl Crypto {
             let first_sight = !store::peer(tx, user.as_str())?.0;
             if !now.is_empty() {
                 let rows: Vec<(String, Vec<u8>, Vec<u8>)> = now.iter().map(|(d, (e, c))| (d.clone(), e.clone(), c.clone())).collect();
-                store::set_known_devices(tx, user.as_str(), &rows)?;
+                // Written only when something changed: a write is a synced commit.
+                if first_sight || !changes.is_empty() {
+                    store::set_known_devices(tx, user.as_str(), &rows)?;
+                }
             }
             Ok((first_sight, changes))
         })?;
@@ -432,8 +442,11 @@ impl Crypto {
         let device = self.device.as_str().to_owned();
         let (user, me) = (self.user.clone(), self.device.clone());
         let mut skipped = Vec::new();
+        let own_curve = self.device_keys_of_account()?.curve25519;
         let sealed = self.store.locked(|tx, key| {
-            let Some((account, _, _)) = self.load_account(tx, key)? else { bail!("this device has no keys yet") };
+            // Loading the account costs a scalar multiplication per one-time key it holds:
+            // only when a session is to be made.
+            let mut account: Option<Account> = None;
             let mut to_list = Vec::new();
             for d in theirs.iter().chain(mine.iter()) {
                 let mut session = match store::sessions(tx, &device, &d.curve25519)?.into_iter().next() {
@@ -447,6 +460,11 @@ impl Crypto {
                             skipped.push(format!("{} {} (its one-time key is not signed by the device)", d.user, d.device));
                             continue;
                         }
+                        if account.is_none() {
+                            let Some((a, _, _)) = self.load_account(tx, key)? else { bail!("this device has no keys yet") };
+                            account = Some(a);
+                        }
+                        let Some(account) = account.as_ref() else { bail!("this device has no keys yet") };
                         account
                             .create_outbound_session(SessionConfig::version_1(), curve(&d.curve25519)?, curve(&k.key.key)?)
                             .map_err(|e| anyhow!("cannot start a session with {} {}: {e}", d.user, d.device))?
@@ -460,18 +478,24 @@ impl Crypto {
             if to_list.iter().all(|s| s.user != *to) {
                 bail!("no device of {to} could be encrypted to ({})", skipped.join(", "));
             }
-            let ids = account.identity_keys();
-            Ok(Sealed { to: to_list, alg: ALG_OLM_V1.to_owned(), sender: me.clone(), sender_key: ids.curve25519.to_bytes().to_vec() })
-        })?;
-        let _ = user;
+            let devices = to_list.len();
+            let sealed = Sealed { to: to_list, alg: ALG_OLM_V1.to_owned(), sender: me.clone(), sender_key: own_curve.clone() };
+            let body = codec::encode(&sealed);
+            if body.len() > limits::MAX_CONTENT_BODY {
+                // Rolled back: the sessions stay where they were.
+                bail!(SealError::TooLong { devices, max: limits::MAX_CONTENT_BODY });
+            }
+            // In the same write as the sessions: one synced commit per message.
+            store::save_sent(tx, &body, &codec::encode(content), ConversationId::one_to_one(&user, to).as_bytes())?;
+            Ok(body)
+        });
+        let body = match sealed {
+            Ok(b) => b,
+            Err(e) => return Err(e.downcast::<SealError>().unwrap_or_else(SealError::Other)),
+        };
         for s in skipped {
             self.notices.push(format!("warning: not encrypted to device {s}: no one-time key"));
         }
-        let body = codec::encode(&sealed);
-        if body.len() > limits::MAX_CONTENT_BODY {
-            return Err(SealError::TooLong { devices: sealed.to.len(), max: limits::MAX_CONTENT_BODY });
-        }
-        store::save_sent(&self.store.conn, &body, &codec::encode(content), ConversationId::one_to_one(&self.user, to).as_bytes())?;
         Ok(Content { body, kind: CONTENT_ENCRYPTED.to_owned() })
     }
 
