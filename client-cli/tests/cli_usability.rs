@@ -280,18 +280,8 @@ async fn block_keeps_a_user_out_and_unblock_lets_them_back() {
 /// ways after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_server_key_is_followed_by_clients_and_peers_without_warning() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, mut servers) = two_servers().await;
     let bin = workspace_bin("missived");
-    let mut servers = Vec::new();
-    for (i, name) in ["alpha.test", "beta.test"].into_iter().enumerate() {
-        let data = tmp.path().join(name);
-        ServerProcess::init_on(&bin, &data, name, "closed", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
-        servers.push(ServerProcess::start(&bin, &data, name).await.unwrap());
-    }
-    servers[0].pin_peer(&servers[1]).await.unwrap();
-    servers[1].pin_peer(&servers[0]).await.unwrap();
-    servers[0].add_user("alice", "alice-password").await.unwrap();
-    servers[1].add_user("bob", "bob-password").await.unwrap();
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     let (alpha_addr, beta_addr) = (servers[0].addr.to_string(), servers[1].addr.to_string());
     ok(&alice, &["login", "@alice:alpha.test", "--server", &alpha_addr, "--password-stdin"], Some("alice-password\n")).await;

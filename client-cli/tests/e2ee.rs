@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use missive_cli::e2ee::recipients;
-use missive_conformance::harness::{workspace_bin, ServerProcess};
+use missive_conformance::harness::ServerProcess;
 use missive_spec::{ServerName, UserId};
 
 mod common;
@@ -19,18 +19,7 @@ pub struct Pair {
 
 /// alpha.test (alice) and beta.test (bob), pinned to each other.
 pub async fn pair() -> Pair {
-    let tmp = tempfile::tempdir().unwrap();
-    let bin = workspace_bin("missived");
-    let mut servers = Vec::new();
-    for (i, name) in ["alpha.test", "beta.test"].into_iter().enumerate() {
-        let data = tmp.path().join(name);
-        ServerProcess::init_on(&bin, &data, name, "closed", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
-        servers.push(ServerProcess::start(&bin, &data, name).await.unwrap());
-    }
-    servers[0].pin_peer(&servers[1]).await.unwrap();
-    servers[1].pin_peer(&servers[0]).await.unwrap();
-    servers[0].add_user("alice", "alice-password").await.unwrap();
-    servers[1].add_user("bob", "bob-password").await.unwrap();
+    let (tmp, servers) = two_servers().await;
     Pair { tmp, servers }
 }
 

@@ -3,26 +3,13 @@
 //! to send and says why (e2ee.md E6.3). One test per process: the fault is switched on
 //! through the environment the servers inherit.
 
-use missive_conformance::harness::{workspace_bin, ServerProcess};
-
 mod common;
 
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_substituted_device_key_stops_sending_to_a_verified_peer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let bin = workspace_bin("missived");
-    let mut servers = Vec::new();
-    for (i, name) in ["alpha.test", "beta.test"].into_iter().enumerate() {
-        let data = tmp.path().join(name);
-        ServerProcess::init_on(&bin, &data, name, "closed", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
-        servers.push(ServerProcess::start(&bin, &data, name).await.unwrap());
-    }
-    servers[0].pin_peer(&servers[1]).await.unwrap();
-    servers[1].pin_peer(&servers[0]).await.unwrap();
-    servers[0].add_user("alice", "alice-password").await.unwrap();
-    servers[1].add_user("bob", "bob-password").await.unwrap();
+    let (tmp, mut servers) = two_servers().await;
     let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
     ok(&alice, &["login", "@alice:alpha.test", "--server", &servers[0].addr.to_string(), "--password-stdin"], Some("alice-password\n")).await;
     ok(&bob, &["login", "@bob:beta.test", "--server", &servers[1].addr.to_string(), "--password-stdin"], Some("bob-password\n")).await;

@@ -60,3 +60,23 @@ pub async fn fails(profile: &Path, args: &[&str], stdin: Option<&str>) -> String
 pub fn json_lines(s: &str) -> Vec<Value> {
     s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}"))).collect()
 }
+
+/// Two servers pinned to each other on loopback: alpha.test on 127.0.0.2 with the user
+/// alice (password `alice-password`) and beta.test on 127.0.0.3 with bob
+/// (`bob-password`), their data in the returned directory.
+pub async fn two_servers() -> (tempfile::TempDir, Vec<missive_conformance::harness::ServerProcess>) {
+    use missive_conformance::harness::{workspace_bin, ServerProcess};
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = workspace_bin("missived");
+    let mut servers = Vec::new();
+    for (i, name) in ["alpha.test", "beta.test"].into_iter().enumerate() {
+        let data = tmp.path().join(name);
+        ServerProcess::init_on(&bin, &data, name, "closed", [127, 0, 0, 2 + i as u8].into()).await.unwrap();
+        servers.push(ServerProcess::start(&bin, &data, name).await.unwrap());
+    }
+    servers[0].pin_peer(&servers[1]).await.unwrap();
+    servers[1].pin_peer(&servers[0]).await.unwrap();
+    servers[0].add_user("alice", "alice-password").await.unwrap();
+    servers[1].add_user("bob", "bob-password").await.unwrap();
+    (tmp, servers)
+}
