@@ -92,6 +92,10 @@ pub struct ImplFile {
     /// Where the file was read from (for `{impl_dir}`).
     #[serde(skip)]
     pub dir: PathBuf,
+    /// Values of `{env:VAR}` that win over the process environment (two builds in one
+    /// run: `compare`).
+    #[serde(skip)]
+    pub env: BTreeMap<String, String>,
 }
 
 fn default_start_timeout() -> u64 {
@@ -133,7 +137,7 @@ impl ImplFile {
             let close = rest[open..].find('}').ok_or_else(|| anyhow!("unclosed {{ in {s:?}"))? + open;
             let name = &rest[open + 1..close];
             let value = if let Some(var) = name.strip_prefix("env:") {
-                std::env::var(var).map_err(|_| anyhow!("{s:?} needs the environment variable {var}, which is not set"))?
+                self.env.get(var).cloned().map_or_else(|| std::env::var(var), Ok).map_err(|_| anyhow!("{s:?} needs the environment variable {var}, which is not set"))?
             } else if name == "impl_dir" {
                 self.dir.display().to_string()
             } else {

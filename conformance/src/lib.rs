@@ -18,6 +18,7 @@
 //! `coverage`).
 
 pub mod chaos;
+pub mod compare;
 pub mod harness;
 pub mod implementation;
 pub mod load;

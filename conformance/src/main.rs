@@ -102,6 +102,39 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Two builds of missived under the same load, alternating, several rounds: each run's
+    /// figures, then the median server CPU per delivered message of each and their ratio
+    /// (scripts/perf-compare builds the two and runs this).
+    Compare {
+        /// The build to compare against (a missived binary).
+        #[arg(long)]
+        base: PathBuf,
+        /// The build under test.
+        #[arg(long)]
+        head: PathBuf,
+        #[arg(long = "impl", default_value = "conformance/impls/missived.toml")]
+        implementation: PathBuf,
+        /// local or federated.
+        #[arg(long, default_value = "local")]
+        mode: String,
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Messages offered per second (the same for both).
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        body: usize,
+        /// Runs of each build.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Print JSON (one object per run, then the summary) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the tests: name, tier, features needed, spec ids.
     List,
     /// Which spec requirements the suite checks, and which it does not.
@@ -205,6 +238,51 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             } else {
                 show(&bench.run(&opts).await?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare { base, head, implementation, mode, users, connections, rate, seconds, body, rounds, json } => {
+            use missive_conformance::compare::{self, Build};
+            use missive_conformance::load::{LoadOptions, Mode};
+            let mode = match mode.as_str() {
+                "local" => Mode::Local,
+                "federated" => Mode::Federated,
+                other => anyhow::bail!("--mode {other:?}: expected local or federated"),
+            };
+            for p in [&base, &head] {
+                anyhow::ensure!(p.is_file(), "{} is not a missived binary", p.display());
+            }
+            let imp = ImplFile::load(&implementation)?;
+            let (base, head) = (Build { label: "base".into(), missived: base }, Build { label: "head".into(), missived: head });
+            let opts = LoadOptions { mode, users, connections, rate, seconds, body, progress: false };
+            if !json {
+                println!("base: {}
+head: {}", compare::describe(&base), compare::describe(&head));
+                println!("{mode:?}, {users} users, {rate} msg/s offered for {seconds} s, {body}-byte bodies, {rounds} rounds alternating
+");
+                println!("{:<5} {:>5} {:>10} {:>12} {:>14} {:>14} {:>7} {:>10}", "build", "round", "msg/s", "CPU µs/msg", "delivery p50", "delivery p99", "errors", "fsync p50");
+            }
+            let runs = compare::compare(&imp, &base, &head, &opts, rounds, |r| {
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    let cpu = r.cpu_us_per_msg.map_or("-".to_owned(), |c| format!("{c:.1}"));
+                    println!(
+                        "{:<5} {:>5} {:>10.0} {:>12} {:>11.2} ms {:>11.2} ms {:>7} {:>7.3} ms",
+                        r.build, r.round, r.delivered_per_s, cpu, r.delivery_p50_ms, r.delivery_p99_ms, r.errors, r.fsync_p50_ms
+                    );
+                }
+            })
+            .await?;
+            let summary = compare::summarize(&runs, "base", "head").context("no run delivered anything: nothing to compare")?;
+            if json {
+                println!("{}", serde_json::json!({ "summary": summary }));
+            } else {
+                println!(
+                    "\nserver CPU per delivered message (median): base {:.1} µs, head {:.1} µs; head/base = {:.3}",
+                    summary.base_cpu_us_per_msg, summary.head_cpu_us_per_msg, summary.cpu_ratio
+                );
+                println!("delivery p99 (median): base {:.2} ms, head {:.2} ms", summary.base_delivery_p99_ms, summary.head_delivery_p99_ms);
             }
             Ok(ExitCode::SUCCESS)
         }
