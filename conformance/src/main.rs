@@ -70,25 +70,11 @@ enum Command {
     /// Load generator: users on one server (local) or two (federated), messages offered
     /// at a fixed rate, latency from each message's intended send time.
     Load {
-        #[arg(long = "impl", default_value = "conformance/impls/missived.toml")]
-        implementation: PathBuf,
-        /// local or federated.
-        #[arg(long, default_value = "local")]
-        mode: String,
-        /// Users in all: half send, half receive (live subscriptions).
-        #[arg(long, default_value_t = 100)]
-        users: usize,
-        /// QUIC connections per server that the users share.
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
+        #[command(flatten)]
+        shape: LoadShape,
         /// Messages offered per second (open loop).
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        /// Message body bytes.
-        #[arg(long, default_value_t = 100)]
-        body: usize,
         /// Search for the highest rate whose delivery p99 stays under --p99-bound-ms,
         /// starting at --rate and doubling, then bisecting.
         #[arg(long)]
@@ -112,22 +98,11 @@ enum Command {
         /// The build under test.
         #[arg(long)]
         head: PathBuf,
-        #[arg(long = "impl", default_value = "conformance/impls/missived.toml")]
-        implementation: PathBuf,
-        /// local or federated.
-        #[arg(long, default_value = "local")]
-        mode: String,
-        #[arg(long, default_value_t = 100)]
-        users: usize,
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
+        #[command(flatten)]
+        shape: LoadShape,
         /// Messages offered per second (the same for both).
         #[arg(long, default_value_t = 2000.0)]
         rate: f64,
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 100)]
-        body: usize,
         /// Runs of each build.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -139,6 +114,40 @@ enum Command {
     List,
     /// Which spec requirements the suite checks, and which it does not.
     Coverage,
+}
+
+/// The load `load` and `compare` offer, but for its rate.
+#[derive(clap::Args)]
+struct LoadShape {
+    #[arg(long = "impl", default_value = "conformance/impls/missived.toml")]
+    implementation: PathBuf,
+    /// local or federated.
+    #[arg(long, default_value = "local")]
+    mode: String,
+    /// Users in all: half send, half receive (live subscriptions).
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// QUIC connections per server that the users share.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Message body bytes.
+    #[arg(long, default_value_t = 100)]
+    body: usize,
+}
+
+impl LoadShape {
+    fn options(&self, rate: f64, progress: bool) -> anyhow::Result<missive_conformance::load::LoadOptions> {
+        use missive_conformance::load::Mode;
+        let mode = match self.mode.as_str() {
+            "local" => Mode::Local,
+            "federated" => Mode::Federated,
+            other => anyhow::bail!("--mode {other:?}: expected local or federated"),
+        };
+        let LoadShape { users, connections, seconds, body, .. } = *self;
+        Ok(missive_conformance::load::LoadOptions { mode, users, connections, rate, seconds, body, progress })
+    }
 }
 
 fn main() -> ExitCode {
@@ -200,15 +209,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if r.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Load { implementation, mode, users, connections, rate, seconds, body, saturate, p99_bound_ms, json, quiet } => {
-            use missive_conformance::load::{self, Bench, LoadOptions, Mode};
-            let mode = match mode.as_str() {
-                "local" => Mode::Local,
-                "federated" => Mode::Federated,
-                other => anyhow::bail!("--mode {other:?}: expected local or federated"),
-            };
-            let imp = Arc::new(ImplFile::load(&implementation)?);
-            let bench = Bench::setup(imp, mode, users, connections).await?;
+        Command::Load { shape, rate, saturate, p99_bound_ms, json, quiet } => {
+            use missive_conformance::load::{self, Bench};
+            let opts = shape.options(rate, !quiet && !json)?;
+            let mode = opts.mode;
+            let imp = Arc::new(ImplFile::load(&shape.implementation)?);
+            let bench = Bench::setup(imp, mode, opts.users, opts.connections).await?;
             let disk = load::fsync_latency(bench.work_dir(), 200)?;
             if json {
                 println!("{}", serde_json::json!({"fsync": disk}));
@@ -220,7 +226,6 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     disk.max_us as f64 / 1000.0
                 );
             }
-            let opts = LoadOptions { mode, users, connections, rate, seconds, body, progress: !quiet && !json };
             let show = |r: &load::LoadReport| {
                 if json {
                     println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -241,25 +246,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Compare { base, head, implementation, mode, users, connections, rate, seconds, body, rounds, json } => {
+        Command::Compare { base, head, shape, rate, rounds, json } => {
             use missive_conformance::compare::{self, Build};
-            use missive_conformance::load::{LoadOptions, Mode};
-            let mode = match mode.as_str() {
-                "local" => Mode::Local,
-                "federated" => Mode::Federated,
-                other => anyhow::bail!("--mode {other:?}: expected local or federated"),
-            };
+            let opts = shape.options(rate, false)?;
             for p in [&base, &head] {
                 anyhow::ensure!(p.is_file(), "{} is not a missived binary", p.display());
             }
-            let imp = ImplFile::load(&implementation)?;
+            let imp = ImplFile::load(&shape.implementation)?;
             let (base, head) = (Build { label: "base".into(), missived: base }, Build { label: "head".into(), missived: head });
-            let opts = LoadOptions { mode, users, connections, rate, seconds, body, progress: false };
             if !json {
-                println!("base: {}
-head: {}", compare::describe(&base), compare::describe(&head));
-                println!("{mode:?}, {users} users, {rate} msg/s offered for {seconds} s, {body}-byte bodies, {rounds} rounds alternating
-");
+                println!("base: {}\nhead: {}", compare::describe(&base), compare::describe(&head));
+                let missive_conformance::load::LoadOptions { mode, users, seconds, body, .. } = &opts;
+                println!("{mode:?}, {users} users, {rate} msg/s offered for {seconds} s, {body}-byte bodies, {rounds} rounds alternating\n");
                 println!("{:<5} {:>5} {:>10} {:>12} {:>14} {:>14} {:>7} {:>10}", "build", "round", "msg/s", "CPU µs/msg", "delivery p50", "delivery p99", "errors", "fsync p50");
             }
             let runs = compare::compare(&imp, &base, &head, &opts, rounds, |r| {

@@ -3,31 +3,17 @@
 
 use std::sync::Arc;
 
-use missive_core::log::unsigned;
 use missive_core::store::memory::MemStore;
 use missive_core::store::{keys, Cf, Direction, Store};
-use missive_core::{AccountChange, Core, Faults, HeldLimits, Signer, Tx};
-use missive_spec::federation::{SignedUnit, Unit};
+use missive_core::{AccountChange, Core, Faults, Tx};
 use missive_spec::{ClientMsgId, Content, DeviceId, ServerName, UserId};
 
-struct Unsigned;
+mod common;
 
-impl Signer for Unsigned {
-    fn sign(&self, unit: &Unit) -> SignedUnit {
-        unsigned(unit)
-    }
-}
+use common::{group_at as group, Unsigned};
 
 fn user(s: &str) -> UserId {
     UserId::parse(s).unwrap()
-}
-
-fn group<T>(core: &mut Core, store: &MemStore, now_ms: u64, f: impl FnOnce(&mut Core, &mut Tx) -> T) -> T {
-    let mut tx = core.begin(now_ms, HeldLimits::default());
-    let out = f(core, &mut tx);
-    store.write(std::mem::take(&mut tx.batch)).unwrap();
-    core.committed(true);
-    out
 }
 
 fn send(core: &mut Core, tx: &mut Tx, n: u8, from: &str, to: &str) {

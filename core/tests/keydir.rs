@@ -5,29 +5,15 @@
 use std::sync::Arc;
 
 use missive_core::keydir::{self, Upload};
-use missive_core::log::unsigned;
 use missive_core::store::memory::MemStore;
 use missive_core::store::{keys, Cf, Direction, Store};
-use missive_core::{Core, Faults, HeldLimits, NewDevice, Signer, Tx};
+use missive_core::{Core, Faults, NewDevice};
 use missive_spec::e2ee::{DeviceKeys, OneTimeKey};
-use missive_spec::federation::{SignedUnit, Unit};
 use missive_spec::{DeviceId, ErrorCode, EventKind, ServerName, UserId};
 
-struct Unsigned;
+mod common;
 
-impl Signer for Unsigned {
-    fn sign(&self, unit: &Unit) -> SignedUnit {
-        unsigned(unit)
-    }
-}
-
-fn group<T>(core: &mut Core, store: &MemStore, f: impl FnOnce(&mut Core, &mut Tx) -> T) -> T {
-    let mut tx = core.begin(1, HeldLimits::default());
-    let out = f(core, &mut tx);
-    store.write(std::mem::take(&mut tx.batch)).unwrap();
-    core.committed(true);
-    out
-}
+use common::{group, Unsigned};
 
 /// Keys whose signatures the core does not check (the shell does).
 fn device_keys(user: &UserId, device: &DeviceId) -> DeviceKeys {

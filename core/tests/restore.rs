@@ -8,17 +8,13 @@ use missive_core::log::unsigned;
 use missive_core::restore::{self, EVENT_GAP};
 use missive_core::store::memory::MemStore;
 use missive_core::store::{keys, Batch, Cf, Direction, Store};
-use missive_core::{Core, Faults, HeldLimits, Signer, Tx};
+use missive_core::{Core, Faults};
 use missive_spec::federation::{FedResponse, SignedUnit, Unit};
 use missive_spec::{ClientMsgId, Content, DeviceId, ErrorCode, Message, ServerName, UserId};
 
-struct Unsigned;
+mod common;
 
-impl Signer for Unsigned {
-    fn sign(&self, unit: &Unit) -> SignedUnit {
-        unsigned(unit)
-    }
-}
+use common::{group, Unsigned};
 
 fn name(s: &str) -> ServerName {
     ServerName::parse(s).unwrap()
@@ -30,14 +26,6 @@ fn user(s: &str) -> UserId {
 
 fn open(store: &Arc<MemStore>, server: &str) -> Core {
     Core::open(store.clone(), name(server), Arc::new(Unsigned), Faults::default()).unwrap()
-}
-
-fn group<T>(core: &mut Core, store: &MemStore, f: impl FnOnce(&mut Core, &mut Tx) -> T) -> T {
-    let mut tx = core.begin(1_000, HeldLimits::default());
-    let out = f(core, &mut tx);
-    store.write(std::mem::take(&mut tx.batch)).unwrap();
-    core.committed(true);
-    out
 }
 
 fn send(core: &mut Core, store: &MemStore, n: u8, text: &str) -> Result<Message, missive_core::Error> {

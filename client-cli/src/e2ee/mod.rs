@@ -425,7 +425,8 @@ impl Crypto {
         let mine: Vec<DeviceKeys> = all_mine.into_iter().filter(|d| d.device != self.device).collect();
         let inner = Inner { conv: ConversationId::one_to_one(&self.user, to), from: self.user.clone(), content: content.clone() };
         let plaintext = codec::encode(&inner);
-        // Claims for devices with no session yet, one request per user.
+        // Claims for devices with no session yet, one request per user. Bounded by the
+        // devices asked for: a key for any other device in the answer is dropped.
         let mut claimed: BTreeMap<(UserId, DeviceId), ClaimedKey> = BTreeMap::new();
         for (user, devices) in [(to, &theirs), (&self.user.clone(), &mine)] {
             let want: Vec<DeviceId> = devices
@@ -434,7 +435,8 @@ impl Crypto {
                 .map(|d| d.device.clone())
                 .collect();
             if !want.is_empty() {
-                for k in c.keys_claim(user, want).await.with_context(|| format!("cannot claim one-time keys of {user}"))? {
+                let keys = c.keys_claim(user, want.clone()).await.with_context(|| format!("cannot claim one-time keys of {user}"))?;
+                for k in keys.into_iter().filter(|k| want.contains(&k.device)) {
                     claimed.insert((user.clone(), k.device.clone()), k);
                 }
             }
