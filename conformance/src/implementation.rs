@@ -77,6 +77,11 @@ pub struct ImplFile {
     /// `start`. Needed for every federation test.
     #[serde(default)]
     pub add_peer: Option<Template>,
+    /// Raises the server's client connection limits, in all and from one address, to
+    /// `{connections}`; runs after `init`, before `start`. Only the load generator's
+    /// `idle` scenario needs it, to hold more connections than the defaults allow.
+    #[serde(default)]
+    pub allow_connections: Option<Template>,
     /// Seconds a server may take to answer `info` after `start`.
     #[serde(default = "default_start_timeout")]
     pub start_timeout_s: u64,
@@ -267,6 +272,14 @@ impl Sut {
         self.imp.run(t, &v).await.context("add_peer")
     }
 
+    /// Allows `n` client connections (the `allow_connections` template; before `start`).
+    pub async fn allow_connections(&self, n: usize) -> anyhow::Result<()> {
+        let t = self.imp.allow_connections.as_ref().ok_or_else(|| anyhow!("the implementation file has no allow_connections command"))?;
+        let mut v = self.values();
+        v.push(("connections", n.to_string()));
+        self.imp.run(t, &v).await.context("allow_connections")
+    }
+
     /// Runs `start` and waits until the server answers `info` with its name, presenting
     /// the key it was given.
     pub async fn start(&mut self) -> anyhow::Result<()> {
@@ -305,7 +318,7 @@ impl Sut {
             if Instant::now() > deadline {
                 bail!("{} did not answer info within {} s; log:\n{}", self.name, self.imp.start_timeout_s, self.log_tail());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -26,5 +26,6 @@ pub mod mock_peer;
 pub mod proxy;
 pub mod report;
 pub mod runner;
+pub mod scenarios;
 pub mod suite;
 pub mod wire;

@@ -56,7 +56,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
         Percentiles {
             count: h.len(),
             p50_us: h.value_at_quantile(0.50),
@@ -95,7 +95,7 @@ pub struct LoadReport {
 }
 
 /// /proc/PID/status VmRSS (MiB) and /proc/PID/stat utime+stime (seconds).
-fn usage(pid: u32) -> Option<(f64, f64)> {
+pub fn usage(pid: u32) -> Option<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -109,12 +109,77 @@ fn usage(pid: u32) -> Option<(f64, f64)> {
 pub struct Bench {
     work: tempfile::TempDir,
     pub servers: Vec<Sut>,
-    senders: Vec<(UserId, Client)>,
-    recipients: Vec<(UserId, Client)>,
+    /// Senders live on the first server, recipients on the last.
+    pub senders: Vec<(UserId, Client)>,
+    pub recipients: Vec<(UserId, Client)>,
+    connections: usize,
+}
+
+/// Messages of another tag than the run's, counted by a run's subscriptions as they
+/// arrive: a queue draining while live traffic is measured.
+pub struct Watch {
+    tag: String,
+    /// The recipients' stream positions to count from.
+    from: Vec<u64>,
+    seen: Mutex<Vec<u64>>,
+    distinct: AtomicU64,
+    duplicates: AtomicU64,
+    expected: u64,
+    done: Mutex<Option<Instant>>,
+}
+
+impl Watch {
+    pub fn new(tag: &str, expected: u64, from: Vec<u64>) -> Arc<Watch> {
+        Arc::new(Watch {
+            tag: tag.to_owned(),
+            from,
+            seen: Mutex::new(vec![0; expected.div_ceil(64) as usize]),
+            distinct: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            expected,
+            done: Mutex::new(None),
+        })
+    }
+
+    fn saw(&self, n: u64, at: Instant) {
+        let mut seen = self.seen.lock().unwrap();
+        let Some(word) = seen.get_mut((n / 64) as usize) else { return };
+        let bit = 1u64 << (n % 64);
+        if *word & bit != 0 {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *word |= bit;
+        if self.distinct.fetch_add(1, Ordering::Relaxed) + 1 == self.expected {
+            *self.done.lock().unwrap() = Some(at);
+        }
+    }
+
+    /// Distinct messages seen, and messages seen more than once.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.distinct.load(Ordering::Relaxed), self.duplicates.load(Ordering::Relaxed))
+    }
+
+    /// When the last expected message arrived.
+    pub fn done_at(&self) -> Option<Instant> {
+        *self.done.lock().unwrap()
+    }
 }
 
 impl Bench {
     pub async fn setup(imp: Arc<ImplFile>, mode: Mode, users: usize, connections: usize) -> anyhow::Result<Bench> {
+        Bench::setup_allowing(imp, mode, users, connections, None).await
+    }
+
+    /// [`Bench::setup`], the servers first allowed `client_connections` client
+    /// connections (the implementation file's `allow_connections`).
+    pub async fn setup_allowing(
+        imp: Arc<ImplFile>,
+        mode: Mode,
+        users: usize,
+        connections: usize,
+        client_connections: Option<usize>,
+    ) -> anyhow::Result<Bench> {
         let work = tempfile::Builder::new().prefix("missive-load-").tempdir()?;
         let mut servers = vec![Sut::init(imp.clone(), work.path(), "a.load.test").await?];
         if mode == Mode::Federated {
@@ -123,20 +188,16 @@ impl Bench {
             servers[1].pin(&servers[0].peer_info()).await?;
         }
         for s in &mut servers {
+            if let Some(n) = client_connections {
+                s.allow_connections(n).await?;
+            }
             s.start().await?;
         }
         let half = (users / 2).max(1);
-        let pools: Vec<Vec<Client>> = {
-            let mut p = Vec::new();
-            for s in &servers {
-                let mut conns = Vec::new();
-                for _ in 0..connections.max(1) {
-                    conns.push(s.connect().await?);
-                }
-                p.push(conns);
-            }
-            p
-        };
+        let mut pools: Vec<Vec<Client>> = Vec::new();
+        for s in &servers {
+            pools.push(pool(s, connections).await?);
+        }
         let mut senders = Vec::new();
         let mut recipients = Vec::new();
         let last = servers.len() - 1;
@@ -149,39 +210,84 @@ impl Bench {
                 list.push((id, pool[i % pool.len()].as_device(token)));
             }
         }
-        Ok(Bench { work, servers, senders, recipients })
+        Ok(Bench { work, servers, senders, recipients, connections })
+    }
+
+    /// New connections to server `i` (after a restart) for the users who live there.
+    pub async fn reconnect(&mut self, i: usize) -> anyhow::Result<()> {
+        let conns = pool(&self.servers[i], self.connections).await?;
+        let last = self.servers.len() - 1;
+        let mut lists: Vec<&mut Vec<(UserId, Client)>> = Vec::new();
+        if i == 0 {
+            lists.push(&mut self.senders);
+        }
+        if i == last {
+            lists.push(&mut self.recipients);
+        }
+        for list in lists {
+            for (n, (_, c)) in list.iter_mut().enumerate() {
+                let token = c.token().map(str::to_owned);
+                *c = conns[n % conns.len()].as_device(token);
+            }
+        }
+        Ok(())
     }
 
     /// One run at `rate` for `seconds`.
     pub async fn run(&self, opts: &LoadOptions) -> anyhow::Result<LoadReport> {
+        self.run_watching(opts, None, Duration::ZERO).await
+    }
+
+    /// [`Bench::run`], its subscriptions also counting `watch`'s messages, and kept open
+    /// after the run for up to `watch_for` until all of them arrived.
+    pub async fn run_watching(&self, opts: &LoadOptions, watch: Option<Arc<Watch>>, watch_for: Duration) -> anyhow::Result<LoadReport> {
         let total = (opts.rate * opts.seconds).round() as u64;
         if total == 0 {
             bail!("rate × seconds offers no message");
         }
         let interval = Duration::from_secs_f64(1.0 / opts.rate);
-        let body = vec![b'x'; opts.body.max(8)];
+        let body_len = opts.body.max(8);
         let new_hist = || Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
         let ack = Arc::new(Mutex::new(new_hist()));
         let delivery = Arc::new(Mutex::new(new_hist()));
         let (acked, delivered, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let run_tag = format!("{:x}", rand::random::<u32>());
 
-        // Recipients follow their streams live from where they are now.
+        // Recipients follow their streams live from where they are now, or from where the
+        // watch starts counting (its messages may already be there: the first frame).
         let mut live = Vec::new();
-        for (_, c) in &self.recipients {
-            let head = sync_head(c).await?;
-            live.push(c.subscribe(head).await?.0);
+        for (i, (_, c)) in self.recipients.iter().enumerate() {
+            let head = match watch.as_ref().and_then(|w| w.from.get(i)) {
+                Some(h) => *h,
+                None => sync_head(c).await?,
+            };
+            let (sub, _, backlog) = c.subscribe(head).await?;
+            live.push((sub, backlog));
         }
         // Message n is meant to leave at start + n × interval.
         let start = Instant::now() + Duration::from_millis(20);
         let intended = move |n: u64| start + interval.mul_f64(n as f64);
         let mut subs = Vec::new();
-        for mut sub in live {
-            let (delivery, delivered, tag) = (delivery.clone(), delivered.clone(), run_tag.clone());
+        for (mut sub, backlog) in live {
+            let (delivery, delivered, tag, watch) = (delivery.clone(), delivered.clone(), run_tag.clone(), watch.clone());
             subs.push(tokio::spawn(async move {
-                while let Ok(Some((_, events))) = sub.next().await {
+                let mut backlog = Some(backlog);
+                loop {
+                    let events = match backlog.take() {
+                        Some(events) => events,
+                        None => match sub.next().await {
+                            Ok(Some((_, events))) => events,
+                            _ => break,
+                        },
+                    };
                     let now = Instant::now();
                     for m in messages(&events) {
+                        if let Some(w) = &watch {
+                            if let Some(n) = body_number(&m.content.body, &w.tag) {
+                                w.saw(n, now);
+                                continue;
+                            }
+                        }
                         let Some(n) = body_number(&m.content.body, &tag) else { continue };
                         let t0 = intended(n);
                         let us = now.saturating_duration_since(t0).as_micros() as u64;
@@ -223,10 +329,7 @@ impl Bench {
                 let i = (n as usize) % self.senders.len();
                 (&self.senders[i].1, &self.recipients[i].0)
             };
-            let mut b = format!("{run_tag}:{n}:").into_bytes();
-            if b.len() < body.len() {
-                b.extend_from_slice(&body[b.len()..]);
-            }
+            let b = stamped_body(&run_tag, n, body_len);
             let (c, to, ack, acked2, errors2) = (from.clone(), to.clone(), ack.clone(), acked.clone(), errors.clone());
             inflight.spawn(async move {
                 match c.send(&to, Content { body: b, kind: "bench".into() }, new_client_msg_id()).await {
@@ -266,6 +369,13 @@ impl Bench {
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
+        let cpu_end: Vec<Option<(f64, f64)>> = self.servers.iter().map(|s| s.pid().and_then(usage)).collect();
+        if let Some(w) = &watch {
+            let until = Instant::now() + watch_for;
+            while w.done_at().is_none() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         for s in subs {
             s.abort();
         }
@@ -274,8 +384,7 @@ impl Bench {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let end = s.pid().and_then(usage);
-                let (rss, cpu) = match (cpu0[i], end) {
+                let (rss, cpu) = match (cpu0[i], cpu_end[i]) {
                     (Some((_, c0)), Some((rss, c1))) => (rss, (c1 - c0) / elapsed),
                     _ => (0.0, 0.0),
                 };
@@ -302,8 +411,17 @@ impl Bench {
     }
 }
 
+/// `n` connections to `s`.
+async fn pool(s: &Sut, n: usize) -> anyhow::Result<Vec<Client>> {
+    let mut conns = Vec::new();
+    for _ in 0..n.max(1) {
+        conns.push(s.connect().await?);
+    }
+    Ok(conns)
+}
+
 /// The head of a user's event stream.
-async fn sync_head(c: &Client) -> anyhow::Result<u64> {
+pub async fn sync_head(c: &Client) -> anyhow::Result<u64> {
     let mut since = 0;
     loop {
         let (next, events) = c.sync(since, Some(500)).await.context("sync")?;
@@ -312,6 +430,15 @@ async fn sync_head(c: &Client) -> anyhow::Result<u64> {
         }
         since = next;
     }
+}
+
+/// A body of at least `size` bytes stamped `TAG:N:`.
+pub fn stamped_body(tag: &str, n: u64, size: usize) -> Vec<u8> {
+    let mut b = format!("{tag}:{n}:").into_bytes();
+    if b.len() < size {
+        b.resize(size, b'x');
+    }
+    b
 }
 
 /// The message number in a body stamped `TAG:N:` by this run.

@@ -68,10 +68,35 @@ enum Command {
         json: Option<PathBuf>,
     },
     /// Load generator: users on one server (local) or two (federated), messages offered
-    /// at a fixed rate, latency from each message's intended send time.
+    /// at a fixed rate, latency from each message's intended send time. --scenario runs
+    /// one of the scenarios instead: idle devices, history, partition, cold-start.
     Load {
         #[command(flatten)]
         shape: LoadShape,
+        /// live (steady traffic), idle (--devices idle connections, then live traffic),
+        /// history (--stored messages, then history pages), partition (--queued messages
+        /// behind a stopped peer, then the drain under live traffic), cold-start (--stored
+        /// messages and --queued units, then restarts).
+        #[arg(long, default_value = "live")]
+        scenario: String,
+        /// idle: connected devices, each a live subscription on its own connection.
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// idle: the users those devices belong to (each registered, argon2id and all).
+        #[arg(long, default_value_t = 200)]
+        device_users: usize,
+        /// history, cold-start: messages stored first.
+        #[arg(long, default_value_t = 100_000)]
+        stored: u64,
+        /// partition, cold-start: messages queued for a stopped peer.
+        #[arg(long, default_value_t = 100_000)]
+        queued: u64,
+        /// Sends in flight while storing or queueing.
+        #[arg(long, default_value_t = 256)]
+        fill_concurrency: usize,
+        /// cold-start: restarts measured.
+        #[arg(long, default_value_t = 3)]
+        restarts: usize,
         /// Messages offered per second (open loop).
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
@@ -209,8 +234,43 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if r.passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Load { shape, rate, saturate, p99_bound_ms, json, quiet } => {
+        Command::Load { shape, scenario, devices, device_users, stored, queued, fill_concurrency, restarts, rate, saturate, p99_bound_ms, json, quiet } => {
             use missive_conformance::load::{self, Bench};
+            use missive_conformance::scenarios::{self, Scenario, ScenarioOptions};
+            let chosen = Scenario::parse(&scenario)
+                .with_context(|| format!("--scenario {scenario:?}: expected live, idle, history, partition or cold-start"))?;
+            if chosen != Scenario::Live {
+                anyhow::ensure!(!saturate, "--saturate goes with --scenario live only");
+                let imp = Arc::new(ImplFile::load(&shape.implementation)?);
+                let live = shape.options(rate, false)?;
+                let o = ScenarioOptions { live, devices, device_users, stored, queued, fill_concurrency, restarts };
+                let say = |m: &str| {
+                    if !quiet {
+                        eprintln!("... {m}");
+                    }
+                };
+                let (text, value) = match chosen {
+                    Scenario::Idle => {
+                        let r = scenarios::idle(imp, &o, say).await?;
+                        (scenarios::idle_text(&r), serde_json::to_value(&r)?)
+                    }
+                    Scenario::History => {
+                        let r = scenarios::history(imp, &o, say).await?;
+                        (scenarios::history_text(&r), serde_json::to_value(&r)?)
+                    }
+                    Scenario::Partition => {
+                        let r = scenarios::partition(imp, &o, say).await?;
+                        (scenarios::partition_text(&r), serde_json::to_value(&r)?)
+                    }
+                    Scenario::ColdStart => {
+                        let r = scenarios::cold_start(imp, &o, say).await?;
+                        (scenarios::cold_start_text(&r), serde_json::to_value(&r)?)
+                    }
+                    Scenario::Live => unreachable!("handled below"),
+                };
+                println!("{}", if json { value.to_string() } else { text });
+                return Ok(ExitCode::SUCCESS);
+            }
             let opts = shape.options(rate, !quiet && !json)?;
             let mode = opts.mode;
             let imp = Arc::new(ImplFile::load(&shape.implementation)?);

@@ -120,6 +120,12 @@ fn quic_config(check: Arc<ServerKeyCheck>) -> Result<quinn::ClientConfig, String
     Ok(cfg)
 }
 
+/// A client endpoint (one UDP socket) of the address family of `addr`.
+pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    quinn::Endpoint::client(bind)
+}
+
 /// A QUIC connection to one homeserver, optionally speaking for a device. Clones share the
 /// connection; [`Client::as_device`] gives a handle that speaks for another device over it
 /// (requests are authenticated one by one, §5.3).
@@ -234,13 +240,24 @@ impl Client {
     /// `timeout` (a server that is down does not answer at all), and with
     /// [`ClientError::KeyMismatch`] if the server presents another key than the pin.
     pub async fn connect_within(addr: SocketAddr, server: &ServerName, pin: impl Into<Pin>, timeout: Duration) -> Result<Client, ClientError> {
+        let endpoint = client_endpoint(addr).map_err(|e| ClientError::Connect { addr, reason: e.to_string() })?;
+        Self::connect_via(&endpoint, addr, server, pin, timeout).await
+    }
+
+    /// Connects through `endpoint`, which other connections may share: the load
+    /// generator opens tens of thousands of connections over a few UDP sockets.
+    pub async fn connect_via(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server: &ServerName,
+        pin: impl Into<Pin>,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
         let pin = pin.into();
         let cerr = |reason: String| ClientError::Connect { addr, reason };
         let check = Arc::new(ServerKeyCheck::new(pin));
-        let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| cerr(e.to_string()))?;
-        endpoint.set_default_client_config(quic_config(check.clone()).map_err(cerr)?);
-        let connecting = endpoint.connect(addr, server.as_str()).map_err(|e| cerr(e.to_string()))?;
+        let endpoint = endpoint.clone();
+        let connecting = endpoint.connect_with(quic_config(check.clone()).map_err(cerr)?, addr, server.as_str()).map_err(|e| cerr(e.to_string()))?;
         let result = tokio::time::timeout(timeout, connecting).await.map_err(|_| cerr(format!("no answer within {timeout:?}")))?;
         match (result, pin, check.seen()) {
             (Ok(conn), _, Some(server_key)) => Ok(Client { endpoint, conn, token: None, server_key }),
