@@ -261,16 +261,24 @@ impl Api {
         let mut shutdown = self.shutdown.clone();
         let mut pos = since;
         let mut first = true;
+        // Reading a backlog (possibly old, on disk) rather than following live writes.
+        let mut catching_up = true;
         loop {
             wake.borrow_and_update();
-            let (service, token, user) = (self.service.clone(), auth.clone(), caller.user.clone());
-            let (more, next, events, now_blocked) = crate::store::blocking(move || {
-                // A logged-out device stops receiving at once.
-                service.authenticate(token.as_deref())?;
-                let (more, next, events) = service.events(&user, pos, limits::SYNC_MAX_EVENTS)?;
-                Ok::<_, ApiError>((more, next, events, service.blocked(&user)?))
-            })
-            .await??;
+            // A logged-out device stops receiving at once.
+            let read = move |service: &crate::service::Service, c: crate::service::Caller| {
+                let (more, next, events) = service.events(&c.user, pos, limits::SYNC_MAX_EVENTS)?;
+                Ok::<_, ApiError>((more, next, events, service.blocked(&c.user)?))
+            };
+            // The backlog may be old and on disk: the blocking pool. Afterwards each
+            // wake-up reads the few events just written, which the memtable holds.
+            let (more, next, events, now_blocked) = if catching_up {
+                let (service, token) = (self.service.clone(), auth.clone());
+                crate::store::blocking(move || service.read_hot(token.as_deref(), read)).await??
+            } else {
+                self.service.read_hot(auth.as_deref(), read)?
+            };
+            catching_up = more;
             // Whom the caller blocks: their typing and presence are dropped (§6.12). Read
             // again at every wake-up, which a block or unblock causes.
             let blocked: std::collections::HashSet<missive_spec::UserId> = now_blocked.into_iter().collect();
