@@ -219,7 +219,9 @@ impl Api {
             self.finish(send, true).await;
             return;
         }
-        let res = self.service.handle(frame, from).await;
+        // Boxed: a request's future is large (every request's state), and inline it would
+        // size every stream task by it, the long-lived subscriptions included.
+        let res = Box::pin(self.service.handle(frame, from)).await;
         if write_frame(&mut send, &response(res)).await.is_ok() {
             self.finish(send, false).await;
         }

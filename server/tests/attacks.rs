@@ -205,17 +205,17 @@ async fn request_frames_that_never_finish_are_cut_at_the_deadline_within_a_memor
     let b = uid("bob", &srv);
     let (mut bob_live, _, _) = bob.subscribe(0).await.unwrap();
     let before = srv.rss_kib().unwrap();
-    // 4 connections × 256 streams, each announcing a 64 KiB request and sending all but
-    // its last byte.
+    // 16 connections × 64 streams (as many as a client connection may have open), each
+    // announcing a 64 KiB request and sending all but its last byte.
     let max = missive_spec::limits::MAX_REQUEST_FRAME;
     let mut almost = (max as u32).to_be_bytes().to_vec();
     almost.extend(std::iter::repeat_n(0x40, max - 1));
     let almost = std::sync::Arc::new(almost);
     let mut conns = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..16 {
         conns.push(connect(&srv).await);
     }
-    let streams = conns.iter().flat_map(|c| (0..256).map(move |_| c.connection().clone())).map(|conn| {
+    let streams = conns.iter().flat_map(|c| (0..64).map(move |_| c.connection().clone())).map(|conn| {
         let almost = almost.clone();
         async move {
             let (mut send, mut recv) = conn.open_bi().await.ok()?;
