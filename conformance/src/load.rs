@@ -125,6 +125,7 @@ pub struct Watch {
     distinct: AtomicU64,
     duplicates: AtomicU64,
     expected: u64,
+    first: Mutex<Option<Instant>>,
     done: Mutex<Option<Instant>>,
 }
 
@@ -137,6 +138,7 @@ impl Watch {
             distinct: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             expected,
+            first: Mutex::new(None),
             done: Mutex::new(None),
         })
     }
@@ -150,6 +152,7 @@ impl Watch {
             return;
         }
         *word |= bit;
+        self.first.lock().unwrap().get_or_insert(at);
         if self.distinct.fetch_add(1, Ordering::Relaxed) + 1 == self.expected {
             *self.done.lock().unwrap() = Some(at);
         }
@@ -158,6 +161,11 @@ impl Watch {
     /// Distinct messages seen, and messages seen more than once.
     pub fn counts(&self) -> (u64, u64) {
         (self.distinct.load(Ordering::Relaxed), self.duplicates.load(Ordering::Relaxed))
+    }
+
+    /// When the first message arrived.
+    pub fn first_at(&self) -> Option<Instant> {
+        *self.first.lock().unwrap()
     }
 
     /// When the last expected message arrived.
@@ -370,6 +378,9 @@ impl Bench {
             b.finish_and_clear();
         }
         let cpu_end: Vec<Option<(f64, f64)>> = self.servers.iter().map(|s| s.pid().and_then(usage)).collect();
+        // Figures are for the run: what arrives while the watch goes on is not counted.
+        let delivered_n = delivered.load(Ordering::Relaxed);
+        let delivery = Percentiles::of(&delivery.lock().unwrap());
         if let Some(w) = &watch {
             let until = Instant::now() + watch_for;
             while w.done_at().is_none() && Instant::now() < until {
@@ -391,9 +402,7 @@ impl Bench {
                 ServerUsage { name: s.name.to_string(), rss_mib_end: rss, rss_mib_peak: peak[i].max(rss), cpu_cores: cpu }
             })
             .collect();
-        let delivered_n = delivered.load(Ordering::Relaxed);
         let ack = Percentiles::of(&ack.lock().unwrap());
-        let delivery = Percentiles::of(&delivery.lock().unwrap());
         Ok(LoadReport {
             mode: opts.mode,
             users: self.senders.len() + self.recipients.len(),

@@ -155,7 +155,6 @@ pub async fn idle(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&str)) -
     let bench = Bench::setup_allowing(imp, Mode::Local, o.live.users, o.live.connections, Some(allow)).await?;
     say("live traffic before the devices connect");
     let live_before = bench.run(&o.live).await?;
-    let server_rss_mib_before = server_rss_mib(&bench, 0);
 
     say(&format!("registering {device_users} users"));
     let sut = &bench.servers[0];
@@ -182,6 +181,8 @@ pub async fn idle(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&str)) -
     }
     let register_seconds = t0.elapsed().as_secs_f64();
     let tokens = Arc::new(std::mem::take(&mut *tokens.lock().await));
+    // After the registrations, whose password hashes leave their memory behind.
+    let server_rss_mib_before = server_rss_mib(&bench, 0);
 
     say(&format!("connecting {} devices", o.devices));
     let t0 = Instant::now();
@@ -335,8 +336,10 @@ pub struct PartitionReport {
     /// Messages sent while the recipients' server was down (queued at the sender's).
     pub queued: u64,
     pub fill: Fill,
-    /// From the recipients' server answering again to the last queued message reaching a
-    /// recipient's live subscription.
+    /// From the recipients' server answering again to the first, and to the last, queued
+    /// message reaching a recipient's live subscription (the first includes the sender's
+    /// retry delay).
+    pub first_drained_seconds: Option<f64>,
     pub drain_seconds: Option<f64>,
     pub drain_rate: Option<f64>,
     pub drained: u64,
@@ -372,10 +375,12 @@ pub async fn partition(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&st
     let live_draining = bench.run_watching(&live, Some(watch.clone()), watch_for).await?;
     let (drained, duplicates) = watch.counts();
     let drain_seconds = watch.done_at().map(|t| t.duration_since(up).as_secs_f64());
+    let first_drained_seconds = watch.first_at().map(|t| t.duration_since(up).as_secs_f64());
     Ok(PartitionReport {
         scenario: Scenario::Partition,
         queued: o.queued,
         fill,
+        first_drained_seconds,
         drain_seconds,
         drain_rate: drain_seconds.map(|s| o.queued as f64 / s.max(1e-9)),
         drained,
@@ -390,6 +395,8 @@ pub async fn partition(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&st
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Restart {
+    /// Killed with SIGKILL (its WAL replayed at start) rather than stopped with SIGTERM.
+    pub after_kill: bool,
     /// From spawning the server to its first answer to `info`.
     pub ready_ms: f64,
     /// From spawning to a device's first `sync` page and newest history page answered.
@@ -424,8 +431,14 @@ pub async fn cold_start(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&s
     let (reader, with) = (bench.senders[1 % n].0.clone(), bench.senders[0].0.clone());
     let token = bench.senders[1 % n].1.token().map(str::to_owned);
     let mut restarts = Vec::new();
+    // The first restart follows a clean stop; the others a kill -9.
     for r in 0..o.restarts.max(1) {
-        bench.servers[0].stop().await?;
+        let after_kill = r > 0;
+        if after_kill {
+            bench.servers[0].kill9().await;
+        } else {
+            bench.servers[0].stop().await?;
+        }
         let t0 = Instant::now();
         bench.servers[0].start().await?;
         let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -436,8 +449,9 @@ pub async fn cold_start(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&s
         let serving_ms = t0.elapsed().as_secs_f64() * 1000.0;
         anyhow::ensure!(local_n == 0 || !page.messages.is_empty(), "no history after restart {r}");
         c.close().await;
-        say(&format!("restart {}: ready in {ready_ms:.0} ms, serving in {serving_ms:.0} ms", r + 1));
-        restarts.push(Restart { ready_ms, serving_ms });
+        let how = if after_kill { "after kill -9" } else { "after SIGTERM" };
+        say(&format!("restart {} ({how}): ready in {ready_ms:.0} ms, serving in {serving_ms:.0} ms", r + 1));
+        restarts.push(Restart { after_kill, ready_ms, serving_ms });
     }
     bench.reconnect(0).await?;
     Ok(ColdStartReport {
@@ -517,7 +531,12 @@ pub fn history_text(r: &HistoryReport) -> String {
 
 pub fn partition_text(r: &PartitionReport) -> String {
     let drain = match (r.drain_seconds, r.drain_rate) {
-        (Some(s), Some(rate)) => format!("drained {} queued messages in {s:.1} s ({rate:.0} msg/s), {} duplicates", r.drained, r.duplicates),
+        (Some(s), Some(rate)) => format!(
+            "drained {} queued messages in {s:.1} s ({rate:.0} msg/s; the first after {:.1} s), {} duplicates",
+            r.drained,
+            r.first_drained_seconds.unwrap_or(0.0),
+            r.duplicates
+        ),
         _ => format!("NOT drained: {} of {} queued messages arrived, {} duplicates", r.drained, r.queued, r.duplicates),
     };
     [fill_line("queued while the peer was down", &r.fill), drain, live_line("live before", &r.live_before), live_line("live draining", &r.live_draining)].join("\n")
@@ -530,7 +549,8 @@ pub fn cold_start_text(r: &ColdStartReport) -> String {
         format!("data directory {:.0} MiB", r.data_dir_mib),
     ];
     for (i, s) in r.restarts.iter().enumerate() {
-        lines.push(format!("restart {}: ready {:.0} ms, serving {:.0} ms", i + 1, s.ready_ms, s.serving_ms));
+        let how = if s.after_kill { "after kill -9" } else { "after SIGTERM" };
+        lines.push(format!("restart {} ({how}): ready {:.0} ms, serving {:.0} ms", i + 1, s.ready_ms, s.serving_ms));
     }
     lines.join("\n")
 }

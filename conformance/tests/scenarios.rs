@@ -51,6 +51,7 @@ fn a_queue_behind_a_stopped_peer_drains_exactly_once_under_live_traffic() {
     assert_eq!(r["drained"], 1200, "{r}");
     assert_eq!(r["duplicates"], 0, "{r}");
     assert!(r["drain_rate"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["first_drained_seconds"].as_f64().unwrap() <= r["drain_seconds"].as_f64().unwrap(), "{r}");
     live_ok(&r["live_before"]);
     live_ok(&r["live_draining"]);
 }
@@ -63,4 +64,6 @@ fn cold_start_serves_after_each_restart() {
     let restarts = r["restarts"].as_array().unwrap();
     assert_eq!(restarts.len(), 2, "{r}");
     assert!(restarts.iter().all(|s| s["serving_ms"].as_f64().unwrap() >= s["ready_ms"].as_f64().unwrap()), "{r}");
+    let killed: Vec<bool> = restarts.iter().map(|s| s["after_kill"].as_bool().unwrap()).collect();
+    assert_eq!(killed, [false, true], "a clean restart, then one after kill -9: {r}");
 }

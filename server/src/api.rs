@@ -52,6 +52,9 @@ impl Drop for InflightGuard {
 
 /// How long a stream's last frame may take to be acknowledged before it is given up.
 const FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Events a live subscription reads in place after a wake-up; when more are waiting, the
+/// rest is read as a backlog, on the blocking pool.
+const LIVE_READ_EVENTS: u32 = 64;
 
 pub struct Api {
     pub service: Arc<Service>,
@@ -265,25 +268,37 @@ impl Api {
         let mut first = true;
         // Reading a backlog (possibly old, on disk) rather than following live writes.
         let mut catching_up = true;
+        // Whom the caller blocks: their typing and presence are dropped (§6.12). Read again
+        // whenever the hub's count of wake-ups (block changes, logouts, of anyone) moved
+        // since it was last read; counted before reading, so no change is missed.
+        let mut blocked = std::collections::HashSet::new();
+        let mut blocks_read_at: Option<u64> = None;
         loop {
             wake.borrow_and_update();
-            // A logged-out device stops receiving at once.
+            let wakes = self.service.hub.wakes();
+            let reload = blocks_read_at != Some(wakes);
+            let limit = if catching_up { limits::SYNC_MAX_EVENTS } else { LIVE_READ_EVENTS };
             let read = move |service: &crate::service::Service, c: crate::service::Caller| {
-                let (more, next, events) = service.events(&c.user, pos, limits::SYNC_MAX_EVENTS)?;
-                Ok::<_, ApiError>((more, next, events, service.blocked(&c.user)?))
+                let (more, next, events) = service.events(&c.user, pos, limit)?;
+                let blocked = if reload { Some(service.blocked(&c.user)?) } else { None };
+                Ok::<_, ApiError>((more, next, events, blocked))
             };
-            // The backlog may be old and on disk: the blocking pool. Afterwards each
-            // wake-up reads the few events just written, which the memtable holds.
-            let (more, next, events, now_blocked) = if catching_up {
+            // A backlog (possibly old, on disk) and the block list (up to 10 000 rows) are
+            // read on the blocking pool. Following live writes, a wake-up reads in place
+            // the few events just written, which the memtable holds; more than
+            // LIVE_READ_EVENTS waiting count as a backlog. Either way the token is checked
+            // first: a logged-out device stops receiving at once.
+            let (more, next, events, now_blocked) = if catching_up || reload {
                 let (service, token) = (self.service.clone(), auth.clone());
                 crate::store::blocking(move || service.read_hot(token.as_deref(), read)).await??
             } else {
                 self.service.read_hot(auth.as_deref(), read)?
             };
             catching_up = more;
-            // Whom the caller blocks: their typing and presence are dropped (§6.12). Read
-            // again at every wake-up, which a block or unblock causes.
-            let blocked: std::collections::HashSet<missive_spec::UserId> = now_blocked.into_iter().collect();
+            if let Some(list) = now_blocked {
+                blocked = list.into_iter().collect();
+                blocks_read_at = Some(wakes);
+            }
             if first || !events.is_empty() {
                 first = false;
                 pos = next;

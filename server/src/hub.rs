@@ -16,6 +16,9 @@ const EPHEMERAL_BACKLOG: usize = 64;
 pub struct Hub {
     heads: Mutex<HashMap<String, watch::Sender<u64>>>,
     ephemeral: Mutex<HashMap<String, broadcast::Sender<Ephemeral>>>,
+    /// Counts [`Hub::wake`]s, of any user: a subscription that sees it moved reads its
+    /// user's block list again (cheap to miss nothing, as blocks change rarely).
+    wakes: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
@@ -39,10 +42,16 @@ impl Hub {
     /// Wakes `localpart`'s subscriptions without new events, so that each checks its
     /// token again (a device was logged out or revoked).
     pub fn wake(&self, localpart: &str) {
+        self.wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let m = self.heads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = m.get(localpart) {
             tx.send_modify(|_| {});
         }
+    }
+
+    /// How many wake-ups (block changes, logouts) there have been.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn subscribe_ephemeral(&self, localpart: &str) -> broadcast::Receiver<Ephemeral> {

@@ -140,7 +140,8 @@ async fn concurrent_wrong_passwords_count_before_any_is_hashed() {
         let mut c = attacker.as_device(None);
         async move { c.login(&user, "not-the-password", None).await.unwrap_err().code() }
     };
-    // 100 at once against alice, then 250 at once against users who do not exist.
+    // 100 at once against alice, then 250 at once against users who do not exist (as many
+    // at a time as the connection's stream limit lets in).
     let attack = async {
         let on_alice = all_at_once((0..100).map(|_| guess(a.clone()))).await;
         let on_nobody = all_at_once((0..250).map(|i| guess(uid(&format!("nobody{i}"), &srv)))).await;
