@@ -221,6 +221,11 @@ impl Bench {
         Ok(Bench { work, servers, senders, recipients, connections })
     }
 
+    /// Each sender's connection with the recipient it writes to.
+    pub fn pairs(&self) -> Vec<(Client, UserId)> {
+        self.senders.iter().zip(&self.recipients).map(|((_, c), (to, _))| (c.clone(), to.clone())).collect()
+    }
+
     /// New connections to server `i` (after a restart) for the users who live there.
     pub async fn reconnect(&mut self, i: usize) -> anyhow::Result<()> {
         let conns = pool(&self.servers[i], self.connections).await?;

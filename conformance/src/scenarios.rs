@@ -293,7 +293,7 @@ async fn pages(c: &Client, with: &UserId, stored: u64, conversation: u64, newest
 
 pub async fn history(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&str)) -> anyhow::Result<HistoryReport> {
     let bench = Bench::setup(imp, Mode::Local, o.live.users, o.live.connections).await?;
-    let pairs: Vec<(Client, UserId)> = bench.senders.iter().zip(&bench.recipients).map(|((_, c), (to, _))| (c.clone(), to.clone())).collect();
+    let pairs = bench.pairs();
     let (reader, with) = (&bench.recipients[0].1, &bench.senders[0].0);
     // Message k goes to pair k mod pairs: pair 0's conversation holds every pairs-th.
     let in_first = |n: u64| n.div_ceil(pairs.len() as u64);
@@ -360,7 +360,7 @@ pub async fn partition(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&st
     }
     say("stopping the recipients' server");
     bench.servers[1].stop().await?;
-    let pairs: Vec<(Client, UserId)> = bench.senders.iter().zip(&bench.recipients).map(|((_, c), (to, _))| (c.clone(), to.clone())).collect();
+    let pairs = bench.pairs();
     let tag = new_tag();
     say(&format!("queueing {} messages", o.queued));
     let fill = fill(&pairs, &tag, 0, o.queued, live.body, o.fill_concurrency).await?;
@@ -421,7 +421,7 @@ pub async fn cold_start(imp: Arc<ImplFile>, o: &ScenarioOptions, say: impl Fn(&s
     // Local conversations: each sender writes to the next sender.
     let n = bench.senders.len();
     let local: Vec<(Client, UserId)> = (0..n).map(|i| (bench.senders[i].1.clone(), bench.senders[(i + 1) % n].0.clone())).collect();
-    let remote: Vec<(Client, UserId)> = bench.senders.iter().zip(&bench.recipients).map(|((_, c), (to, _))| (c.clone(), to.clone())).collect();
+    let remote = bench.pairs();
     let tag = new_tag();
     let local_n = o.stored.saturating_sub(o.queued);
     say(&format!("storing {local_n} local messages"));
