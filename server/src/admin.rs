@@ -273,6 +273,7 @@ pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyho
         outbound: None,
         limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
         metrics: Default::default(),
+        linger: Default::default(),
     };
     let (sequencer, writer) = crate::sequencer::Sequencer::start(store.clone(), ctx)?;
     let ops = Operations { sequencer: sequencer.clone(), store, hub, server: config.server_name.clone() };

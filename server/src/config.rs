@@ -34,6 +34,8 @@ pub struct Config {
     pub limits: LimitsSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub store: StoreSection,
     /// Peers pinned by hand (`missived peer add`).
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
@@ -135,6 +137,36 @@ pub struct PeerEntry {
     pub address: Option<String>,
     /// Its public key (`ed25519:...`); absent: from its `.well-known` document.
     pub key: Option<String>,
+}
+
+/// How the writer uses the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Longest wait, in µs, for more commands before a small group is written, when
+    /// commands arrive fast enough that the wait gathers some (`linger.rs`); 0: never wait.
+    #[serde(default = "group_commit_linger_us")]
+    pub group_commit_linger_us: u64,
+}
+
+/// The longest linger allowed: beyond it, the wait would cost more latency than any
+/// group's sync.
+pub const MAX_GROUP_COMMIT_LINGER_US: u64 = 5_000;
+
+impl Default for StoreSection {
+    fn default() -> StoreSection {
+        StoreSection { group_commit_linger_us: group_commit_linger_us() }
+    }
+}
+
+fn group_commit_linger_us() -> u64 {
+    500
+}
+
+impl StoreSection {
+    pub fn linger(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.group_commit_linger_us)
+    }
 }
 
 /// The operators' HTTP listener: `/metrics`, `/health`, `/ready` (`http.rs`).
@@ -347,6 +379,10 @@ impl Config {
         ] {
             at_least_one(key, value)?;
         }
+        let linger = self.store.group_commit_linger_us;
+        if linger > MAX_GROUP_COMMIT_LINGER_US {
+            bail!("store.group_commit_linger_us is {linger}, at most {MAX_GROUP_COMMIT_LINGER_US}");
+        }
         let max_document = missive_federation::discovery::MAX_KEY_DOCUMENT;
         if key_document_bytes > max_document {
             bail!("limits.key_document_bytes is {key_document_bytes}, at most {max_document} (F2.2)");
@@ -459,6 +495,13 @@ max_connections_per_address = 64
 # HTTP without authentication: keep it on loopback or a private network.
 enabled = true
 listen = "{metrics}"
+
+[store]
+# Under load the writer waits up to this many microseconds for more commands before a
+# small group's synced write, so that one sync serves several; it never waits when
+# commands arrive slower than one per wait, nor for clients that send one at a time.
+# 0 turns it off; at most 5000. A change needs a restart.
+group_commit_linger_us = 500
 
 [registration]
 # Who may create an account with `missive register`:
@@ -629,6 +672,7 @@ mod tests {
             ("[federation]\nretry_base_ms = 0\n", "federation.retry_base_ms must be at least 1"),
             ("[federation]\nretry_base_ms = 500\nretry_cap_ms = 499\n", "federation.retry_cap_ms (499) must be at least federation.retry_base_ms (500)"),
             ("[limits]\nkey_document_bytes = 65537\n", "limits.key_document_bytes is 65537, at most 65536"),
+            ("[store]\ngroup_commit_linger_us = 5001\n", "store.group_commit_linger_us is 5001, at most 5000"),
         ];
         for (text, want) in cases {
             let e = format!("{:#}", parse(text).unwrap_err());

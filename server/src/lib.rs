@@ -21,6 +21,7 @@ pub mod hashing;
 pub mod hub;
 pub mod keydir;
 pub mod limits;
+pub mod linger;
 pub mod logging;
 pub mod metrics;
 pub mod http;

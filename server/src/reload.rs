@@ -94,12 +94,13 @@ impl Reloadable {
 pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     // Taken apart field by field, so that a new setting cannot be added without deciding
     // here whether a reload applies it.
-    let Config { server_name, data_dir, key_file, client, registration, federation, log, peers: _, limits: _, metrics } = new;
+    let Config { server_name, data_dir, key_file, client, registration, federation, log, peers: _, limits: _, metrics, store } = new;
     // `log.level` and `peers` are applied live (`Reloadable::apply`); `limits` each apply live or
     // at a restart, as `LiveLimits::apply` decides and reports.
     let ClientSection { listen: client_listen, max_connections, max_connections_per_address } = client;
     let RegistrationSection { policy, token } = registration;
     let crate::config::MetricsSection { enabled: metrics_enabled, listen: metrics_listen } = metrics;
+    let crate::config::StoreSection { group_commit_linger_us } = store;
     // `allow` and `deny` are applied live (`Reloadable::apply`).
     let FederationSection { listen, https_port, dns_server, ca_file, retry_base_ms, retry_cap_ms, allow_special_addresses, allow: _, deny: _ } =
         federation;
@@ -114,6 +115,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("client.max_connections_per_address", *max_connections_per_address != c.max_connections_per_address),
         ("metrics.enabled", *metrics_enabled != old.metrics.enabled),
         ("metrics.listen", *metrics_listen != old.metrics.listen),
+        ("store.group_commit_linger_us", *group_commit_linger_us != old.store.group_commit_linger_us),
         ("registration.policy", *policy != r.policy),
         ("registration.token", *token != r.token),
         ("federation.listen", *listen != f.listen),

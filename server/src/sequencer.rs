@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::accounts::now_ms;
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::linger::Linger;
 use crate::records::PresenceRecord;
 use crate::store::{Store, StoreResult};
 
@@ -82,6 +83,8 @@ pub struct WriterContext {
     /// Bounds on units held behind gaps (F6.3), changeable while running.
     pub limits: Arc<crate::limits::LiveLimits>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Group commit's longest wait for more commands (`[store] group_commit_linger_us`).
+    pub linger: std::time::Duration,
 }
 
 /// Signs with the server key.
@@ -108,7 +111,8 @@ impl Sequencer {
         let (tx, rx) = mpsc::channel(4 * MAX_GROUP);
         let signer = Arc::new(KeySigner(ctx.key.clone()));
         let core = Core::open(store.clone(), ctx.server.clone(), signer, crate::sabotage::core_faults())?;
-        let mut w = Writer { store, ctx, core, accepted: 0 };
+        let linger = Linger::new(ctx.linger);
+        let mut w = Writer { store, ctx, core, accepted: 0, linger };
         let join = std::thread::Builder::new()
             .name("missive-writer".into())
             .spawn(move || w.run(rx))
@@ -202,6 +206,7 @@ struct Writer {
     core: Core,
     /// Sends of the group that stored a new message (for the metrics, once durable).
     accepted: u64,
+    linger: Linger,
 }
 
 /// What became of one command.
@@ -231,11 +236,13 @@ impl Writer {
                 Some(cmd) => self.apply(cmd, &mut tx, &mut done),
                 None => Applied::Done,
             };
-            while matches!(state, Applied::Done) && done.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(cmd) => state = self.apply(cmd, &mut tx, &mut done),
-                    Err(_) => break,
-                }
+            state = self.gather(&mut rx, state, &mut tx, &mut done);
+            self.linger.observe(done.len(), std::time::Instant::now());
+            if let (Applied::Done, Some(wait)) = (&state, self.linger.wait(done.len())) {
+                std::thread::sleep(wait);
+                let before = done.len();
+                state = self.gather(&mut rx, state, &mut tx, &mut done);
+                self.linger.gathered(done.len() - before);
             }
             if matches!(state, Applied::Done) {
                 self.core.release_pending(&mut tx);
@@ -246,6 +253,17 @@ impl Writer {
             }
         }
         // Dropping the receiver fails every later command with shutting_down.
+    }
+
+    /// Applies the commands waiting now, until the group is full or one fails or stops.
+    fn gather(&mut self, rx: &mut mpsc::Receiver<Cmd>, mut state: Applied, tx: &mut missive_core::Tx, done: &mut Vec<Completion>) -> Applied {
+        while matches!(state, Applied::Done) && done.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(cmd) => state = self.apply(cmd, tx, done),
+                Err(_) => break,
+            }
+        }
+        state
     }
 
     fn held_limits(&self) -> HeldLimits {
@@ -435,6 +453,7 @@ mod tests {
             outbound: None,
             limits: Arc::new(crate::limits::LiveLimits::new(&limits)),
             metrics: Default::default(),
+            linger: Default::default(),
         };
         Sequencer::start(store, ctx).unwrap()
     }

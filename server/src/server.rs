@@ -65,6 +65,7 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         outbound: Some(queued_tx),
         limits: live.clone(),
         metrics: metrics.clone(),
+        linger: config.store.linger(),
     };
     // Start-up reads every queue's head and every held unit: work for the blocking pool.
     let writer_store = store.clone();
