@@ -257,7 +257,7 @@ impl Federation {
         // Signatures and store reads: work for the blocking pool, not a runtime worker.
         let checked = {
             let (me, peer, info) = (self.clone(), peer.clone(), info.clone());
-            blocking(move || units.into_iter().map(|env| me.check_unit(&peer, &info, env)).collect::<Vec<_>>()).await
+            blocking(move || me.check_units(&peer, &info, units)).await
         };
         let Ok(checked) = checked else { return vec![UnitResult::Retry; n] };
         match self.sequencer.receive(checked).await {
@@ -273,12 +273,17 @@ impl Federation {
         }
     }
 
-    fn check_unit(&self, peer: &ServerName, info: &PeerInfo, env: SignedUnit) -> Result<Checked, UnitResult> {
-        let unit = if crate::sabotage::active(crate::sabotage::Fault::SkipSignatureCheck) {
-            envelope::open_trusted(&env).map_err(|e| e.result())
+    /// Verifies the units' signatures (together: [`envelope::verify_all_for_peer`]), then
+    /// checks each.
+    fn check_units(&self, peer: &ServerName, info: &PeerInfo, envs: Vec<SignedUnit>) -> Vec<Result<Checked, UnitResult>> {
+        let units = if crate::sabotage::active(crate::sabotage::Fault::SkipSignatureCheck) {
+            envs.iter().map(envelope::open_trusted).collect()
         } else {
-            envelope::verify_for_peer(&env, &info.keys, &info.old_keys).map_err(|e| e.result())
-        }?;
-        checks::unit(&*self.store, &self.server, peer, env, unit)
+            envelope::verify_all_for_peer(&envs, &info.keys, &info.old_keys)
+        };
+        envs.into_iter()
+            .zip(units)
+            .map(|(env, unit)| checks::unit(&*self.store, &self.server, peer, env, unit.map_err(|e| e.result())?))
+            .collect()
     }
 }
