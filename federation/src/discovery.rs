@@ -426,6 +426,11 @@ impl Discovery {
         self.forget(name);
     }
 
+    /// The servers the operator pinned (`[[peers]]`).
+    pub fn static_names(&self) -> Vec<ServerName> {
+        self.statics.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
     /// The keys the operator pinned for `name` (`[[peers]]`), if any.
     pub fn static_keys(&self, name: &ServerName) -> Vec<PublicKey> {
         self.statics.read().unwrap_or_else(|e| e.into_inner()).get(name).map(|s| s.keys.clone()).unwrap_or_default()

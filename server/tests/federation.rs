@@ -152,17 +152,18 @@ async fn a_sender_killed_with_a_full_queue_resumes_it_exactly() {
     assert_eq!(h[0], reply);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backoff_resets_the_moment_the_peer_contacts_us() {
-    let dir = tempfile::tempdir().unwrap();
+/// Two servers, alpha with long retry delays; beta is killed after a message to it was
+/// sent, and alpha has backed off. Returns the servers, that message, and how long
+/// alpha's backoff had left (more than 10 s).
+async fn alpha_backing_off_toward_beta(dir: &std::path::Path) -> (Vec<missive_conformance::harness::ServerProcess>, Message, u64) {
     let mut s = Vec::new();
     for (i, name) in ["alpha.test", "beta.test"].iter().enumerate() {
-        let data = dir.path().join(name);
+        let data = dir.join(name);
         missive_conformance::harness::ServerProcess::init_on(missived(), &data, name, "open", [127, 0, 0, 2 + i as u8].into())
             .await
             .unwrap();
         if i == 0 {
-            // Long retry delays: only a reset can explain a prompt delivery below.
+            // Long retry delays: only a reset can explain a prompt delivery.
             let cfg = data.join("missived.toml");
             let text = std::fs::read_to_string(&cfg).unwrap().replace("retry_base_ms = 200", "retry_base_ms = 30000");
             std::fs::write(&cfg, text).unwrap();
@@ -173,10 +174,9 @@ async fn backoff_resets_the_moment_the_peer_contacts_us() {
     s[1].pin_peer(&s[0]).await.unwrap();
     let alice = register(&s[0], "alice").await;
     let _ = register(&s[1], "bob").await;
-    let (alice_id, bob_id) = (uid("alice", &s[0]), uid("bob", &s[1]));
 
     s[1].kill9().await;
-    let m = alice.send_text(&bob_id, "waiting for beta").await.unwrap();
+    let m = alice.send_text(&uid("bob", &s[1]), "waiting for beta").await.unwrap();
     // The attempt fails and alpha backs off for 15 to 30 s.
     let retry_in = eventually("alpha to back off", || async {
         s[0].peers_json().await.unwrap().into_iter().find_map(|l| {
@@ -186,11 +186,18 @@ async fn backoff_resets_the_moment_the_peer_contacts_us() {
     })
     .await;
     assert!(retry_in > 10_000, "expected a long backoff, got {retry_in} ms");
+    (s, m, retry_in)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_resets_the_moment_the_peer_contacts_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, m, retry_in) = alpha_backing_off_toward_beta(dir.path()).await;
+    let alice_id = uid("alice", &s[0]);
     s[1].restart().await.unwrap();
     let bob = login(&s[1], "bob").await;
-    // bob writes first: beta connects to alpha, which resets its backoff toward beta and
-    // sends at once instead of waiting out the delay.
+    // beta connects to alpha (at its start, FED-SEND-9, and for bob's message), which
+    // resets alpha's backoff toward beta: alpha sends at once instead of waiting it out.
     let sent_at = tokio::time::Instant::now();
     bob.send_text(&alice_id, "hello alpha").await.unwrap();
     eventually("alice's message to reach bob", || async {
@@ -201,6 +208,30 @@ async fn backoff_resets_the_moment_the_peer_contacts_us() {
     let waited = sent_at.elapsed();
     println!("delivered {waited:?} after beta contacted alpha (backoff had {retry_in} ms left)");
     assert!(waited.as_millis() < u128::from(retry_in) - 5_000, "alpha waited out its backoff ({waited:?})");
+}
+
+/// A restarted server connects to its peers (FED-SEND-9): what they queued while it was
+/// down arrives at once, not after their backoff, although nobody on it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_tells_its_peers_and_their_queues_resume_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, m, retry_in) = alpha_backing_off_toward_beta(dir.path()).await;
+    // Nobody logs in to beta until alpha's queue is empty: a login would send presence,
+    // and that contact alone would reset alpha's backoff.
+    let started = tokio::time::Instant::now();
+    s[1].restart().await.unwrap();
+    eventually("alpha's queue for beta to drain", || async {
+        s[0].peers_json().await.unwrap().into_iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            (v["name"] == "beta.test" && v["queue_depth"].as_u64() == Some(0)).then_some(())
+        })
+    })
+    .await;
+    let waited = started.elapsed();
+    println!("delivered {waited:?} after beta started (alpha's backoff had {retry_in} ms left)");
+    assert!(waited.as_millis() < u128::from(retry_in) - 5_000, "alpha waited out its backoff ({waited:?})");
+    let bob = login(&s[1], "bob").await;
+    assert!(full_history(&bob, &uid("alice", &s[0]), 10).await.contains(&m));
 }
 
 /// A queue that drains right after a restart must still take, and deliver, what comes

@@ -10,6 +10,7 @@
 //! peer, a deadline and a shared byte budget for reading request frames. Every store read
 //! runs on the blocking pool; every write goes through the writer.
 
+mod announce;
 mod backfill;
 mod ephemeral;
 mod inbound;
@@ -110,6 +111,8 @@ pub struct Federation {
     sequencer: Sequencer,
     timing: FederationTiming,
     peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
+    /// Whom to tell at the next start that this server is back.
+    known: announce::KnownPeers,
     gaps: Mutex<GapFill>,
     presence: Arc<crate::presence::Presence>,
     edus: Mutex<EduBatcher>,
@@ -181,6 +184,7 @@ impl Federation {
             gaps: Mutex::new(GapFill::new(timing.retry_base, timing.retry_cap)),
             timing,
             peers: Mutex::new(HashMap::new()),
+            known: Default::default(),
             presence,
             edus: Mutex::new(EduBatcher::default()),
             shutdown,
@@ -225,6 +229,7 @@ impl Federation {
     /// Starts accepting peers, a sender for every destination with queued units, and the
     /// sweep of held units.
     pub async fn start(self: &Arc<Self>, mut queued: mpsc::UnboundedReceiver<ServerName>) -> anyhow::Result<()> {
+        self.announce().await;
         let me = self.clone();
         tokio::spawn(async move { me.accept_loop().await });
         for dest in self.queued_destinations().await? {
@@ -258,6 +263,7 @@ impl Federation {
             conn: tokio::sync::Mutex::new(None),
         });
         peers.insert(name.clone(), p.clone());
+        self.remember(name);
         for lane in 0..LANES {
             let me = self.clone();
             let task_peer = p.clone();
