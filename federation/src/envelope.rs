@@ -231,6 +231,15 @@ mod tests {
         assert_eq!(verify_all_for_peer(&mixed, &current, &retired), alone);
         let oks = alone.iter().filter(|r| r.is_ok()).count();
         assert_eq!(oks, 3, "{alone:?}");
+        // A batch that verifies, with units left out of it: no key, a short signature; and
+        // a retired key's unit in it whose claimed time is past the key's end.
+        let some = vec![good[0].clone(), sign(&stranger, &at(3_003)), good[1].clone(), sign(&old, &at(1_001)), good[5].clone()];
+        let mut short = sign(&new, &at(3_005));
+        short.sig.truncate(63);
+        let some: Vec<SignedUnit> = some.into_iter().chain([short]).collect();
+        let alone: Vec<_> = some.iter().map(|e| verify_for_peer(e, &current, &retired)).collect();
+        assert_eq!(verify_all_for_peer(&some, &current, &retired), alone);
+        assert_eq!(alone.iter().filter(|r| r.is_ok()).count(), 3, "{alone:?}");
         // One unit, and none: nothing to batch.
         assert_eq!(verify_all_for_peer(&good[..1], &current, &retired), vec![Ok(at(2_000))]);
         assert!(verify_all_for_peer(&[], &current, &retired).is_empty());

@@ -498,9 +498,10 @@ listen = "{metrics}"
 
 [store]
 # Under load the writer waits up to this many microseconds for more commands before a
-# small group's synced write, so that one sync serves several; it never waits when
-# commands arrive slower than one per wait, nor for clients that send one at a time.
-# 0 turns it off; at most 5000. A change needs a restart.
+# small group's synced write, so that one sync serves several. It never waits when
+# commands arrive slower than one per wait; after a wait that gathered nothing (a client
+# that sends one at a time) it writes the next 16 groups at once. 0 turns it off; at
+# most 5000. A change needs a restart.
 group_commit_linger_us = 500
 
 [registration]

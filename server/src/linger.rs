@@ -47,13 +47,19 @@ impl Linger {
         }
         self.rate += commands as f64 / tau;
         self.last = Some(now);
-        self.suspended = self.suspended.saturating_sub(1);
     }
 
     /// How long to wait for more before writing a group that holds `have` commands; `None`:
-    /// write now.
-    pub fn wait(&self, have: usize) -> Option<Duration> {
-        if self.max.is_zero() || self.suspended > 0 || have == 0 || have >= TARGET_GROUP || self.rate <= 0.0 {
+    /// write now. Asked once per group that holds commands.
+    pub fn wait(&mut self, have: usize) -> Option<Duration> {
+        if have == 0 {
+            return None;
+        }
+        if self.suspended > 0 {
+            self.suspended -= 1;
+            return None;
+        }
+        if self.max.is_zero() || have >= TARGET_GROUP || self.rate <= 0.0 {
             return None;
         }
         let gap = Duration::from_secs_f64(1.0 / self.rate);

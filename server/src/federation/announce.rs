@@ -3,12 +3,15 @@
 //! While a server is down, its peers back off their retries toward it, up to the retry cap
 //! (60 s by default), and would send what they queued only at their next attempt. A peer
 //! starts again at once when this server connects to it (FED-SEND-5). So the server
-//! remembers whom it federated with, and connects to them when it starts.
+//! remembers the servers it federated with, and connects to them when it starts.
 //!
-//! Bounds: at most [`KNOWN_PEERS`] names are remembered (the most recently first seen; a
-//! stranger that authenticates under many names pushes out only older names), and at most
-//! [`ANNOUNCE_CONCURRENCY`] connections are being made at once. The list is one
-//! `Cf::Meta` record, rewritten when a server is seen for the first time in a run.
+//! Only a server this one had an authenticated connection with is remembered (it
+//! connected to us, or we to it): a name a client merely typed is not. Bounds: at most
+//! [`KNOWN_PEERS`] names, in the order they were met; a name met again that sits in the
+//! older half moves to the newest end, so that peers still in touch stay when many new
+//! ones come (each of which must hold a key its name's discovery returns). At most
+//! [`ANNOUNCE_CONCURRENCY`] connections are being made at once at a start. The list is one
+//! `Cf::Meta` record, written when it changes.
 
 use std::sync::Arc;
 
@@ -16,6 +19,7 @@ use missive_spec::ServerName;
 use tokio::sync::Semaphore;
 
 use super::Federation;
+use crate::sequencer::Sequencer;
 use crate::store::{blocking, Cf};
 
 /// The `Cf::Meta` key of the remembered peers.
@@ -25,14 +29,21 @@ pub const KNOWN_PEERS: usize = 1_000;
 /// Connections being made at once while announcing.
 pub const ANNOUNCE_CONCURRENCY: usize = 16;
 
-/// The peers remembered in this run, oldest first.
+/// The peers remembered, oldest first; `None` until read at start (and for the whole run
+/// if that read failed, so that a list that could not be read is never written over).
 #[derive(Default)]
-pub(super) struct KnownPeers(tokio::sync::Mutex<Vec<ServerName>>);
+pub(super) struct KnownPeers(tokio::sync::Mutex<Option<Vec<ServerName>>>);
 
-/// Adds `name` (if new) to `known`, dropping the oldest beyond `cap`; whether it changed.
+/// Notes that `name` was met: a new name is added (the oldest dropped beyond `cap`), and a
+/// known one in the older half moves to the newest end. Whether the list changed.
 fn remember_in(known: &mut Vec<ServerName>, name: &ServerName, cap: usize) -> bool {
-    if known.contains(name) {
-        return false;
+    if let Some(i) = known.iter().position(|n| n == name) {
+        if i >= known.len() / 2 {
+            return false;
+        }
+        let n = known.remove(i);
+        known.push(n);
+        return true;
     }
     known.push(name.clone());
     if known.len() > cap {
@@ -42,26 +53,48 @@ fn remember_in(known: &mut Vec<ServerName>, name: &ServerName, cap: usize) -> bo
     true
 }
 
+impl KnownPeers {
+    /// Changes the list with `change` and, if it changed, writes it (in the background;
+    /// the lock is held across the write, so that lists reach the store in order).
+    fn update(self: &Arc<Self>, sequencer: &Sequencer, change: impl FnOnce(&mut Vec<ServerName>) -> bool + Send + 'static) {
+        let (me, sequencer) = (self.clone(), sequencer.clone());
+        tokio::spawn(async move {
+            let mut guard = me.0.lock().await;
+            let Some(known) = guard.as_mut() else { return };
+            if !change(known) {
+                return;
+            }
+            if let Err(e) = sequencer.put_meta(KNOWN_PEERS_KEY.to_vec(), missive_core::records::encode(&*known)).await {
+                tracing::warn!(error = %e.message, "cannot remember the peers for the next start");
+            }
+        });
+    }
+}
+
 impl Federation {
-    /// Reads the remembered peers (before any peer is created in this run, or the list
-    /// would start afresh), and connects to each of them and to the peers the operator
-    /// pinned, in the background.
+    /// Reads the remembered peers (before any connection in this run), and connects to
+    /// each of them and to the peers the operator pinned, in the background.
     pub(super) async fn announce(self: &Arc<Self>) {
         let store = self.store.clone();
         let stored = match blocking(move || store.get(Cf::Meta, KNOWN_PEERS_KEY)).await.and_then(|r| r) {
-            Ok(Some(v)) => missive_core::records::decode::<Vec<ServerName>>("meta", &v).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "the remembered peers do not decode; starting a new list");
-                Vec::new()
-            }),
-            Ok(None) => Vec::new(),
+            Ok(Some(v)) => match missive_core::records::decode::<Vec<ServerName>>("meta", &v) {
+                Ok(list) => Some(list),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the remembered peers do not decode; starting a new list");
+                    Some(Vec::new())
+                }
+            },
+            Ok(None) => Some(Vec::new()),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the remembered peers; peers will resume at their next retry");
-                Vec::new()
+                tracing::warn!(error = %e, "cannot read the remembered peers; peers will resume at their next retry, and none are remembered in this run");
+                None
             }
         };
-        let mut names = stored.clone();
+        let mut names = stored.clone().unwrap_or_default();
         for name in self.discovery.static_names() {
-            remember_in(&mut names, &name, usize::MAX);
+            if !names.contains(&name) {
+                names.push(name);
+            }
         }
         *self.known.0.lock().await = stored;
         names.retain(|n| *n != self.server && self.policy.allows(n));
@@ -86,18 +119,19 @@ impl Federation {
         });
     }
 
-    /// Remembers `name` for the next start, if it is new.
-    pub(super) fn remember(self: &Arc<Self>, name: &ServerName) {
-        let (me, name) = (self.clone(), name.clone());
-        tokio::spawn(async move {
-            let mut known = me.known.0.lock().await;
-            if !remember_in(&mut known, &name, KNOWN_PEERS) {
-                return;
-            }
-            // Held across the write, so that lists reach the store in the order they grew.
-            if let Err(e) = me.sequencer.put_meta(KNOWN_PEERS_KEY.to_vec(), missive_core::records::encode(&*known)).await {
-                tracing::warn!(error = %e.message, "cannot remember a peer for the next start");
-            }
+    /// A connection with `name` was authenticated: remember it for the next start.
+    pub(super) fn remember(&self, name: &ServerName) {
+        let name = name.clone();
+        self.known.update(&self.sequencer, move |known| remember_in(known, &name, KNOWN_PEERS));
+    }
+
+    /// The operator removed `name`: it is not told at the next start.
+    pub(super) fn unremember(&self, name: &ServerName) {
+        let name = name.clone();
+        self.known.update(&self.sequencer, move |known| {
+            let before = known.len();
+            known.retain(|n| *n != name);
+            known.len() != before
         });
     }
 }
@@ -107,13 +141,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn remembers_each_name_once_and_only_the_newest() {
+    fn remembers_each_name_once_keeps_those_met_again_and_drops_the_oldest() {
         let n = |s: &str| ServerName::parse(s).unwrap();
         let mut known = Vec::new();
-        assert!(remember_in(&mut known, &n("a.test"), 2));
-        assert!(!remember_in(&mut known, &n("a.test"), 2), "a name already known changes nothing");
-        assert!(remember_in(&mut known, &n("b.test"), 2));
-        assert!(remember_in(&mut known, &n("c.test"), 2));
-        assert_eq!(known, vec![n("b.test"), n("c.test")], "the oldest goes beyond the bound");
+        assert!(remember_in(&mut known, &n("a.test"), 3));
+        assert!(!remember_in(&mut known, &n("a.test"), 3), "a name already known changes nothing");
+        assert!(remember_in(&mut known, &n("b.test"), 3));
+        assert!(remember_in(&mut known, &n("c.test"), 3));
+        assert!(!remember_in(&mut known, &n("b.test"), 3), "a name in the newer half stays where it is");
+        assert!(remember_in(&mut known, &n("a.test"), 3), "a name in the older half moves up");
+        assert_eq!(known, vec![n("b.test"), n("c.test"), n("a.test")]);
+        assert!(remember_in(&mut known, &n("d.test"), 3));
+        assert_eq!(known, vec![n("c.test"), n("a.test"), n("d.test")], "the oldest goes beyond the bound");
     }
 }

@@ -112,7 +112,7 @@ pub struct Federation {
     timing: FederationTiming,
     peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
     /// Whom to tell at the next start that this server is back.
-    known: announce::KnownPeers,
+    known: Arc<announce::KnownPeers>,
     gaps: Mutex<GapFill>,
     presence: Arc<crate::presence::Presence>,
     edus: Mutex<EduBatcher>,
@@ -263,7 +263,6 @@ impl Federation {
             conn: tokio::sync::Mutex::new(None),
         });
         peers.insert(name.clone(), p.clone());
-        self.remember(name);
         for lane in 0..LANES {
             let me = self.clone();
             let task_peer = p.clone();
@@ -288,6 +287,7 @@ impl Federation {
     /// The operator removed a peer (its queue is dropped): its senders end and it leaves
     /// `missived peers`. A later unit for it starts a new link.
     pub fn forget(&self, name: &ServerName) {
+        self.unremember(name);
         let removed = self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
         if let Some(p) = removed {
             p.gone.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -297,6 +297,7 @@ impl Federation {
 
     /// The peer reached us: whatever we owe it may go at once.
     fn contacted(self: &Arc<Self>, name: &ServerName) {
+        self.remember(name);
         let p = self.peer(name);
         p.link().contacted();
         p.wake_all();
@@ -317,6 +318,7 @@ impl Federation {
         }
         let info = self.discovery.resolve(&peer.name).await.map_err(|e| e.to_string())?;
         let conn = self.connect(&peer.name, &info).await?;
+        self.remember(&peer.name);
         *guard = Some(conn.clone());
         let (watched, closed) = (peer.clone(), conn.clone());
         tokio::spawn(async move {
