@@ -67,9 +67,15 @@ pub fn verify_for_peer(env: &SignedUnit, current: &[PublicKey], retired: &[(Publ
     let Some((key, until_ms)) = retired.iter().find(|(k, _)| k.key_id() == env.key) else {
         return Err(VerifyError::UnknownKey(env.key.clone()));
     };
-    match verify(env, std::slice::from_ref(key))? {
-        Unit::Message(m) if m.ts <= *until_ms => Ok(Unit::Message(m)),
-        _ => Err(VerifyError::KeyRetired { key: env.key.clone(), until_ms: *until_ms }),
+    signed_while_valid(env, verify(env, std::slice::from_ref(key))?, *until_ms)
+}
+
+/// `unit`, if a key retired at `until_ms` could have signed it: only a message claimed at
+/// or before that time.
+fn signed_while_valid(env: &SignedUnit, unit: Unit, until_ms: u64) -> Result<Unit, VerifyError> {
+    match unit {
+        Unit::Message(m) if m.ts <= until_ms => Ok(Unit::Message(m)),
+        _ => Err(VerifyError::KeyRetired { key: env.key.clone(), until_ms }),
     }
 }
 
@@ -82,45 +88,43 @@ pub fn verify_for_peer(env: &SignedUnit, current: &[PublicKey], retired: &[(Publ
 /// accept a few that `verify_strict` refuses (a small-order or mixed-order `R`), but only
 /// ones made by whoever holds the signing key: the peer itself, about its own units, which
 /// this server never hands on to another. A weak (small-order) key is never batched.
-pub fn verify_all_for_peer(envs: &[SignedUnit], current: &[PublicKey], retired: &[(PublicKey, u64)]) -> Vec<Result<Unit, VerifyError>> {
-    let current: Vec<(String, &PublicKey)> = current.iter().map(|k| (k.key_id(), k)).collect();
-    let retired: Vec<(String, &PublicKey, u64)> = retired.iter().map(|(k, until)| (k.key_id(), k, *until)).collect();
-    // Per envelope: its key, the end of that key's validity if it is retired, its signature.
-    let named: Vec<Result<(&PublicKey, Option<u64>, Signature), VerifyError>> = envs
+pub fn verify_all_for_peer<'a>(envs: &[SignedUnit], current: &'a [PublicKey], retired: &'a [(PublicKey, u64)]) -> Vec<Result<Unit, VerifyError>> {
+    /// A key the peer may sign with: its id, whether it is weak (never batched), and the
+    /// end of its validity if it is retired.
+    struct Named<'a> {
+        id: String,
+        key: &'a PublicKey,
+        weak: bool,
+        until_ms: Option<u64>,
+    }
+    let named = |k: &'a PublicKey, until_ms| Named { id: k.key_id(), key: k, weak: k.0.is_weak(), until_ms };
+    let keys: Vec<Named> = current.iter().map(|k| named(k, None)).chain(retired.iter().map(|(k, until)| named(k, Some(*until)))).collect();
+    // Per envelope: the key it names (current keys first) and its signature.
+    let found: Vec<Result<(&Named, Signature), VerifyError>> = envs
         .iter()
         .map(|env| {
-            let (key, until) = match current.iter().find(|(id, _)| *id == env.key) {
-                Some((_, k)) => (*k, None),
-                None => match retired.iter().find(|(id, _, _)| *id == env.key) {
-                    Some((_, k, until)) => (*k, Some(*until)),
-                    None => return Err(VerifyError::UnknownKey(env.key.clone())),
-                },
-            };
+            let key = keys.iter().find(|k| k.id == env.key).ok_or_else(|| VerifyError::UnknownKey(env.key.clone()))?;
             let sig = Signature::from_slice(&env.sig).map_err(|_| VerifyError::BadSignature)?;
-            Ok((key, until, sig))
+            Ok((key, sig))
         })
         .collect();
-    let batched: Vec<usize> = (0..envs.len()).filter(|&i| matches!(&named[i], Ok((k, _, _)) if !k.0.is_weak())).collect();
+    let batched: Vec<(usize, &Named, Signature)> =
+        found.iter().enumerate().filter_map(|(i, f)| f.as_ref().ok().filter(|(k, _)| !k.weak).map(|(k, s)| (i, *k, *s))).collect();
     let batch_verified = batched.len() > 1 && {
-        let signed: Vec<Vec<u8>> = batched.iter().map(|&i| SignedUnit::signed_bytes(&envs[i].unit)).collect();
+        let signed: Vec<Vec<u8>> = batched.iter().map(|(i, _, _)| SignedUnit::signed_bytes(&envs[*i].unit)).collect();
         let messages: Vec<&[u8]> = signed.iter().map(Vec::as_slice).collect();
-        let (sigs, keys): (Vec<Signature>, Vec<ed25519_dalek::VerifyingKey>) =
-            batched.iter().filter_map(|&i| named[i].as_ref().ok()).map(|(k, _, s)| (*s, k.0)).unzip();
-        ed25519_dalek::verify_batch(&messages, &sigs, &keys).is_ok()
+        let sigs: Vec<Signature> = batched.iter().map(|(_, _, s)| *s).collect();
+        let vks: Vec<ed25519_dalek::VerifyingKey> = batched.iter().map(|(_, k, _)| k.key.0).collect();
+        ed25519_dalek::verify_batch(&messages, &sigs, &vks).is_ok()
     };
     envs.iter()
-        .zip(named)
-        .map(|(env, named)| {
-            let (key, until, _) = named?;
-            let unit = if batch_verified && !key.0.is_weak() {
-                codec::decode(&env.unit).map_err(|e| VerifyError::BadUnit(e.to_string()))?
-            } else {
-                verify(env, std::slice::from_ref(key))?
-            };
-            match (unit, until) {
-                (unit, None) => Ok(unit),
-                (Unit::Message(m), Some(until_ms)) if m.ts <= until_ms => Ok(Unit::Message(m)),
-                (_, Some(until_ms)) => Err(VerifyError::KeyRetired { key: env.key.clone(), until_ms }),
+        .zip(found)
+        .map(|(env, found)| {
+            let (key, _) = found?;
+            let unit = if batch_verified && !key.weak { open_trusted(env)? } else { verify(env, std::slice::from_ref(key.key))? };
+            match key.until_ms {
+                None => Ok(unit),
+                Some(until_ms) => signed_while_valid(env, unit, until_ms),
             }
         })
         .collect()

@@ -232,6 +232,14 @@ async fn a_restarted_server_tells_its_peers_and_their_queues_resume_at_once() {
     assert!(waited.as_millis() < u128::from(retry_in) - 5_000, "alpha waited out its backoff ({waited:?})");
     let bob = login(&s[1], "bob").await;
     assert!(full_history(&bob, &uid("alice", &s[0]), 10).await.contains(&m));
+    // beta remembered alpha, with which it had an authenticated connection, for its next
+    // start.
+    s[1].terminate().await.unwrap();
+    use missive_server::store::Store;
+    let db = missive_server::store::rocks::RocksStore::open(&dir.path().join("beta.test").join("db")).unwrap();
+    let known = db.get(missive_server::store::Cf::Meta, b"known_peers").unwrap().expect("the remembered peers were written");
+    let known: Vec<missive_spec::ServerName> = missive_core::records::decode("meta", &known).unwrap();
+    assert_eq!(known, vec![missive_spec::ServerName::parse("alpha.test").unwrap()]);
 }
 
 /// A queue that drains right after a restart must still take, and deliver, what comes

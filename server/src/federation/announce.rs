@@ -11,15 +11,15 @@
 //! older half moves to the newest end, so that peers still in touch stay when many new
 //! ones come (each of which must hold a key its name's discovery returns). At most
 //! [`ANNOUNCE_CONCURRENCY`] connections are being made at once at a start. The list is one
-//! `Cf::Meta` record, written when it changes.
+//! `Cf::Meta` record, written when it changes by one task, which writes only the newest
+//! list (changes that come while it writes are coalesced).
 
 use std::sync::Arc;
 
 use missive_spec::ServerName;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use super::Federation;
-use crate::sequencer::Sequencer;
 use crate::store::{blocking, Cf};
 
 /// The `Cf::Meta` key of the remembered peers.
@@ -29,10 +29,20 @@ pub const KNOWN_PEERS: usize = 1_000;
 /// Connections being made at once while announcing.
 pub const ANNOUNCE_CONCURRENCY: usize = 16;
 
-/// The peers remembered, oldest first; `None` until read at start (and for the whole run
-/// if that read failed, so that a list that could not be read is never written over).
-#[derive(Default)]
-pub(super) struct KnownPeers(tokio::sync::Mutex<Option<Vec<ServerName>>>);
+pub(super) struct KnownPeers {
+    /// The peers remembered, oldest first; `None` until read at start (and for the whole
+    /// run if that read failed, so that a list that could not be read is never written
+    /// over).
+    list: std::sync::Mutex<Option<Vec<ServerName>>>,
+    /// The newest encoded list not yet written.
+    unwritten: watch::Sender<Option<Vec<u8>>>,
+}
+
+impl Default for KnownPeers {
+    fn default() -> KnownPeers {
+        KnownPeers { list: Default::default(), unwritten: watch::channel(None).0 }
+    }
+}
 
 /// Notes that `name` was met: a new name is added (the oldest dropped beyond `cap`), and a
 /// known one in the older half moves to the newest end. Whether the list changed.
@@ -54,20 +64,13 @@ fn remember_in(known: &mut Vec<ServerName>, name: &ServerName, cap: usize) -> bo
 }
 
 impl KnownPeers {
-    /// Changes the list with `change` and, if it changed, writes it (in the background;
-    /// the lock is held across the write, so that lists reach the store in order).
-    fn update(self: &Arc<Self>, sequencer: &Sequencer, change: impl FnOnce(&mut Vec<ServerName>) -> bool + Send + 'static) {
-        let (me, sequencer) = (self.clone(), sequencer.clone());
-        tokio::spawn(async move {
-            let mut guard = me.0.lock().await;
-            let Some(known) = guard.as_mut() else { return };
-            if !change(known) {
-                return;
-            }
-            if let Err(e) = sequencer.put_meta(KNOWN_PEERS_KEY.to_vec(), missive_core::records::encode(&*known)).await {
-                tracing::warn!(error = %e.message, "cannot remember the peers for the next start");
-            }
-        });
+    /// Changes the list with `change`; if it changed, the writer task writes it.
+    fn update(&self, change: impl FnOnce(&mut Vec<ServerName>) -> bool) {
+        let mut guard = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(known) = guard.as_mut() else { return };
+        if change(known) {
+            self.unwritten.send_replace(Some(missive_core::records::encode(&*known)));
+        }
     }
 }
 
@@ -96,7 +99,18 @@ impl Federation {
                 names.push(name);
             }
         }
-        *self.known.0.lock().await = stored;
+        if stored.is_some() {
+            let (mut unwritten, sequencer) = (self.known.unwritten.subscribe(), self.sequencer.clone());
+            tokio::spawn(async move {
+                while unwritten.changed().await.is_ok() {
+                    let Some(list) = unwritten.borrow_and_update().clone() else { continue };
+                    if let Err(e) = sequencer.put_meta(KNOWN_PEERS_KEY.to_vec(), list).await {
+                        tracing::warn!(error = %e.message, "cannot remember the peers for the next start");
+                    }
+                }
+            });
+        }
+        *self.known.list.lock().unwrap_or_else(|e| e.into_inner()) = stored;
         names.retain(|n| *n != self.server && self.policy.allows(n));
         if names.is_empty() {
             return;
@@ -121,16 +135,14 @@ impl Federation {
 
     /// A connection with `name` was authenticated: remember it for the next start.
     pub(super) fn remember(&self, name: &ServerName) {
-        let name = name.clone();
-        self.known.update(&self.sequencer, move |known| remember_in(known, &name, KNOWN_PEERS));
+        self.known.update(|known| remember_in(known, name, KNOWN_PEERS));
     }
 
     /// The operator removed `name`: it is not told at the next start.
     pub(super) fn unremember(&self, name: &ServerName) {
-        let name = name.clone();
-        self.known.update(&self.sequencer, move |known| {
+        self.known.update(|known| {
             let before = known.len();
-            known.retain(|n| *n != name);
+            known.retain(|n| n != name);
             known.len() != before
         });
     }

@@ -112,7 +112,7 @@ pub struct Federation {
     timing: FederationTiming,
     peers: Mutex<HashMap<ServerName, Arc<Peer>>>,
     /// Whom to tell at the next start that this server is back.
-    known: Arc<announce::KnownPeers>,
+    known: announce::KnownPeers,
     gaps: Mutex<GapFill>,
     presence: Arc<crate::presence::Presence>,
     edus: Mutex<EduBatcher>,
