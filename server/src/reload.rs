@@ -94,7 +94,7 @@ impl Reloadable {
 pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     // Taken apart field by field, so that a new setting cannot be added without deciding
     // here whether a reload applies it.
-    let Config { server_name, data_dir, key_file, client, registration, federation, log, peers: _, limits: _, metrics, store } = new;
+    let Config { server_name, data_dir, key_file, client, registration, federation, log, peers: _, limits: _, metrics, store, cluster } = new;
     // `log.level` and `peers` are applied live (`Reloadable::apply`); `limits` each apply live or
     // at a restart, as `LiveLimits::apply` decides and reports.
     let ClientSection { listen: client_listen, max_connections, max_connections_per_address } = client;
@@ -116,6 +116,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("metrics.enabled", *metrics_enabled != old.metrics.enabled),
         ("metrics.listen", *metrics_listen != old.metrics.listen),
         ("store.group_commit_linger_us", *group_commit_linger_us != old.store.group_commit_linger_us),
+        ("cluster", *cluster != old.cluster),
         ("registration.policy", *policy != r.policy),
         ("registration.token", *token != r.token),
         ("federation.listen", *listen != f.listen),
