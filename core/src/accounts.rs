@@ -10,6 +10,7 @@ use crate::records::{self, DeadLetter, DeviceRecord, PresenceRecord, TokenRecord
 use crate::store::{keys, Cf, Direction, StoreResult};
 use crate::{Core, Error, Tx};
 
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewDevice {
     pub id: DeviceId,
     pub name: Option<String>,
@@ -17,7 +18,7 @@ pub struct NewDevice {
 }
 
 /// An operator's (or, for the password, the user's own) change to an account.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum AccountChange {
     /// A new password hash; with `logout_others`, every device but `keep` is revoked.
     Password { hash: String, logout_others: bool, keep: Option<DeviceId> },
@@ -30,7 +31,7 @@ pub enum AccountChange {
 }
 
 /// A change to a local user's stored presence facts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub enum PresenceChange {
     /// The user's last subscription ended at this time (ms).
     LastSeen(u64),
@@ -258,7 +259,7 @@ impl Core {
 }
 
 /// An operator's change to what waits for other servers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum QueueChange {
     /// Drops every unit queued for a destination (a peer removed, a mistyped name).
     DropDestination(ServerName),

@@ -9,7 +9,7 @@ use crate::inbox::InboundUnit;
 use crate::store::{keys, Cf, Store};
 
 /// A unit that passed its checks.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Checked {
     Message(InboundUnit),
     Receipt(Receipt),

@@ -19,7 +19,7 @@ use crate::store::{keys, Cf, Direction, Store, StoreResult};
 use crate::{Core, Error, Identity, Tx};
 
 /// A unit from a peer whose signature and structure were already checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InboundUnit {
     pub env: SignedUnit,
     pub msg: Message,

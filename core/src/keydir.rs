@@ -24,7 +24,7 @@ pub struct KeyCount {
 }
 
 /// What a device uploads (E3.1).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Upload {
     pub keys: Option<DeviceKeys>,
     pub fallback: Option<OneTimeKey>,

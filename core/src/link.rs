@@ -47,7 +47,7 @@ struct Undecodable {
 }
 
 /// What the writer must record for a settled transaction.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Settlement {
     pub delivered: Vec<Vec<u8>>,
     pub dead: Vec<(Vec<u8>, DeadLetter)>,
@@ -56,7 +56,7 @@ pub struct Settlement {
 }
 
 /// How a settled transaction moves its link on ([`Link::settled`]).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub lane: u8,
     /// The last row of the leading run now removed: the lane reads on after it.

@@ -264,6 +264,10 @@ fn show_user(store: &dyn Store, user: &UserId) -> Result<(UserInfo, Vec<DeviceIn
 /// Runs an account request with the server stopped: opens the database, starts a writer
 /// over it, and stops it again.
 pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+    if config.cluster.is_some() {
+        // A write to this node's store alone would leave it apart from the other nodes.
+        anyhow::bail!("this node is not running: in cluster mode, changes go through the cluster's log, so start this node (or run the command on a running one)");
+    }
     let store: Arc<dyn Store> = Arc::new(crate::store::rocks::RocksStore::open(&config.db_dir())?);
     let hub = Arc::new(Hub::default());
     let ctx = crate::sequencer::WriterContext {
@@ -274,6 +278,7 @@ pub async fn offline(config: &crate::config::Config, req: AdminRequest) -> anyho
         limits: Arc::new(crate::limits::LiveLimits::new(&config.limits)),
         metrics: Default::default(),
         linger: Default::default(),
+        cluster: None,
     };
     let (sequencer, writer) = crate::sequencer::Sequencer::start(store.clone(), ctx)?;
     let ops = Operations { sequencer: sequencer.clone(), store, hub, server: config.server_name.clone() };

@@ -156,6 +156,7 @@ impl Api {
         };
         tracing::debug!("connected");
         let _open = crate::metrics::Held::new(&self.service.metrics.client_connections);
+        self.service.sequencer.catch_up().await;
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {

@@ -13,6 +13,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod conversations;
 pub mod error;

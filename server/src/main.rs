@@ -181,11 +181,29 @@ enum Command {
         #[arg(long)]
         federation: Option<String>,
     },
+    /// Cluster mode (`[cluster]`): the nodes serving this server name and the log.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// List federation peers of the running server: queue depth, link state, next retry.
     Peers {
         #[command(flatten)]
         config: ConfigArg,
         /// One JSON object per peer and line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The nodes (how far each applied the log, where it serves clients) and the log's
+    /// stream (replicas, leader, each follower's lag), read from the NATS servers.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -394,6 +412,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Peer { command: PeerCommand::Remove { config, name, yes, json } } => queue_commands::peer_remove(&config, &name, yes, json).await,
         Command::Deadletters { command } => queue_commands::run(command).await,
         Command::Peers { config, json } => peers(&config.load()?, json).await,
+        Command::Cluster { command: ClusterCommand::Status { config, json } } => missive_server::cluster::status(&config.load()?, json).await,
         Command::Check { config, json } => check_command::check(&config, json).await,
         Command::Key { command: KeyCommand::Rotate { config, json } } => key_commands::rotate(&config, json).await,
         Command::Backup { config, dir, json } => backup_commands::backup(&config, &dir, json).await,

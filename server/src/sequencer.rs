@@ -27,42 +27,57 @@ use crate::store::{Store, StoreResult};
 
 pub use missive_core::{AccountChange, Backfill, InboundUnit, NewDevice, PresenceChange, QueueChange};
 
+/// Longest wait of a new client connection for its node to catch up with the log.
+const CLUSTER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most commands folded into one synced write.
 const MAX_GROUP: usize = 512;
 
-type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+/// What a command's result is handed to: type-erased, so that one [`Op`] enum, free of
+/// reply channels, can also travel through cluster mode's log.
+pub type Replier = Box<dyn FnOnce(Result<Box<dyn std::any::Any + Send>, ApiError>) + Send>;
 
-pub enum Cmd {
-    Send { from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content, reply: Reply<Message> },
+/// A change to the store, as the writer applies it. Serializable: in cluster mode every
+/// node applies the same ops in the log's order (`cluster/`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum Op {
+    Send { from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content },
     /// Units of one transaction or backfill answer, checked: one result per unit, and the
     /// gaps to ask for.
-    Receive { units: Vec<Result<Checked, UnitResult>>, reply: Reply<(Vec<UnitResult>, Vec<Backfill>)> },
+    Receive { units: Vec<Result<Checked, UnitResult>> },
     /// Max-merges receipts; `device` is set when a local device sent one. Replies, per
     /// receipt, whether the watermark moved.
-    Receipts { receipts: Vec<(Receipt, Option<DeviceId>)>, reply: Reply<Vec<bool>> },
-    CreateUser { user: UserId, password_hash: String, device: Option<NewDevice>, reply: Reply<()> },
-    AddDevice { user: UserId, device: NewDevice, reply: Reply<()> },
-    RemoveDevice { user: UserId, device: DeviceId, reply: Reply<()> },
+    Receipts { receipts: Vec<(Receipt, Option<DeviceId>)> },
+    CreateUser { user: UserId, password_hash: String, device: Option<NewDevice> },
+    AddDevice { user: UserId, device: NewDevice },
+    RemoveDevice { user: UserId, device: DeviceId },
     /// Changes an account; replies with the devices it revoked.
-    Account { user: UserId, change: AccountChange, reply: Reply<Vec<DeviceId>> },
+    Account { user: UserId, change: AccountChange },
     /// An operator's change to queued units or dead letters; replies how many it touched.
-    Queue { change: QueueChange, reply: Reply<usize> },
+    Queue { change: QueueChange },
     /// Settles an outbound transaction: removes the queue rows the peer took, and moves
     /// the ones it refused for good to dead letters.
-    Settle { settlement: Settlement, reply: Reply<()> },
+    Settle { settlement: Settlement },
     /// Changes a local user's presence record; replies with the record as stored.
-    Presence { localpart: String, change: PresenceChange, reply: Reply<PresenceRecord> },
+    Presence { localpart: String, change: PresenceChange },
     /// Stores units of our own a peer sent back after a restore (federation.md F12.3);
     /// replies how many were new.
-    Reclaim { units: Vec<(SignedUnit, Message)>, reply: Reply<usize> },
+    Reclaim { units: Vec<(SignedUnit, Message)> },
     /// Records that a restored server has reclaimed from this peer.
-    Reclaimed { peer: ServerName, reply: Reply<()> },
+    Reclaimed { peer: ServerName },
     /// A device publishes keys (e2ee.md E3.1), signatures already checked.
-    UploadKeys { user: UserId, device: DeviceId, upload: missive_core::keydir::Upload, reply: Reply<missive_core::keydir::KeyCount> },
+    UploadKeys { user: UserId, device: DeviceId, upload: missive_core::keydir::Upload },
     /// Hands out one key of each device named (E3.3).
-    ClaimKeys { user: UserId, devices: Vec<DeviceId>, reply: Reply<Vec<missive_spec::e2ee::ClaimedKey>> },
+    ClaimKeys { user: UserId, devices: Vec<DeviceId> },
     /// Writes a record about the whole database (`Cf::Meta`).
-    Meta { key: Vec<u8>, value: Vec<u8>, reply: Reply<()> },
+    Meta { key: Vec<u8>, value: Vec<u8> },
+}
+
+pub enum Cmd {
+    Op(Op, Replier),
+    /// An op of cluster mode's log, at position `seq`, stamped `time_ms` by the node that
+    /// appended it; `reply` is set on the node that appended it, waiting for the result.
+    Logged { seq: u64, time_ms: u64, op: Option<Op>, reply: Option<Replier> },
     /// Commit what came before, then end the writer; later commands fail with shutting_down.
     Stop,
 }
@@ -71,6 +86,9 @@ pub enum Cmd {
 #[derive(Clone)]
 pub struct Sequencer {
     tx: mpsc::Sender<Cmd>,
+    /// Cluster mode: ops go through the replicated log, and this node's writer applies
+    /// them from there like every other node's.
+    log: Option<Arc<crate::cluster::ClusterLog>>,
 }
 
 /// What the writer needs besides the store.
@@ -85,6 +103,9 @@ pub struct WriterContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Group commit's longest wait for more commands (`[store] group_commit_linger_us`).
     pub linger: std::time::Duration,
+    /// Cluster mode: where the writer, which takes the log's entries (`Cmd::Logged`),
+    /// tells how far it applied them.
+    pub cluster: Option<Arc<crate::cluster::Progress>>,
 }
 
 /// Signs with the server key.
@@ -112,21 +133,52 @@ impl Sequencer {
         let signer = Arc::new(KeySigner(ctx.key.clone()));
         let core = Core::open(store.clone(), ctx.server.clone(), signer, crate::sabotage::core_faults())?;
         let linger = Linger::new(ctx.linger);
-        let mut w = Writer { store, ctx, core, accepted: 0, linger };
+        let mut w = Writer { store, ctx, core, accepted: 0, linger, store_failed: false };
         let join = std::thread::Builder::new()
             .name("missive-writer".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || match w.ctx.cluster.is_some() {
+                true => w.run_logged(rx),
+                false => w.run(rx),
+            })
             // Failing to spawn a thread at start-up is unrecoverable.
             .expect("spawn writer thread");
-        Ok((Sequencer { tx }, join))
+        Ok((Sequencer { tx, log: None }, join))
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, ApiError> {
+    /// Cluster mode: ops go to `log`, whose entries this node's writer applies.
+    pub fn with_log(self, log: Arc<crate::cluster::ClusterLog>) -> Sequencer {
+        Sequencer { log: Some(log), ..self }
+    }
+
+    /// Where cluster mode's log entries go to be applied (`cluster::ClusterLog::follow`).
+    pub fn writer(&self) -> mpsc::Sender<Cmd> {
+        self.tx.clone()
+    }
+
+    async fn call<T: Send + 'static>(&self, op: Op) -> Result<T, ApiError> {
         let (reply, rx) = oneshot::channel();
         let closing = || ApiError::new(ErrorCode::ShuttingDown, "server is shutting down");
-        self.tx.send(make(reply)).await.map_err(|_| closing())?;
+        let replier: Replier = Box::new(move |r| {
+            // The writer boxes exactly the type the op's core call returns.
+            let _ = reply.send(r.and_then(|b| b.downcast::<T>().map(|b| *b).map_err(|_| ApiError::internal())));
+        });
+        match &self.log {
+            Some(log) => return log.call(op, replier, rx).await,
+            None => self.tx.send(Cmd::Op(op, replier)).await.map_err(|_| closing())?,
+        }
         // A reply is dropped unanswered only when the writer stopped before reaching it.
         rx.await.map_err(|_| closing())?
+    }
+
+    /// Cluster mode: waits (a few seconds at most) until this node applied everything the
+    /// log held when called, so that a client that moved from another node finds here
+    /// what that node acknowledged (its login, its sends). Nothing to wait for otherwise.
+    pub async fn catch_up(&self) {
+        if let Some(log) = &self.log {
+            if let Err(e) = log.catch_up(CLUSTER_CATCH_UP).await {
+                tracing::warn!(error = %e, "serving a client before this node caught up with the cluster's log");
+            }
+        }
     }
 
     /// Whether the writer thread still takes commands.
@@ -140,64 +192,100 @@ impl Sequencer {
     }
 
     pub async fn send(&self, from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content) -> Result<Message, ApiError> {
-        self.call(|reply| Cmd::Send { from, device, to, client_msg_id, content, reply }).await
+        self.call(Op::Send { from, device, to, client_msg_id, content }).await
     }
     pub async fn receive(&self, units: Vec<Result<Checked, UnitResult>>) -> Result<(Vec<UnitResult>, Vec<Backfill>), ApiError> {
-        self.call(|reply| Cmd::Receive { units, reply }).await
+        self.call(Op::Receive { units }).await
     }
     /// Max-merges receipts in one write; per receipt, whether its watermark moved.
     pub async fn receipts(&self, receipts: Vec<(Receipt, Option<DeviceId>)>) -> Result<Vec<bool>, ApiError> {
-        self.call(|reply| Cmd::Receipts { receipts, reply }).await
+        self.call(Op::Receipts { receipts }).await
     }
     pub async fn create_user(&self, user: UserId, password_hash: String, device: Option<NewDevice>) -> Result<(), ApiError> {
-        self.call(|reply| Cmd::CreateUser { user, password_hash, device, reply }).await
+        self.call(Op::CreateUser { user, password_hash, device }).await
     }
     pub async fn add_device(&self, user: UserId, device: NewDevice) -> Result<(), ApiError> {
-        self.call(|reply| Cmd::AddDevice { user, device, reply }).await
+        self.call(Op::AddDevice { user, device }).await
     }
     pub async fn remove_device(&self, user: UserId, device: DeviceId) -> Result<(), ApiError> {
-        self.call(|reply| Cmd::RemoveDevice { user, device, reply }).await
+        self.call(Op::RemoveDevice { user, device }).await
     }
     /// Changes an account (password, disabled, removed); the devices it revoked. The
     /// caller wakes the user's subscriptions so that revoked ones end.
     pub async fn change_account(&self, user: UserId, change: AccountChange) -> Result<Vec<DeviceId>, ApiError> {
-        self.call(|reply| Cmd::Account { user, change, reply }).await
+        self.call(Op::Account { user, change }).await
     }
     /// Drops a destination's queue, or retries or drops dead letters; how many units.
     pub async fn change_queue(&self, change: QueueChange) -> Result<usize, ApiError> {
-        self.call(|reply| Cmd::Queue { change, reply }).await
+        self.call(Op::Queue { change }).await
     }
     /// Records a settled transaction: delivered rows removed, refused ones dead letters.
     pub async fn settle(&self, settlement: Settlement) -> Result<(), ApiError> {
-        self.call(|reply| Cmd::Settle { settlement, reply }).await
+        self.call(Op::Settle { settlement }).await
     }
     pub async fn presence(&self, localpart: String, change: PresenceChange) -> Result<PresenceRecord, ApiError> {
-        self.call(|reply| Cmd::Presence { localpart, change, reply }).await
+        self.call(Op::Presence { localpart, change }).await
     }
     pub async fn reclaim(&self, units: Vec<(SignedUnit, Message)>) -> Result<usize, ApiError> {
-        self.call(|reply| Cmd::Reclaim { units, reply }).await
+        self.call(Op::Reclaim { units }).await
     }
     pub async fn upload_keys(&self, user: UserId, device: DeviceId, upload: missive_core::keydir::Upload) -> Result<missive_core::keydir::KeyCount, ApiError> {
-        self.call(|reply| Cmd::UploadKeys { user, device, upload, reply }).await
+        self.call(Op::UploadKeys { user, device, upload }).await
     }
     pub async fn claim_keys(&self, user: UserId, devices: Vec<DeviceId>) -> Result<Vec<missive_spec::e2ee::ClaimedKey>, ApiError> {
-        self.call(|reply| Cmd::ClaimKeys { user, devices, reply }).await
+        self.call(Op::ClaimKeys { user, devices }).await
     }
     pub async fn put_meta(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), ApiError> {
-        self.call(|reply| Cmd::Meta { key, value, reply }).await
+        self.call(Op::Meta { key, value }).await
     }
     pub async fn reclaimed(&self, peer: ServerName) -> Result<(), ApiError> {
-        self.call(|reply| Cmd::Reclaimed { peer, reply }).await
+        self.call(Op::Reclaimed { peer }).await
     }
 }
 
 /// A reply held until the group's write is durable: called with `true` once committed.
 type Completion = Box<dyn FnOnce(bool) + Send>;
 
-fn completion<T: Send + 'static>(reply: Reply<T>, r: Result<T, ApiError>) -> Completion {
-    Box::new(move |committed| {
-        let _ = reply.send(if committed { r } else { Err(ApiError::internal()) });
-    })
+type Answer = Result<Box<dyn std::any::Any + Send>, missive_core::Error>;
+
+fn completion(reply: Replier, r: Result<Box<dyn std::any::Any + Send>, ApiError>) -> Completion {
+    Box::new(move |committed| reply(if committed { r } else { Err(ApiError::internal()) }))
+}
+
+/// A replier for an op nobody on this node waits for (another node appended it).
+fn nobody() -> Replier {
+    Box::new(|_| {})
+}
+
+fn boxed<T: Send + 'static>(r: Result<T, missive_core::Error>) -> Answer {
+    r.map(|v| Box::new(v) as Box<dyn std::any::Any + Send>)
+}
+
+/// Lets the core decide what `op` changes, adding it to the group's batch.
+fn run_op(core: &mut Core, tx: &mut missive_core::Tx, op: Op) -> Answer {
+    match op {
+        Op::Send { from, device, to, client_msg_id, content } => boxed(core.send(tx, from, device, to, client_msg_id, content)),
+        Op::Receive { units } => boxed(core.receive(tx, units)),
+        Op::Receipts { receipts } => boxed(receipts.into_iter().map(|(r, d)| core.receipt(tx, r, d)).collect::<Result<Vec<_>, _>>()),
+        Op::CreateUser { user, password_hash, device } => boxed(core.create_user(tx, user, password_hash, device)),
+        Op::AddDevice { user, device } => boxed(core.add_device(tx, &user, device)),
+        Op::RemoveDevice { user, device } => boxed(core.remove_device(tx, &user, device)),
+        Op::Account { user, change } => boxed(core.change_account(tx, &user, change)),
+        Op::Queue { change } => boxed(core.change_queue(tx, change)),
+        Op::Settle { settlement } => boxed(core.settle(tx, &settlement)),
+        Op::Presence { localpart, change } => boxed(core.presence(tx, localpart, change)),
+        Op::Reclaim { units } => boxed(core.reclaim(tx, units)),
+        Op::UploadKeys { user, device, upload } => boxed(core.upload_keys(tx, &user, &device, upload)),
+        Op::ClaimKeys { user, devices } => boxed(core.claim_keys(tx, &user, &devices)),
+        Op::Meta { key, value } => {
+            core.put_meta(tx, key, value);
+            boxed(Ok(()))
+        }
+        Op::Reclaimed { peer } => {
+            core.reclaimed(tx, &peer);
+            boxed(Ok(()))
+        }
+    }
 }
 
 struct Writer {
@@ -207,6 +295,8 @@ struct Writer {
     /// Sends of the group that stored a new message (for the metrics, once durable).
     accepted: u64,
     linger: Linger,
+    /// A store read or write failed in the last op applied.
+    store_failed: bool,
 }
 
 /// What became of one command.
@@ -233,7 +323,7 @@ impl Writer {
             let mut tx = self.core.begin(now_ms(), self.held_limits());
             let mut done = Vec::new();
             let mut state = match first {
-                Some(cmd) => self.apply(cmd, &mut tx, &mut done),
+                Some(cmd) => self.take(cmd, &mut tx, &mut done),
                 None => Applied::Done,
             };
             state = self.gather(&mut rx, state, &mut tx, &mut done);
@@ -259,7 +349,7 @@ impl Writer {
     fn gather(&mut self, rx: &mut mpsc::Receiver<Cmd>, mut state: Applied, tx: &mut missive_core::Tx, done: &mut Vec<Completion>) -> Applied {
         while matches!(state, Applied::Done) && done.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(cmd) => state = self.apply(cmd, tx, done),
+                Ok(cmd) => state = self.take(cmd, tx, done),
                 Err(_) => break,
             }
         }
@@ -336,44 +426,31 @@ impl Writer {
         committed
     }
 
-    /// Applies one command to the group. A command that fails keeps none of its writes.
-    fn apply(&mut self, cmd: Cmd, tx: &mut missive_core::Tx, done: &mut Vec<Completion>) -> Applied {
+    fn take(&mut self, cmd: Cmd, tx: &mut missive_core::Tx, done: &mut Vec<Completion>) -> Applied {
+        match cmd {
+            Cmd::Op(op, reply) => self.apply(op, reply, tx, done),
+            Cmd::Stop => Applied::Stop,
+            // Only a cluster's writer takes log entries.
+            Cmd::Logged { reply, .. } => {
+                if let Some(reply) = reply {
+                    reply(Err(ApiError::internal()));
+                }
+                Applied::Done
+            }
+        }
+    }
+
+    /// Applies one op to the group. An op that fails keeps none of its writes.
+    fn apply(&mut self, op: Op, reply: Replier, tx: &mut missive_core::Tx, done: &mut Vec<Completion>) -> Applied {
+        self.store_failed = false;
         let mark = tx.mark();
-        let is_send = matches!(cmd, Cmd::Send { .. });
-        let core = &mut self.core;
-        let ok = match cmd {
-            Cmd::Stop => return Applied::Stop,
-            Cmd::Send { from, device, to, client_msg_id, content, reply } => {
-                finish(done, reply, core.send(tx, from, device, to, client_msg_id, content).map_err(Into::into))
-            }
-            Cmd::Receive { units, reply } => finish(done, reply, core.receive(tx, units).map_err(Into::into)),
-            Cmd::Receipts { receipts, reply } => {
-                let r = receipts.into_iter().map(|(r, d)| core.receipt(tx, r, d)).collect::<Result<Vec<_>, _>>();
-                finish(done, reply, r.map_err(Into::into))
-            }
-            Cmd::CreateUser { user, password_hash, device, reply } => {
-                finish(done, reply, core.create_user(tx, user, password_hash, device).map_err(Into::into))
-            }
-            Cmd::AddDevice { user, device, reply } => finish(done, reply, core.add_device(tx, &user, device).map_err(Into::into)),
-            Cmd::RemoveDevice { user, device, reply } => finish(done, reply, core.remove_device(tx, &user, device).map_err(Into::into)),
-            Cmd::Account { user, change, reply } => finish(done, reply, core.change_account(tx, &user, change).map_err(Into::into)),
-            Cmd::Queue { change, reply } => finish(done, reply, core.change_queue(tx, change).map_err(Into::into)),
-            Cmd::Settle { settlement, reply } => finish(done, reply, core.settle(tx, &settlement).map_err(Into::into)),
-            Cmd::Presence { localpart, change, reply } => finish(done, reply, core.presence(tx, localpart, change).map_err(Into::into)),
-            Cmd::Reclaim { units, reply } => finish(done, reply, core.reclaim(tx, units).map_err(Into::into)),
-            Cmd::UploadKeys { user, device, upload, reply } => {
-                finish(done, reply, core.upload_keys(tx, &user, &device, upload).map_err(Into::into))
-            }
-            Cmd::ClaimKeys { user, devices, reply } => finish(done, reply, core.claim_keys(tx, &user, &devices).map_err(Into::into)),
-            Cmd::Meta { key, value, reply } => {
-                core.put_meta(tx, key, value);
-                finish(done, reply, Ok(()))
-            }
-            Cmd::Reclaimed { peer, reply } => {
-                core.reclaimed(tx, &peer);
-                finish(done, reply, Ok(()))
-            }
-        };
+        let is_send = matches!(op, Op::Send { .. });
+        let r = run_op(&mut self.core, tx, op);
+        let ok = r.is_ok();
+        if matches!(r, Err(missive_core::Error::Store(_))) {
+            self.store_failed = true;
+        }
+        done.push(completion(reply, r.map_err(Into::into)));
         if ok && is_send && tx.mark() != mark {
             self.accepted += 1;
         }
@@ -383,13 +460,77 @@ impl Writer {
         self.core.abort(tx, mark);
         Applied::Failed
     }
-}
 
-/// Holds the reply until the group commits; false if the command failed.
-fn finish<T: Send + 'static>(done: &mut Vec<Completion>, reply: Reply<T>, r: Result<T, ApiError>) -> bool {
-    let ok = r.is_ok();
-    done.push(completion(reply, r));
-    ok
+    /// Cluster mode: applies the log's entries in its order, each stamped with the time
+    /// its node appended it (never earlier than the one before), and records with them
+    /// how far it got, in the same write. Every node does the same from the same log, so
+    /// all hold the same store. A local store fault stops this writer rather than let
+    /// the node go on from a state the others do not share: a restart replays the log
+    /// from the last entry written.
+    fn run_logged(&mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let Some(progress) = self.ctx.cluster.clone() else { return };
+        let mut time = progress.get().1;
+        loop {
+            let Some(mut next) = rx.blocking_recv() else { break };
+            let mut tx = self.core.begin(time, self.held_limits());
+            let mut done = Vec::new();
+            let mut last = None;
+            let mut stop = false;
+            loop {
+                match next {
+                    Cmd::Logged { seq, time_ms, op, reply } => {
+                        time = time.max(time_ms);
+                        tx.now_ms = time;
+                        let reply = reply.unwrap_or_else(nobody);
+                        let state = match op {
+                            Some(op) => self.apply(op, reply, &mut tx, &mut done),
+                            None => {
+                                reply(Err(ApiError::internal()));
+                                Applied::Done
+                            }
+                        };
+                        if self.store_failed {
+                            tracing::error!(seq, "the local store failed while applying the cluster log; stopping this node's writer (a restart replays the log)");
+                            self.core.committed(false);
+                            for d in done {
+                                d(false);
+                            }
+                            return;
+                        }
+                        last = Some((seq, time));
+                        self.core.put_meta(&mut tx, crate::cluster::APPLIED_KEY.to_vec(), crate::cluster::encode_applied(seq, time));
+                        // An op refused after it wrote to the group (every node refuses it
+                        // alike) ends the group, as in `run`: its maps may hold its changes.
+                        if matches!(state, Applied::Failed) {
+                            break;
+                        }
+                    }
+                    Cmd::Op(_, reply) => reply(Err(ApiError::internal())),
+                    Cmd::Stop => {
+                        stop = true;
+                        break;
+                    }
+                }
+                if done.len() >= MAX_GROUP {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(cmd) => next = cmd,
+                    Err(_) => break,
+                }
+            }
+            if !self.commit(tx, done) {
+                tracing::error!("the local store failed writing cluster log entries; stopping this node's writer (a restart replays the log)");
+                return;
+            }
+            if let Some((seq, time)) = last {
+                progress.set(seq, time);
+            }
+            if stop {
+                break;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -454,6 +595,7 @@ mod tests {
             limits: Arc::new(crate::limits::LiveLimits::new(&limits)),
             metrics: Default::default(),
             linger: Default::default(),
+            cluster: None,
         };
         Sequencer::start(store, ctx).unwrap()
     }
@@ -482,6 +624,77 @@ mod tests {
         assert_eq!(keys::parse_event(&events[0].0).map(|(_, p)| p), Some(1), "a position was skipped");
         seq.stop().await;
         writer.join().unwrap();
+    }
+
+    /// Everything `store` holds, family by family.
+    fn contents(store: &MemStore) -> Vec<(Cf, Vec<(Vec<u8>, Vec<u8>)>)> {
+        Cf::ALL.iter().map(|cf| (*cf, store.scan(*cf, &[], None, Direction::Forward, usize::MAX).unwrap())).collect()
+    }
+
+    #[tokio::test]
+    async fn writers_applying_the_same_log_hold_the_same_store_and_answer_only_their_own_callers() {
+        let alice = UserId::parse("@alice:alpha.test").unwrap();
+        let bob = UserId::parse("@bob:alpha.test").unwrap();
+        let device = |id: &str| NewDevice { id: DeviceId::parse(id).unwrap(), name: None, token_hash: [id.len() as u8; 32] };
+        let id = ClientMsgId::from_slice(&[9; 16]).unwrap();
+        let send = |text: &str| Op::Send { from: alice.clone(), device: DeviceId::parse("DEVA").unwrap(), to: bob.clone(), client_msg_id: id, content: Content::text(text) };
+        // As the log holds them: the times come from the nodes that appended each entry,
+        // and one clock was behind.
+        let log = || {
+            vec![
+                (Some(Op::CreateUser { user: alice.clone(), password_hash: "h".into(), device: Some(device("DEVA")) }), 1_000),
+                (Some(Op::CreateUser { user: bob.clone(), password_hash: "h".into(), device: Some(device("DEVB")) }), 1_005),
+                (Some(send("first")), 1_010),
+                // Refused alike on every node: the user exists.
+                (Some(Op::CreateUser { user: bob.clone(), password_hash: "h".into(), device: None }), 1_011),
+                // An entry whose op this build cannot read: nothing, in its place.
+                (None, 1_012),
+                // A retry of the same send through another node, stamped earlier.
+                (Some(send("first")), 900),
+            ]
+        };
+        let mut stores = Vec::new();
+        let mut answers = Vec::new();
+        for node in 0..2 {
+            let store = Arc::new(MemStore::default());
+            let progress = crate::cluster::Progress::new(0, 0);
+            let ctx = WriterContext {
+                server: ServerName::parse("alpha.test").unwrap(),
+                key: Arc::new(ServerKey::generate()),
+                hub: Arc::new(Hub::default()),
+                outbound: None,
+                limits: Arc::new(crate::limits::LiveLimits::new(&Default::default())),
+                metrics: Default::default(),
+                linger: Default::default(),
+                cluster: Some(progress.clone()),
+            };
+            let (seq, writer) = Sequencer::start(store.clone(), ctx).unwrap();
+            let mut waiting = Vec::new();
+            for (i, (op, time_ms)) in log().into_iter().enumerate() {
+                // Node 0 appended the first send, node 1 its retry.
+                let mine = (node == 0 && i == 2) || (node == 1 && i == 5);
+                let reply = mine.then(|| {
+                    let (tx, rx) = oneshot::channel();
+                    waiting.push(rx);
+                    Box::new(move |r: Result<Box<dyn std::any::Any + Send>, ApiError>| {
+                        let _ = tx.send(r.map(|b| *b.downcast::<Message>().unwrap()));
+                    }) as Replier
+                });
+                seq.writer().send(Cmd::Logged { seq: i as u64 + 1, time_ms, op, reply }).await.unwrap();
+            }
+            seq.stop().await;
+            writer.join().unwrap();
+            assert_eq!(progress.get(), (6, 1_012), "the last entry, at the latest time so far");
+            answers.push(waiting.pop().unwrap().await.unwrap().unwrap());
+            stores.push(store);
+        }
+        assert_eq!(answers[0], answers[1], "the retry through node 1 answers what node 0 accepted");
+        assert_eq!((answers[0].seq, answers[0].ts), (1, 1_010));
+        assert_eq!(contents(&stores[0]), contents(&stores[1]), "the two nodes' stores differ");
+        let applied = stores[0].get(Cf::Meta, crate::cluster::APPLIED_KEY).unwrap().unwrap();
+        assert_eq!(applied, crate::cluster::encode_applied(6, 1_012));
+        let messages = stores[0].scan(Cf::Messages, &[], None, Direction::Forward, 10).unwrap();
+        assert_eq!(messages.len(), 1, "the retry was stored again");
     }
 
     #[tokio::test]

@@ -23,6 +23,8 @@ use crate::signals::Signals;
 use crate::store::rocks::RocksStore;
 use crate::store::Store;
 
+/// Longest replay of the cluster's log at start before the node gives up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// How long shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clients send keep-alives every 3 s; one silent this long is gone (and offline).
@@ -58,6 +60,10 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
     let limits = &config.limits;
     let live = Arc::new(crate::limits::LiveLimits::new(limits));
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    let cluster = match &config.cluster {
+        Some(c) => Some(crate::cluster::ClusterLog::connect(c, &config.server_name, &*store).await?),
+        None => None,
+    };
     let ctx = WriterContext {
         server: config.server_name.clone(),
         key: key.clone(),
@@ -66,10 +72,18 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         limits: live.clone(),
         metrics: metrics.clone(),
         linger: config.store.linger(),
+        cluster: cluster.as_ref().map(|log| log.progress.clone()),
     };
     // Start-up reads every queue's head and every held unit: work for the blocking pool.
     let writer_store = store.clone();
-    let (sequencer, writer) = crate::store::blocking(move || Sequencer::start(writer_store, ctx)).await??;
+    let (mut sequencer, writer) = crate::store::blocking(move || Sequencer::start(writer_store, ctx)).await??;
+    if let Some(log) = &cluster {
+        sequencer = sequencer.with_log(log.clone());
+        log.follow(sequencer.writer());
+        // Serve nothing older than what the log held when this node started.
+        log.catch_up(CATCH_UP_TIMEOUT).await?;
+        tracing::info!(node = %log.node, applied = log.applied().0, "caught up with the cluster's log");
+    }
     let (edu_tx, edu_rx) = tokio::sync::mpsc::unbounded_channel();
     let presence = crate::presence::Presence::new(
         config.server_name.clone(),
@@ -163,6 +177,9 @@ pub async fn run(config_path: &std::path::Path, config: Config, logging: Logging
         bodies: missive_federation::framing::BodyBudget::new(limits.client_request_bytes),
     });
     let serving = tokio::spawn(api.serve(endpoint.clone()));
+    if let (Some(log), Some(c)) = (&cluster, &config.cluster) {
+        log.announce(config.server_name.clone(), c.replicas, addr, shutdown_rx.clone()).await?;
+    }
     let reloadable = Arc::new(Reloadable::new(config_path, config.clone(), federation.clone(), logging, live.clone()));
     let admin_ctx = crate::admin::AdminContext {
         ops: crate::admin::Operations { sequencer: sequencer.clone(), store: admin_store, hub, server: config.server_name.clone() },

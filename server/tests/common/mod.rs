@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod https;
+pub mod nats;
+pub mod cluster;
 
 use std::path::Path;
 use std::time::Duration;
