@@ -23,10 +23,11 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     pub fn send(&mut self, tx: &mut Tx, from: UserId, device: DeviceId, to: UserId, client_msg_id: ClientMsgId, content: Content) -> Result<Message, Error> {
         let send_key = keys::send_id(from.localpart(), &device, &client_msg_id);
-        if let Some(m) = tx.sends.get(&send_key) {
+        let forget = self.faults.forget_sends();
+        if let Some(m) = tx.sends.get(&send_key).filter(|_| !forget) {
             return Ok(m.clone());
         }
-        if let Some(v) = self.store.get(Cf::SendIds, &send_key)? {
+        if let Some(v) = self.store.get(Cf::SendIds, &send_key)?.filter(|_| !forget) {
             let rec: SendIdRecord = records::decode("send_ids", &v)?;
             let mut full = keys::messages_of(&rec.conv);
             full.extend_from_slice(&rec.key);

@@ -13,15 +13,23 @@ pub struct Faults {
     pub store_twice: bool,
     /// A unit beyond a gap is stored at once instead of held until its predecessor.
     pub release_early: bool,
+    /// A retried send is numbered and stored again instead of answered from its
+    /// idempotency record.
+    pub forget_sends: bool,
 }
 
 impl Faults {
-    pub const NONE: Faults = Faults { settle_extra: false, store_twice: false, release_early: false };
+    pub const NONE: Faults = Faults { settle_extra: false, store_twice: false, release_early: false, forget_sends: false };
 
     /// The faults named in a comma-separated list (`settle_extra,store_twice,...`).
     pub fn parse(list: &str) -> Faults {
         let on = |name: &str| list.split(',').any(|n| n.trim() == name);
-        Faults { settle_extra: on("settle_extra"), store_twice: on("store_twice"), release_early: on("release_early") }
+        Faults {
+            settle_extra: on("settle_extra"),
+            store_twice: on("store_twice"),
+            release_early: on("release_early"),
+            forget_sends: on("forget_sends"),
+        }
     }
 
     pub fn any(&self) -> bool {
@@ -41,5 +49,10 @@ impl Faults {
     #[inline(always)]
     pub fn release_early(&self) -> bool {
         cfg!(feature = "sabotage") && self.release_early
+    }
+
+    #[inline(always)]
+    pub fn forget_sends(&self) -> bool {
+        cfg!(feature = "sabotage") && self.forget_sends
     }
 }

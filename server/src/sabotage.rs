@@ -23,10 +23,14 @@ pub enum Fault {
     /// `keys_query` answers carry fresh device keys instead of the devices' own, as a
     /// server that wants to read its users' messages would (e2ee.md E6).
     SubstituteDeviceKeys,
+    /// A retried send is numbered and stored again instead of answered from its
+    /// idempotency record (core): a client's retry on another node of a cluster, or on
+    /// the same server, makes a duplicate.
+    ForgetSends,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::SkipSignatureCheck,
         Fault::StoreTwice,
         Fault::SettleExtra,
@@ -34,6 +38,7 @@ impl Fault {
         Fault::ReorderPage,
         Fault::AckBeforeSync,
         Fault::SubstituteDeviceKeys,
+        Fault::ForgetSends,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +50,7 @@ impl Fault {
             Fault::ReorderPage => "reorder_page",
             Fault::AckBeforeSync => "ack_before_sync",
             Fault::SubstituteDeviceKeys => "substitute_device_keys",
+            Fault::ForgetSends => "forget_sends",
         }
     }
 }
@@ -80,6 +86,7 @@ pub fn core_faults() -> missive_core::Faults {
         settle_extra: active(Fault::SettleExtra),
         store_twice: active(Fault::StoreTwice),
         release_early: active(Fault::ReleaseEarly),
+        forget_sends: active(Fault::ForgetSends),
     }
 }
 
