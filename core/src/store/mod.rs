@@ -195,6 +195,13 @@ pub trait Store: Send + Sync + 'static {
     /// Applies every op of the batch atomically; returns once it is durable.
     fn write(&self, batch: Batch) -> StoreResult<()>;
 
+    /// Applies every op of the batch atomically, without waiting for the disk: for writes
+    /// that can be made again from elsewhere after a machine's crash (cluster mode's log
+    /// replays them). An engine without the distinction writes as [`Store::write`] does.
+    fn write_unsynced(&self, batch: Batch) -> StoreResult<()> {
+        self.write(batch)
+    }
+
     /// How many keys start with `prefix`, read a thousand at a time (an engine may count
     /// without copying values).
     fn count(&self, cf: Cf, prefix: &[u8]) -> StoreResult<u64> {

@@ -295,6 +295,18 @@ impl Store for RocksStore {
     }
 
     fn write(&self, batch: Batch) -> StoreResult<()> {
+        self.write_with(batch, true)
+    }
+
+    fn write_unsynced(&self, batch: Batch) -> StoreResult<()> {
+        self.write_with(batch, false)
+    }
+}
+
+impl RocksStore {
+    /// A write through the WAL, synced or left to the kernel to write back: a killed
+    /// process loses neither, a crashed machine the unsynced ones.
+    fn write_with(&self, batch: Batch, sync: bool) -> StoreResult<()> {
         if self.broken.load(Ordering::SeqCst) {
             self.recover()?;
         }
@@ -311,7 +323,7 @@ impl Store for RocksStore {
         if crate::sabotage::active(crate::sabotage::Fault::AckBeforeSync) {
             wo.disable_wal(true);
         } else {
-            wo.set_sync(true);
+            wo.set_sync(sync);
         }
         db.write_opt(wb, &wo).map_err(|e| {
             self.broken.store(true, Ordering::SeqCst);
