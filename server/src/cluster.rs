@@ -1,16 +1,19 @@
 //! Cluster mode: one server name served by several nodes over a NATS JetStream cluster.
 //!
 //! Every change goes through one JetStream stream, the server's *log*: a node that wants
-//! an [`Op`] applied appends it there (stamped with its clock and a random id), and every
-//! node, itself included, applies the log's entries in the log's order through its own
-//! writer and protocol core, into its own RocksDB. The core is deterministic, so every
-//! node that applied the same entries holds the same store, and any node can serve any
-//! client's reads. JetStream's Raft replication (replicas 3, `sync_interval: always`) is
+//! an [`Op`] applied appends it there (with a random id), and every node, itself
+//! included, applies the log's entries in the log's order, one write per entry, each at
+//! the time the stream recorded for it, through its own writer and protocol core, into
+//! its own RocksDB. The core is deterministic, so every node that applied the same
+//! entries holds the same store, and any node can serve any client's reads. A node that
+//! cannot read an entry (a newer build wrote it), or finds entries missing, stops
+//! applying rather than go on apart from the others. JetStream's Raft replication (replicas 3, `sync_interval: always`) is
 //! what makes an entry durable; this node answers the op's caller once its own writer has
 //! applied the entry, so an answer never names something a later node could lack. A node
 //! that starts, or restarts after a crash, replays the log from the last entry its store
 //! recorded ([`APPLIED_KEY`], written in the same batch as the entry's changes) and
-//! serves only once it caught up with the log as it found it.
+//! serves only once it caught up with the log as it found it. A store that was a single
+//! server's, or restored from a backup, is refused: a node starts empty and replays.
 //!
 //! Idempotency does not rest on JetStream's deduplication window: a client's retry on
 //! another node appends a second entry, and the core answers it from its durable
@@ -71,11 +74,21 @@ fn decode_applied(v: &[u8]) -> Option<(u64, u64)> {
 /// its place, by every node alike.
 #[derive(Serialize, Deserialize)]
 struct Entry {
+    /// The entry format ([`ENTRY_VERSION`]); a node stops at one it does not know.
+    v: u8,
     #[serde(with = "serde_bytes")]
     id: Vec<u8>,
-    time_ms: u64,
     #[serde(with = "serde_bytes")]
     op: Vec<u8>,
+}
+
+const ENTRY_VERSION: u8 = 1;
+
+/// The answer when a change went, or may have gone, into the log but this node cannot
+/// say what became of it: the client retries with the same ids (on another node if need
+/// be), and the core's idempotency gives the first answer.
+pub fn outcome_unknown() -> ApiError {
+    ApiError::new(ErrorCode::ShuttingDown, "this node cannot tell whether the change took effect; retry with the same ids, on another node if need be")
 }
 
 fn cbor<T: Serialize>(v: &T) -> Vec<u8> {
@@ -120,6 +133,22 @@ impl Progress {
     }
 }
 
+/// Where this node's store stands in the log: the last entry applied and its time, or
+/// nothing yet. A store with users but no position was a single server's, and one
+/// restored from a backup carries a past of its own: neither came from the log.
+fn start_position(store: &dyn Store) -> anyhow::Result<(u64, u64)> {
+    if missive_core::restore::load(store)?.is_some() {
+        anyhow::bail!("this node's store was restored from a backup: a cluster node starts from an empty data directory (or its own store) and replays the log");
+    }
+    match store.get(Cf::Meta, APPLIED_KEY)? {
+        Some(v) => decode_applied(&v).context("the cluster_applied record does not decode"),
+        None if !store.scan(Cf::Users, &[], None, crate::store::Direction::Forward, 1)?.is_empty() => anyhow::bail!(
+            "this node's store holds users but no cluster log position: it was a single server's. A cluster node starts from an empty data directory and replays the log"
+        ),
+        None => Ok((0, 0)),
+    }
+}
+
 /// This node's handle on the log.
 pub struct ClusterLog {
     js: jetstream::Context,
@@ -129,15 +158,16 @@ pub struct ClusterLog {
     /// Ops this node appended, by entry id, waiting to be applied; at most `MAX_WAITING`.
     waiting: Mutex<HashMap<[u8; 16], Replier>>,
     pub progress: Arc<Progress>,
+    /// The log's end as last read, and when that read started: one read in flight at a
+    /// time serves every connection that arrived before it started.
+    end: tokio::sync::Mutex<Option<(tokio::time::Instant, u64)>>,
 }
 
-fn unavailable(what: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::ShuttingDown, format!("this node cannot reach the cluster's log ({what}); retry, on another node if need be"))
-}
 
 impl ClusterLog {
     /// Connects to the NATS servers and finds or creates the server's log.
     pub async fn connect(cfg: &ClusterSection, server: &ServerName, store: &dyn Store) -> anyhow::Result<Arc<ClusterLog>> {
+        let (seq, time) = start_position(store)?;
         let js = connect_jetstream(cfg).await?;
         let (stream, subject) = names(server);
         let config = jetstream::stream::Config {
@@ -165,17 +195,13 @@ impl ClusterLog {
         if info.config.num_replicas != cfg.replicas {
             tracing::warn!(stream, replicas = info.config.num_replicas, configured = cfg.replicas, "the log's stream keeps another number of replicas than cluster.replicas");
         }
-        let (seq, time) = match store.get(Cf::Meta, APPLIED_KEY)? {
-            Some(v) => decode_applied(&v).context("the cluster_applied record does not decode")?,
-            None => (0, 0),
-        };
         if seq > info.state.last_sequence {
             anyhow::bail!(
                 "this node's store has applied the log up to entry {seq}, but the stream {stream} ends at {}: it is another cluster's store, or the stream was lost",
                 info.state.last_sequence
             );
         }
-        Ok(Arc::new(ClusterLog { js, stream, subject, node: cfg.node.clone(), waiting: Mutex::new(HashMap::new()), progress: Progress::new(seq, time) }))
+        Ok(Arc::new(ClusterLog { js, stream, subject, node: cfg.node.clone(), waiting: Mutex::new(HashMap::new()), progress: Progress::new(seq, time), end: Default::default() }))
     }
 
     /// The last entry this node's store holds: its position and time.
@@ -189,11 +215,27 @@ impl ClusterLog {
         Ok(s.info().await?.state.last_sequence)
     }
 
+    /// The log's end as read after `asked`: every entry appended before then is in it.
+    async fn end_after(&self, asked: tokio::time::Instant) -> anyhow::Result<u64> {
+        let mut end = self.end.lock().await;
+        if let Some((read_at, seq)) = *end {
+            if read_at >= asked {
+                return Ok(seq);
+            }
+        }
+        let read_at = tokio::time::Instant::now();
+        let seq = self.last_seq().await.context("cannot read the log's length")?;
+        *end = Some((read_at, seq));
+        Ok(seq)
+    }
+
     /// Waits until this node applied every entry the log held when called.
     pub async fn catch_up(&self, within: Duration) -> anyhow::Result<()> {
-        let last = self.last_seq().await.context("cannot read the log's length")?;
+        let asked = tokio::time::Instant::now();
+        let deadline = asked + within;
+        let last = tokio::time::timeout_at(deadline, self.end_after(asked)).await.context("the log's length did not come in time")??;
         let mut rx = self.progress.subscribe();
-        tokio::time::timeout(within, rx.wait_for(|s| *s >= last))
+        tokio::time::timeout_at(deadline, rx.wait_for(|s| *s >= last))
             .await
             .with_context(|| format!("not caught up with the log after {within:?} (applied {} of {last})", self.applied().0))?
             .context("the writer stopped")?;
@@ -203,7 +245,7 @@ impl ClusterLog {
     /// Appends `op` and waits until this node applied it; `rx` hears the result.
     pub async fn call<T>(&self, op: Op, reply: Replier, rx: oneshot::Receiver<Result<T, ApiError>>) -> Result<T, ApiError> {
         let id: [u8; 16] = rand::random();
-        let entry = cbor(&Entry { id: id.to_vec(), time_ms: crate::accounts::now_ms(), op: cbor(&op) });
+        let entry = cbor(&Entry { v: ENTRY_VERSION, id: id.to_vec(), op: cbor(&op) });
         {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             if waiting.len() >= MAX_WAITING {
@@ -218,10 +260,11 @@ impl ClusterLog {
         }
         match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ApiError::new(ErrorCode::ShuttingDown, "server is shutting down")),
+            // The writer stopped (shutdown, or a local store fault) before the entry.
+            Ok(Err(_)) => Err(outcome_unknown()),
             Err(_) => {
                 forget();
-                Err(unavailable("the change was logged but not applied here in time; it may still take effect"))
+                Err(outcome_unknown())
             }
         }
     }
@@ -248,7 +291,8 @@ impl ClusterLog {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
-        Err(unavailable(last))
+        tracing::warn!(error = %last, "cannot append to the cluster's log");
+        Err(outcome_unknown())
     }
 
     /// Feeds the log, from the entry after the last one applied, to this node's writer,
@@ -292,11 +336,20 @@ impl ClusterLog {
                     false => continue,
                 },
             };
-            let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
+            let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let seq = info.stream_sequence;
             if seq <= *delivered {
                 continue;
             }
-            let cmd = self.logged(seq, &m.payload);
+            if seq != *delivered + 1 {
+                // Entries were removed from the stream: this node cannot hold what the
+                // others hold. Stop applying; the node stays behind and says so.
+                tracing::error!(seq, expected = *delivered + 1, "entries are missing from the cluster's log; this node stops applying it");
+                return Ok(());
+            }
+            // The stream's own timestamp, the same for every node that reads the entry.
+            let time_ms = u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            let cmd = self.logged(seq, time_ms, &m.payload);
             if writer.send(cmd).await.is_err() {
                 return Ok(());
             }
@@ -305,10 +358,19 @@ impl ClusterLog {
         anyhow::bail!("the log's consumer ended")
     }
 
-    fn logged(&self, seq: u64, payload: &[u8]) -> Cmd {
-        let Ok(entry) = ciborium::from_reader::<Entry, _>(payload) else {
-            tracing::error!(seq, "a cluster log entry does not decode; applying nothing in its place");
-            return Cmd::Logged { seq, time_ms: 0, op: None, reply: None };
+    /// The writer's command for entry `seq`; its op is `None` when this build cannot read
+    /// it, and the writer then stops rather than go on without it.
+    fn logged(&self, seq: u64, time_ms: u64, payload: &[u8]) -> Cmd {
+        let entry = match ciborium::from_reader::<Entry, _>(payload) {
+            Ok(e) if e.v == ENTRY_VERSION => e,
+            Ok(e) => {
+                tracing::error!(seq, version = e.v, "a cluster log entry has a format this build does not know");
+                return Cmd::Logged { seq, time_ms, op: None, reply: None };
+            }
+            Err(e) => {
+                tracing::error!(seq, error = %e, "a cluster log entry does not decode");
+                return Cmd::Logged { seq, time_ms, op: None, reply: None };
+            }
         };
         let reply = <[u8; 16]>::try_from(entry.id.as_slice())
             .ok()
@@ -316,11 +378,11 @@ impl ClusterLog {
         let op = match ciborium::from_reader::<Op, _>(entry.op.as_slice()) {
             Ok(op) => Some(op),
             Err(e) => {
-                tracing::error!(seq, error = %e, "a cluster log entry's op does not decode; applying nothing in its place");
+                tracing::error!(seq, error = %e, "a cluster log entry's op does not decode");
                 None
             }
         };
-        Cmd::Logged { seq, time_ms: entry.time_ms, op, reply }
+        Cmd::Logged { seq, time_ms, op, reply }
     }
 }
 
@@ -457,6 +519,22 @@ mod tests {
     fn the_applied_record_round_trips_and_refuses_short_values() {
         assert_eq!(decode_applied(&encode_applied(7, 1_700_000_000_123)), Some((7, 1_700_000_000_123)));
         assert_eq!(decode_applied(&[0; 15]), None);
+    }
+
+    #[test]
+    fn a_node_starts_only_from_an_empty_store_or_one_the_log_made() {
+        use crate::store::memory::MemStore;
+        let store = MemStore::default();
+        assert_eq!(start_position(&store).unwrap(), (0, 0));
+        let mut b = crate::store::Batch::default();
+        b.put(Cf::Users, b"alice".to_vec(), b"x".to_vec());
+        store.write(b).unwrap();
+        let e = start_position(&store).unwrap_err().to_string();
+        assert!(e.contains("it was a single server's"), "{e}");
+        let mut b = crate::store::Batch::default();
+        b.put(Cf::Meta, APPLIED_KEY.to_vec(), encode_applied(42, 7));
+        store.write(b).unwrap();
+        assert_eq!(start_position(&store).unwrap(), (42, 7));
     }
 
     #[test]

@@ -75,8 +75,8 @@ pub enum Op {
 
 pub enum Cmd {
     Op(Op, Replier),
-    /// An op of cluster mode's log, at position `seq`, stamped `time_ms` by the node that
-    /// appended it; `reply` is set on the node that appended it, waiting for the result.
+    /// An op of cluster mode's log, at position `seq`, recorded by the stream at `time_ms`
+    /// (`None` if this build cannot read it); `reply` is set on the node that appended it, waiting for the result.
     Logged { seq: u64, time_ms: u64, op: Option<Op>, reply: Option<Replier> },
     /// Commit what came before, then end the writer; later commands fail with shutting_down.
     Stop,
@@ -248,8 +248,9 @@ type Completion = Box<dyn FnOnce(bool) + Send>;
 
 type Answer = Result<Box<dyn std::any::Any + Send>, missive_core::Error>;
 
-fn completion(reply: Replier, r: Result<Box<dyn std::any::Any + Send>, ApiError>) -> Completion {
-    Box::new(move |committed| reply(if committed { r } else { Err(ApiError::internal()) }))
+/// `failed` is the answer when the write does not happen.
+fn completion(reply: Replier, r: Result<Box<dyn std::any::Any + Send>, ApiError>, failed: ApiError) -> Completion {
+    Box::new(move |committed| reply(if committed { r } else { Err(failed) }))
 }
 
 /// A replier for an op nobody on this node waits for (another node appended it).
@@ -455,7 +456,12 @@ impl Writer {
         if matches!(r, Err(missive_core::Error::Store(_))) {
             self.store_failed = true;
         }
-        done.push(completion(reply, r.map_err(Into::into)));
+        // In cluster mode the entry is in the log whatever becomes of this node's write.
+        let failed = match self.ctx.cluster.is_some() {
+            true => crate::cluster::outcome_unknown(),
+            false => ApiError::internal(),
+        };
+        done.push(completion(reply, r.map_err(Into::into), failed));
         if ok && is_send && tx.mark() != mark {
             self.accepted += 1;
         }
@@ -475,65 +481,41 @@ impl Writer {
     fn run_logged(&mut self, mut rx: mpsc::Receiver<Cmd>) {
         let Some(progress) = self.ctx.cluster.clone() else { return };
         let mut time = progress.get().1;
-        loop {
-            let Some(mut next) = rx.blocking_recv() else { break };
+        while let Some(cmd) = rx.blocking_recv() {
+            let (seq, time_ms, op, reply) = match cmd {
+                Cmd::Logged { seq, time_ms, op, reply } => (seq, time_ms, op, reply.unwrap_or_else(nobody)),
+                Cmd::Op(_, reply) => {
+                    reply(Err(ApiError::internal()));
+                    continue;
+                }
+                Cmd::Stop => break,
+            };
+            let Some(op) = op else {
+                tracing::error!(seq, "a cluster log entry does not decode with this build; stopping this node's writer (run the build that wrote it)");
+                reply(Err(crate::cluster::outcome_unknown()));
+                return;
+            };
+            time = time.max(time_ms);
+            // One entry, one write: what an op reads of the store must not depend on how
+            // many entries share a group, which differs between nodes (a replaying node
+            // has many waiting, a live one few).
             let mut tx = self.core.begin(time, self.held_limits());
             let mut done = Vec::new();
-            let mut last = None;
-            let mut stop = false;
-            loop {
-                match next {
-                    Cmd::Logged { seq, time_ms, op, reply } => {
-                        time = time.max(time_ms);
-                        tx.now_ms = time;
-                        let reply = reply.unwrap_or_else(nobody);
-                        let state = match op {
-                            Some(op) => self.apply(op, reply, &mut tx, &mut done),
-                            None => {
-                                reply(Err(ApiError::internal()));
-                                Applied::Done
-                            }
-                        };
-                        if self.store_failed {
-                            tracing::error!(seq, "the local store failed while applying the cluster log; stopping this node's writer (a restart replays the log)");
-                            self.core.committed(false);
-                            for d in done {
-                                d(false);
-                            }
-                            return;
-                        }
-                        last = Some((seq, time));
-                        self.core.put_meta(&mut tx, crate::cluster::APPLIED_KEY.to_vec(), crate::cluster::encode_applied(seq, time));
-                        // An op refused after it wrote to the group (every node refuses it
-                        // alike) ends the group, as in `run`: its maps may hold its changes.
-                        if matches!(state, Applied::Failed) {
-                            break;
-                        }
-                    }
-                    Cmd::Op(_, reply) => reply(Err(ApiError::internal())),
-                    Cmd::Stop => {
-                        stop = true;
-                        break;
-                    }
+            self.apply(op, reply, &mut tx, &mut done);
+            if self.store_failed {
+                tracing::error!(seq, "the local store failed while applying the cluster log; stopping this node's writer (a restart replays the log)");
+                self.core.committed(false);
+                for d in done {
+                    d(false);
                 }
-                if done.len() >= MAX_GROUP {
-                    break;
-                }
-                match rx.try_recv() {
-                    Ok(cmd) => next = cmd,
-                    Err(_) => break,
-                }
-            }
-            if !self.commit(tx, done) {
-                tracing::error!("the local store failed writing cluster log entries; stopping this node's writer (a restart replays the log)");
                 return;
             }
-            if let Some((seq, time)) = last {
-                progress.set(seq, time);
+            self.core.put_meta(&mut tx, crate::cluster::APPLIED_KEY.to_vec(), crate::cluster::encode_applied(seq, time));
+            if !self.commit(tx, done) {
+                tracing::error!(seq, "the local store failed writing a cluster log entry; stopping this node's writer (a restart replays the log)");
+                return;
             }
-            if stop {
-                break;
-            }
+            progress.set(seq, time);
         }
     }
 }
@@ -592,6 +574,10 @@ mod tests {
     }
 
     fn start(store: Arc<dyn Store>, limits: crate::config::LimitsSection) -> (Sequencer, std::thread::JoinHandle<()>) {
+        start_with(store, limits, None)
+    }
+
+    fn start_with(store: Arc<dyn Store>, limits: crate::config::LimitsSection, cluster: Option<Arc<crate::cluster::Progress>>) -> (Sequencer, std::thread::JoinHandle<()>) {
         let ctx = WriterContext {
             server: ServerName::parse("alpha.test").unwrap(),
             key: Arc::new(ServerKey::generate()),
@@ -600,7 +586,7 @@ mod tests {
             limits: Arc::new(crate::limits::LiveLimits::new(&limits)),
             metrics: Default::default(),
             linger: Default::default(),
-            cluster: None,
+            cluster,
         };
         Sequencer::start(store, ctx).unwrap()
     }
@@ -631,6 +617,13 @@ mod tests {
         writer.join().unwrap();
     }
 
+    /// A writer of cluster mode over `store`, fed log entries through `Sequencer::writer`.
+    fn cluster_writer(store: Arc<MemStore>) -> (Sequencer, std::thread::JoinHandle<()>, Arc<crate::cluster::Progress>) {
+        let progress = crate::cluster::Progress::new(0, 0);
+        let (seq, writer) = start_with(store, Default::default(), Some(progress.clone()));
+        (seq, writer, progress)
+    }
+
     /// Everything `store` holds, family by family.
     fn contents(store: &MemStore) -> Vec<(Cf, Vec<(Vec<u8>, Vec<u8>)>)> {
         Cf::ALL.iter().map(|cf| (*cf, store.scan(*cf, &[], None, Direction::Forward, usize::MAX).unwrap())).collect()
@@ -651,9 +644,8 @@ mod tests {
                 (Some(Op::CreateUser { user: bob.clone(), password_hash: "h".into(), device: Some(device("DEVB")) }), 1_005),
                 (Some(send("first")), 1_010),
                 // Refused alike on every node: the user exists.
-                (Some(Op::CreateUser { user: bob.clone(), password_hash: "h".into(), device: None }), 1_011),
-                // An entry whose op this build cannot read: nothing, in its place.
-                (None, 1_012),
+                (Some(Op::CreateUser { user: bob.clone(), password_hash: "h".into(), device: None }), 1_012),
+                (Some(Op::RemoveDevice { user: bob.clone(), device: DeviceId::parse("DEVB").unwrap() }), 1_012),
                 // A retry of the same send through another node, stamped earlier.
                 (Some(send("first")), 900),
             ]
@@ -662,20 +654,15 @@ mod tests {
         let mut answers = Vec::new();
         for node in 0..2 {
             let store = Arc::new(MemStore::default());
-            let progress = crate::cluster::Progress::new(0, 0);
-            let ctx = WriterContext {
-                server: ServerName::parse("alpha.test").unwrap(),
-                key: Arc::new(ServerKey::generate()),
-                hub: Arc::new(Hub::default()),
-                outbound: None,
-                limits: Arc::new(crate::limits::LiveLimits::new(&Default::default())),
-                metrics: Default::default(),
-                linger: Default::default(),
-                cluster: Some(progress.clone()),
-            };
-            let (seq, writer) = Sequencer::start(store.clone(), ctx).unwrap();
+            let (seq, writer, progress) = cluster_writer(store.clone());
             let mut waiting = Vec::new();
             for (i, (op, time_ms)) in log().into_iter().enumerate() {
+                // Node 1 takes the entries one at a time, node 0 all at once, as a live
+                // node and a replaying one do.
+                if node == 1 {
+                    let mut rx = progress.subscribe();
+                    rx.wait_for(|s| *s == i as u64).await.unwrap();
+                }
                 // Node 0 appended the first send, node 1 its retry.
                 let mine = (node == 0 && i == 2) || (node == 1 && i == 5);
                 let reply = mine.then(|| {
@@ -700,6 +687,21 @@ mod tests {
         assert_eq!(applied, crate::cluster::encode_applied(6, 1_012));
         let messages = stores[0].scan(Cf::Messages, &[], None, Direction::Forward, 10).unwrap();
         assert_eq!(messages.len(), 1, "the retry was stored again");
+    }
+
+    #[tokio::test]
+    async fn a_writer_stops_at_a_log_entry_it_cannot_read_rather_than_go_on_without_it() {
+        let store = Arc::new(MemStore::default());
+        let (seq, writer, progress) = cluster_writer(store.clone());
+        let user = |name: &str| Op::CreateUser { user: UserId::parse(&format!("@{name}:alpha.test")).unwrap(), password_hash: "h".into(), device: None };
+        let w = seq.writer();
+        w.send(Cmd::Logged { seq: 1, time_ms: 5, op: Some(user("alice")), reply: None }).await.unwrap();
+        w.send(Cmd::Logged { seq: 2, time_ms: 6, op: None, reply: None }).await.unwrap();
+        let _ = w.send(Cmd::Logged { seq: 3, time_ms: 7, op: Some(user("bob")), reply: None }).await;
+        writer.join().unwrap();
+        assert_eq!(progress.get(), (1, 5));
+        assert_eq!(store.scan(Cf::Users, &[], None, Direction::Forward, 10).unwrap().len(), 1, "bob was made after the unreadable entry");
+        assert!(!seq.running());
     }
 
     #[tokio::test]

@@ -148,4 +148,5 @@ async fn cluster_chaos_loses_duplicates_and_reorders_nothing() {
     assert!(f.faults.len() >= 3, "the schedule made too few faults: {:?}", f.faults);
     assert!(f.acked >= 30, "too few sends acknowledged ({}) for the run to mean much", f.acked);
     assert_eq!((f.lost, f.duplicates, f.gaps, f.differ, f.out_of_order, f.retries_differ), (0, 0, 0, 0, 0, 0), "{f:?}");
+    assert!(f.stores_differ.is_empty(), "{f:?}");
 }
