@@ -19,8 +19,8 @@ pub fn nats_server() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn free_port(ip: std::net::Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
 pub struct NatsNode {
@@ -33,6 +33,9 @@ pub struct NatsNode {
 
 pub struct NatsCluster {
     pub nodes: Vec<NatsNode>,
+    /// A loopback address of this cluster's own, so that clusters of tests running at
+    /// once can never take each other's ports, nor route to each other.
+    ip: std::net::Ipv4Addr,
 }
 
 impl NatsCluster {
@@ -40,32 +43,34 @@ impl NatsCluster {
     /// takes a stream of `n` replicas.
     pub async fn start(dir: &Path, n: usize) -> NatsCluster {
         std::fs::create_dir_all(dir).unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let routes: Vec<String> = ports.iter().map(|(_, r)| format!("nats-route://127.0.0.1:{r}")).collect();
+        let ip = std::net::Ipv4Addr::new(127, rand::random::<u8>().max(1), rand::random::<u8>().max(1), rand::random::<u8>().max(2));
+        let name = format!("missive-test-{:08x}", rand::random::<u32>());
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(ip), free_port(ip))).collect();
+        let routes: Vec<String> = ports.iter().map(|(_, r)| format!("nats-route://{ip}:{r}")).collect();
         let mut nodes = Vec::new();
         for (i, (port, route)) in ports.iter().enumerate() {
-            let name = format!("nats-{}", i + 1);
-            let store = dir.join(&name);
-            let config = dir.join(format!("{name}.conf"));
+            let node = format!("nats-{}", i + 1);
+            let store = dir.join(&node);
+            let config = dir.join(format!("{node}.conf"));
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\ncluster {{ name: missive-test, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
+                    "server_name: {node}\nlisten: {ip}:{port}\njetstream {{ store_dir: {store:?}, sync_interval: always }}\ncluster {{ name: {name}, listen: {ip}:{route}, routes: [{}] }}\n",
                     routes.join(", ")
                 ),
             )
             .unwrap();
-            let mut node = NatsNode { name, port: *port, config, log: dir.join(format!("nats-{}.log", i + 1)), child: None };
+            let mut node = NatsNode { name: node, port: *port, config, log: dir.join(format!("nats-{}.log", i + 1)), child: None };
             node.spawn();
             nodes.push(node);
         }
-        let cluster = NatsCluster { nodes };
+        let cluster = NatsCluster { nodes, ip };
         cluster.wait_for_jetstream(n).await;
         cluster
     }
 
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect()
+        self.nodes.iter().map(|n| format!("nats://{}:{}", self.ip, n.port)).collect()
     }
 
     /// The `[cluster]` section of a `missived` node of this cluster.
