@@ -181,7 +181,7 @@ impl ClusterLog {
         };
         // A NATS cluster that is starting too has no JetStream leader for a moment.
         let deadline = tokio::time::Instant::now() + STREAM_TIMEOUT;
-        let mut s = loop {
+        let s = loop {
             match js.get_or_create_stream(config.clone()).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() < deadline => {
@@ -191,7 +191,8 @@ impl ClusterLog {
                 Err(e) => return Err(e).with_context(|| format!("cannot find or create the JetStream stream {stream}")),
             }
         };
-        let info = s.info().await.with_context(|| format!("cannot read the JetStream stream {stream}"))?;
+        // Finding or creating the stream brought its info: no second request.
+        let info = s.cached_info();
         if info.config.num_replicas != cfg.replicas {
             tracing::warn!(stream, replicas = info.config.num_replicas, configured = cfg.replicas, "the log's stream keeps another number of replicas than cluster.replicas");
         }
@@ -211,8 +212,8 @@ impl ClusterLog {
 
     /// The position of the log's last entry.
     pub async fn last_seq(&self) -> anyhow::Result<u64> {
-        let mut s = self.js.get_stream(&self.stream).await?;
-        Ok(s.info().await?.state.last_sequence)
+        // `get_stream` reads the stream's info: one request.
+        Ok(self.js.get_stream(&self.stream).await?.cached_info().state.last_sequence)
     }
 
     /// The log's end as read after `asked`: every entry appended before then is in it.
@@ -451,8 +452,8 @@ pub async fn status(config: &crate::config::Config, json: bool) -> anyhow::Resul
     let cfg = config.cluster.as_ref().context("this config has no [cluster] section: the server runs on one node")?;
     let js = connect_jetstream(cfg).await?;
     let (stream, _) = names(&config.server_name);
-    let mut s = js.get_stream(&stream).await.with_context(|| format!("no stream {stream}: no node of this cluster has started yet"))?;
-    let info = s.info().await?.clone();
+    let s = js.get_stream(&stream).await.with_context(|| format!("no stream {stream}: no node of this cluster has started yet"))?;
+    let info = s.cached_info().clone();
     let last = info.state.last_sequence;
     let mut nodes: Vec<NodeRecord> = Vec::new();
     if let Ok(kv) = js.get_key_value(nodes_bucket(&config.server_name)).await {

@@ -38,8 +38,8 @@ pub async fn replicas_current(nats: &NatsCluster) {
         let (stream, urls) = (stream.clone(), urls.clone());
         async move {
             let js = async_nats::jetstream::new(async_nats::connect(urls).await.ok()?);
-            let mut s = js.get_stream(&stream).await.ok()?;
-            let cluster = s.info().await.ok()?.cluster.clone()?;
+            let s = js.get_stream(&stream).await.ok()?;
+            let cluster = s.cached_info().cluster.clone()?;
             let all = cluster.leader.is_some() && cluster.replicas.len() == 2 && cluster.replicas.iter().all(|r| r.current && !r.offline);
             all.then_some(())
         }
